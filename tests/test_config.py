@@ -1,0 +1,97 @@
+"""wtours.config: defaults <- YAML (with base:) <- dotted overrides, validated with one-line errors."""
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import pytest
+
+from wtours.config import from_dict, load_config, parse_overrides, to_dict, to_yaml
+from wtours.errors import ConfigError
+
+
+@dataclass
+class Optim:
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 10
+
+
+@dataclass
+class Cfg:
+    name: str = "run"
+    steps: int = 100
+    compat: bool = False
+    mode: Literal["batch", "sample"] = "batch"
+    videos: list[str] = field(default_factory=list)
+    seed: Optional[int] = None
+    optim: Optim = field(default_factory=Optim)
+
+    def validate(self) -> None:
+        if self.steps <= 0:
+            raise ValueError(f"steps: must be positive, got {self.steps}")
+
+
+def test_defaults_yaml_and_overrides_layer_in_order(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("steps: 5\noptim:\n  lr: 0.1\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\noptim:\n  warmup_steps: 3\n")
+    cfg = load_config(Cfg, child, ["optim.lr=2e-3", "videos=[a.mp4, b.mp4]", "mode=sample", "seed=7"])
+    assert cfg.steps == 5
+    assert cfg.optim.lr == pytest.approx(2e-3)
+    assert cfg.optim.warmup_steps == 3
+    assert cfg.optim.betas == (0.9, 0.999)
+    assert cfg.videos == ["a.mp4", "b.mp4"]
+    assert cfg.mode == "sample" and cfg.seed == 7
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(Cfg, None, ["optim.betas=[0.8, 0.9]", "compat=true"])
+    p = tmp_path / "resolved.yaml"
+    p.write_text(to_yaml(cfg))
+    again = load_config(Cfg, p)
+    assert to_dict(again) == to_dict(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["optim.lrr=1"], "unknown config key 'optim.lrr'; valid keys here: betas, lr, warmup_steps"),
+        (["stepz=1"], "unknown config key 'stepz'"),
+        (["steps=abc"], "steps: expected an integer"),
+        (["compat=maybe"], "compat: expected true or false"),
+        (["mode=pixel"], "mode: 'pixel' is not one of 'batch', 'sample'"),
+        (["optim.betas=[1, 2, 3]"], "optim.betas: expected 2 values, got 3"),
+        (["steps=-1"], "steps: must be positive"),
+        (["optim=3"], "optim"),
+        (["novalue"], "expected key=value"),
+    ],
+)
+def test_bad_keys_and_values_raise_one_line_config_errors(overrides, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(Cfg, None, overrides)
+    msg = str(e.value)
+    assert fragment in msg
+    assert "\n" not in msg
+
+
+def test_bad_files_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load_config(Cfg, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: invalid YAML \(line"):
+        load_config(Cfg, bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(Cfg, lst)
+
+
+def test_parse_overrides_builds_a_tree():
+    assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2]}
+
+
+def test_int_is_accepted_for_float_and_integral_float_for_int():
+    cfg = from_dict(Cfg, {"optim": {"lr": 1}, "steps": 10.0})
+    assert isinstance(cfg.optim.lr, float) and cfg.steps == 10 and isinstance(cfg.steps, int)

@@ -1,0 +1,187 @@
+"""The ``wtours`` command: one subcommand per user task.
+
+This module only declares arguments and dispatches; each subcommand's work lives in the module
+named by its ``handler`` (a ``cli_main(args) -> int | None`` function). Every failure a user can
+cause is a :class:`wtours.errors.UserError`: printed here as one line on stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from wtours import __version__
+from wtours.errors import UserError
+
+EPILOG_TMPL = "example:\n  {}"
+
+
+def _sub(subs, name: str, handler: str, help: str, example: str) -> argparse.ArgumentParser:
+    p = subs.add_parser(
+        name,
+        help=help,
+        description=help,
+        epilog=EPILOG_TMPL.format(example),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(_handler=handler)
+    return p
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML config (a path, or a name under configs/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override one config key (dotted, value parsed as YAML); repeatable",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wtours",
+        description="Learn dense image encoders from long unlabelled walking-tour videos, "
+        "and evaluate them by unsupervised video segmentation.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'wtours <command> --help' for a command's options and an example.",
+    )
+    parser.add_argument("--version", action="version", version=f"wtours {__version__}")
+    subs = parser.add_subparsers(dest="command", metavar="<command>")
+    groups: dict[str, argparse.ArgumentParser] = {}
+    parser.set_defaults(_groups=groups)
+
+    p = _sub(subs, "download", "wtours.video.download", "fetch a video with yt-dlp (video-only stream)",
+             "wtours download 'https://www.youtube.com/watch?v=...' --out videos/ --max-height 2160")
+    p.add_argument("url", help="video URL (file:// URLs work too)")
+    p.add_argument("--out", default="videos", metavar="DIR", help="output folder (default: videos)")
+    p.add_argument("--max-height", type=int, default=2160, help="highest resolution to take (default: 2160)")
+    p.add_argument("--allow-av1", action="store_true",
+                   help="do not prefer VP9/H.264 over AV1 (Hopper GPUs cannot decode AV1 in hardware)")
+    p.add_argument("--format", dest="format_spec", metavar="SPEC", help="raw yt-dlp format selector (overrides the above)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = _sub(subs, "index", "wtours.video.index", "probe a video and build its keyframe index (cached)",
+             "wtours index venice.mp4 --json")
+    p.add_argument("videos", nargs="+", metavar="VIDEO")
+    p.add_argument("--json", action="store_true", help="print the index summary as JSON")
+    p.add_argument("--rebuild", action="store_true", help="ignore a cached index")
+
+    p = _sub(subs, "prepare", "wtours.video.prepare", "transcode a video to a training proxy (H.264, short GOP)",
+             "wtours prepare venice.mp4 --short-side 480 --out venice_480p.mp4")
+    p.add_argument("video", metavar="VIDEO")
+    p.add_argument("--short-side", type=int, default=480, help="short side of the proxy in pixels (default: 480)")
+    p.add_argument("--out", metavar="FILE", help="output file (default: <video>_<N>p.mp4 beside the input)")
+    p.add_argument("--gop", type=int, default=None, help="keyframe spacing in frames (default: one per second)")
+    p.add_argument("--crf", type=int, default=20, help="x264 quality (default: 20)")
+    p.add_argument("--preset", default="veryfast", help="x264 preset (default: veryfast)")
+    p.add_argument("--fps", type=float, default=None, help="resample to this frame rate (default: keep)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = _sub(subs, "synth", "wtours.video.synth", "write a synthetic walking tour (video + DAVIS/YTVOS-style masks)",
+             "wtours synth --out data/synth --width 640 --height 360 --seconds 10 --seed 0")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--width", type=int, default=640)
+    p.add_argument("--height", type=int, default=360)
+    p.add_argument("--fps", type=float, default=30.0)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--codec", default="h264", help="h264, hevc, vp9 or av1 (default: h264)")
+    p.add_argument("--gop", type=int, default=None, help="keyframe spacing in frames (default: 2 s)")
+    p.add_argument("--sequences", type=int, default=3, help="DAVIS-layout sequences to write (default: 3)")
+    p.add_argument("--seq-frames", type=int, default=12, help="frames per DAVIS sequence (default: 12)")
+    p.add_argument("--objects", type=int, default=4, help="moving objects in the scene (default: 4)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = _sub(subs, "pretrain", "wtours.train.pretrain", "stage 1: DoRA video pretraining of a ViT from scratch",
+             "wtours pretrain --video venice.mp4 --config configs/video/dora_vits16.yaml --out runs/venice")
+    p.add_argument("--video", action="append", default=[], metavar="PATH",
+                   help="training video; repeatable (default: a synthetic walking tour)")
+    _add_config_args(p)
+    p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<config name>)")
+    p.add_argument("--resume", nargs="?", const="last", metavar="CKPT",
+                   help="continue a run: a checkpoint path, or 'last' in --out (the default when given bare)")
+    p.add_argument("--devices", default=None, help="GPUs per node (int or 'auto')")
+    p.add_argument("--num-nodes", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None, help="shortcut for --set trainer.max_steps=N")
+
+    p = groups["eval"] = _sub(subs, "eval", "wtours.eval.cli", "evaluate an encoder",
+             "wtours eval clustering --dataset davis --root DAVIS --checkpoint runs/venice/backbone.pt")
+    esubs = p.add_subparsers(dest="eval_command", metavar="<protocol>")
+    q = _sub(esubs, "clustering", "wtours.eval.cli",
+             "unsupervised video segmentation by clustering (F / C / D mIoU, overclustering)",
+             "wtours eval clustering --dataset davis --root DAVIS --checkpoint random:vit_small_patch16_224 --k 100 300")
+    q.add_argument("--dataset", required=True, choices=["davis", "ytvos", "synth"])
+    q.add_argument("--root", required=True, metavar="PATH", help="dataset root")
+    q.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="backbone.pt, a timm ViT state dict file, or random:<timm arch>")
+    q.add_argument("--arch", default=None, help="timm arch for a bare state dict (default: inferred)")
+    q.add_argument("--videos", metavar="FILE", help="file with one video name per line")
+    q.add_argument("--k", type=int, nargs="*", default=[], help="overclustering K values (e.g. 100 300 500)")
+    q.add_argument("--out", metavar="DIR", help="output folder (default: runs/eval/<dataset>)")
+    q.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    _add_config_args(q)
+
+    p = groups["bench"] = _sub(subs, "bench", "wtours.bench.cli", "benchmarks (decode, train, eval)",
+                               "wtours bench decode venice.mp4")
+    bsubs = p.add_subparsers(dest="bench_command", metavar="<what>")
+    q = _sub(bsubs, "decode", "wtours.bench.decode", "decode throughput per backend vs the PyAV ceiling",
+             "wtours bench decode venice.mp4 --short-side 224 --json bench-decode.json")
+    q.add_argument("video", nargs="?", help="video to decode (default: a synthetic 4K H.264 clip)")
+    q.add_argument("--short-side", type=int, default=None, help="delivered short side (default: the loader's)")
+    q.add_argument("--backends", nargs="+", default=["pyav", "decord"])
+    q.add_argument("--clips", type=int, default=24, help="clips to deliver per backend")
+    q.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: all cores)")
+    q.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON here")
+    q = _sub(bsubs, "train", "wtours.bench.train", "training step throughput, MFU, memory and loader speed",
+             "wtours bench train --stage video --config configs/video/dora_vits16.yaml")
+    q.add_argument("--stage", default="video", choices=["video"])
+    q.add_argument("--steps", type=int, default=20)
+    q.add_argument("--json", metavar="FILE", default=None)
+    _add_config_args(q)
+    q = _sub(bsubs, "eval", "wtours.bench.eval", "evaluation speed on a DAVIS-sized synthetic set",
+             "wtours bench eval --sequences 30 --frames 70")
+    q.add_argument("--sequences", type=int, default=30)
+    q.add_argument("--frames", type=int, default=70)
+    q.add_argument("--arch", default="vit_small_patch16_224")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--json", metavar="FILE", default=None)
+
+    p = _sub(subs, "report", "wtours.report", "(re)write a run directory's report.md from its metrics and pictures",
+             "wtours report runs/venice")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "_handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return 2
+    group = args._groups.get(args.command)
+    if group is not None and not getattr(args, f"{args.command}_command", None):
+        group.print_help(sys.stderr)
+        print(f"\nwtours {args.command}: error: choose one of the commands above", file=sys.stderr)
+        return 2
+    try:
+        module = importlib.import_module(handler)
+        rc = module.cli_main(args)
+        return int(rc or 0)
+    except UserError as e:
+        print(f"wtours {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"wtours {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
