@@ -22,7 +22,9 @@ fi
 
 echo "[setup] preparing $VENV with $($PY --version 2>&1)" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
+# pip's warnings about the machine's empty local index folders are noise: filter them out.
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+pip() { quiet "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 pip install -q --upgrade pip setuptools wheel
 # shellcheck disable=SC2086
 pip install -q $TORCH_PIN
@@ -38,7 +40,7 @@ if ! "$VENV/bin/python" -c "import torchsort" 2>/dev/null; then
     clean_path=$(printf '%s' "$PATH" | tr ':' '\n' | while read -r d; do
       [ -n "$d" ] && [ ! -x "$d/nvcc" ] && printf '%s:' "$d"; done)
     # shellcheck disable=SC2086
-    env -u CUDA_HOME -u CUDA_PATH PATH="${clean_path%:}" \
+    quiet env -u CUDA_HOME -u CUDA_PATH PATH="${clean_path%:}" \
       "$VENV/bin/python" -m pip --disable-pip-version-check install -q --no-build-isolation --no-deps $TORCHSORT_PIN
   fi
 fi

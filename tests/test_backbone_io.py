@@ -1,0 +1,67 @@
+"""backbone.pt export / loading: timm-loadable, foreign state dicts, clear errors."""
+
+import timm
+import torch
+
+import pytest
+
+from wtours.errors import UserError
+from wtours.models.backbone_io import export_backbone, infer_arch, load_backbone
+
+ARCH = "vit_tiny_patch16_224"
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(1)
+    return timm.create_model(ARCH, num_classes=0, dynamic_img_size=True)
+
+
+def test_export_loads_strictly_into_timm_and_keeps_the_weights(model, tmp_path):
+    path = export_backbone(model, ARCH, tmp_path / "backbone.pt", meta={"steps": 3})
+    ckpt = torch.load(path, map_location="cpu")
+    assert ckpt["arch"] == ARCH and ckpt["meta"] == {"steps": 3}
+    fresh = timm.create_model(ckpt["arch"])
+    fresh.load_state_dict(ckpt["state_dict"])  # strict
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(fresh.forward_features(x), model.eval().forward_features(x), atol=1e-5)
+    assert not list(tmp_path.glob(".*tmp")), "no temp file left behind"
+
+
+def test_load_backbone_round_trip_and_prefixed_foreign_dicts(model, tmp_path):
+    export_backbone(model, ARCH, tmp_path / "b.pt")
+    loaded, info = load_backbone(str(tmp_path / "b.pt"))
+    assert info["arch"] == ARCH
+    torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp_path / "ddp.pth")
+    loaded2, info2 = load_backbone(str(tmp_path / "ddp.pth"))
+    assert info2["arch"] == ARCH  # inferred from shapes
+    for (k, a), b in zip(loaded.state_dict().items(), loaded2.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_random_spec_is_seeded():
+    a, info = load_backbone("random:" + ARCH)
+    b, _ = load_backbone("random:" + ARCH)
+    assert info == {"kind": "random", "arch": ARCH, "spec": "random:" + ARCH}
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_infer_arch_from_shapes(model):
+    assert infer_arch(model.state_dict()) == ARCH
+    small = timm.create_model("vit_small_patch16_224", num_classes=0)
+    assert infer_arch(small.state_dict()) == "vit_small_patch16_224"
+
+
+def test_errors_name_the_file_and_problem(model, tmp_path):
+    with pytest.raises(UserError, match="nope.pt: checkpoint not found"):
+        load_backbone(str(tmp_path / "nope.pt"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="junk.pt: cannot read checkpoint"):
+        load_backbone(str(junk))
+    export_backbone(model, ARCH, tmp_path / "tiny.pt")
+    with pytest.raises(UserError, match="weights do not match arch 'vit_small_patch16_224'"):
+        load_backbone(str(tmp_path / "tiny.pt"), arch="vit_small_patch16_224")
+    with pytest.raises(UserError, match="unknown or unsupported timm architecture 'vit_nonsense'"):
+        load_backbone("random:vit_nonsense")
