@@ -65,3 +65,15 @@ def test_errors_name_the_file_and_problem(model, tmp_path):
         load_backbone(str(tmp_path / "tiny.pt"), arch="vit_small_patch16_224")
     with pytest.raises(UserError, match="unknown or unsupported timm architecture 'vit_nonsense'"):
         load_backbone("random:vit_nonsense")
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from wtours.fsutil import write_json
+
+    p = write_json(tmp_path / "m.json", {"a": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask

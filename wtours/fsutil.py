@@ -15,6 +15,9 @@ from typing import IO, Any, Iterator
 
 from wtours.errors import UserError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def ensure_dir(path: str | Path) -> Path:
     """Create ``path`` (and parents) or raise a one-line :class:`UserError` if impossible."""
@@ -35,6 +38,7 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
     ensure_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
             f.flush()
