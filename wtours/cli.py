@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--short-side", type=int, default=None, help="delivered short side (default: the loader's)")
     q.add_argument("--backends", nargs="+", default=["pyav", "decord"])
     q.add_argument("--clips", type=int, default=24, help="clips to deliver per backend")
+    q.add_argument("--stride", type=int, default=None,
+                   help="clip stride in frames (default: 60, less when the video is too short)")
     q.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: all cores)")
     q.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON here")
     q = _sub(bsubs, "train", "wtours.bench.train", "training step throughput, MFU, memory and loader speed",

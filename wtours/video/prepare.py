@@ -1,0 +1,154 @@
+"""``wtours prepare``: one-time transcode of a (4K) video to a training proxy.
+
+The proxy is H.264 (libx264, ``yuv420p``) at a smaller short side with a keyframe every ``gop``
+frames (default: one per second; scene-cut keyframes off, so the spacing is exact). Decoding it is
+~(original pixels / proxy pixels) times cheaper, and a short GOP bounds the cost of every seek
+(see the cost model in :mod:`wtours.video.clips`). The frames are resized in the decoder's scaler,
+never as full-resolution RGB. Audio is dropped. The output is written to a temporary file and
+renamed when complete; the input is never modified and cannot be the output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+from wtours.errors import UserError, VideoError
+from wtours.fsutil import atomic_open
+from wtours.video.decode import make_geometry
+from wtours.video.index import _ff_reason, check_video_path, first_video_stream, index_video, open_container
+
+log = logging.getLogger(__name__)
+
+_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
+
+
+def default_output(video: str | Path, short_side: int) -> Path:
+    v = Path(video)
+    return v.with_name(f"{v.stem}_{short_side}p.mp4")
+
+
+def prepare_video(video: str | Path, short_side: int = 480, out: str | Path | None = None, gop: int | None = None,
+                  crf: int = 20, preset: str = "veryfast", fps: float | None = None,
+                  progress: bool = True) -> Path:
+    """Transcode ``video`` to an H.264 proxy; returns the output path (see the module docstring)."""
+    import av
+    import numpy as np
+    from tqdm import tqdm
+
+    src = check_video_path(video)
+    out = default_output(src, short_side) if out is None else Path(out).expanduser()
+    if short_side < 2:
+        raise UserError(f"--short-side must be >= 2, got {short_side}")
+    if gop is not None and gop < 1:
+        raise UserError(f"--gop must be >= 1, got {gop}")
+    if not 0 <= crf <= 51:
+        raise UserError(f"--crf must be in 0..51, got {crf}")
+    if fps is not None and not fps > 0:
+        raise UserError(f"--fps must be > 0, got {fps}")
+    if out.exists() and out.resolve() == src.resolve() or (out.exists() and os.path.samefile(out, src)):
+        raise UserError("refusing to overwrite the input video; choose another --out", path=out)
+    if out.is_dir():
+        raise UserError("--out is a directory; give a file name", path=out)
+    fmt = _FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        raise UserError(f"unsupported output extension {out.suffix!r} (use .mp4, .mov or .mkv)", path=out)
+    if preset not in ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower",
+                      "veryslow", "placebo"):
+        raise UserError(f"unknown x264 preset {preset!r}")
+
+    idx = index_video(src)
+    geom = make_geometry(idx.width, idx.height, short_side)
+    w, h = geom.scale_w, geom.scale_h
+    if min(idx.width, idx.height) <= short_side:
+        log.warning("%s: short side %d is not above the video's (%d); keeping its size",
+                    src, short_side, min(idx.width, idx.height))
+        w, h = idx.width, idx.height
+    w, h = max(2, w // 2 * 2), max(2, h // 2 * 2)  # yuv420p needs even sizes
+    src_rate = Fraction(idx.fps).limit_denominator(1001)
+    rate = Fraction(fps).limit_denominator(1001) if fps else src_rate
+    gop = gop or max(1, round(float(rate)))
+    total = idx.num_frames if fps is None else max(1, round(idx.duration * float(rate)))
+
+    container = open_container(src)
+    try:
+        in_stream = first_video_stream(container, src)
+        in_stream.thread_type = "AUTO"
+        with atomic_open(out, "wb") as fh:
+            with av.open(fh, mode="w", format=fmt) as oc:
+                os_ = oc.add_stream("libx264", rate=rate)
+                os_.width, os_.height, os_.pix_fmt = w, h, "yuv420p"
+                os_.codec_context.gop_size = gop
+                os_.codec_context.options = {
+                    "crf": str(crf), "preset": preset,
+                    "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0",
+                }
+                os_.thread_type = "AUTO"
+                bar = tqdm(total=total, unit="frame", desc=f"prepare {src.name}", file=sys.stderr,
+                           disable=not progress, dynamic_ncols=True)
+                n_out = 0
+
+                def emit(frame, k):
+                    nonlocal n_out
+                    nf = frame.reformat(width=w, height=h, format="yuv420p")
+                    nf.pts = k
+                    nf.time_base = Fraction(1) / rate
+                    for p in os_.encode(nf):
+                        oc.mux(p)
+                    n_out += 1
+                    bar.update(1)
+
+                t0 = int(idx.pts[0])
+                prev = None
+                prev_t = 0.0
+                k = 0
+                try:
+                    for fr in container.decode(in_stream):
+                        if fps is None:
+                            emit(fr, k)
+                            k += 1
+                            continue
+                        ts = fr.pts if fr.pts is not None else t0
+                        t = float((ts - t0) * idx.time_base)
+                        if prev is not None:
+                            while k / float(rate) < (prev_t + t) / 2:  # nearest source frame
+                                emit(prev, k)
+                                k += 1
+                        prev, prev_t = fr, t
+                except av.error.FFmpegError as e:
+                    if n_out == 0 and prev is None:
+                        raise VideoError(f"cannot decode ({_ff_reason(e)})", path=src) from None
+                    log.warning("%s: decoding stopped early (%s); the proxy ends there", src, _ff_reason(e))
+                if fps is not None and prev is not None:
+                    end = prev_t + 1.0 / float(src_rate)
+                    while k / float(rate) < end - 1e-9:
+                        emit(prev, k)
+                        k += 1
+                for p in os_.encode():
+                    oc.mux(p)
+                bar.close()
+                if n_out == 0:
+                    raise VideoError("no frame could be decoded", path=src)
+    except av.error.FFmpegError as e:
+        raise VideoError(f"transcode failed ({_ff_reason(e)})", path=src) from None
+    finally:
+        container.close()
+    _ = np  # numpy is imported for av's ndarray paths
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out, 0o666 & ~umask)  # the temp file was private (0600)
+    index_video(out, rebuild=True)
+    return out
+
+
+def cli_main(args) -> int:
+    """``wtours prepare VIDEO --short-side N [--out FILE] [--gop] [--crf] [--preset] [--fps] [--quiet]``."""
+    out = prepare_video(args.video, short_side=args.short_side, out=args.out, gop=args.gop, crf=args.crf,
+                        preset=args.preset, fps=args.fps, progress=not args.quiet)
+    idx = index_video(out)
+    print(f"{out}: {idx.width}x{idx.height} h264, {idx.fps:.3f} fps, {idx.num_frames} frames, "
+          f"{len(idx.keyframes)} keyframes (every {idx.mean_keyframe_spacing:.0f} frames)")
+    return 0
