@@ -58,3 +58,9 @@ def test_unknown_option_is_a_usage_error_without_traceback():
     assert r.returncode == 2
     assert "unrecognized arguments: --no-such-flag" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_an_os_error_on_an_output_path_is_one_line_exit_2(bigbuckbunny, capsys):
+    assert main(["prepare", str(bigbuckbunny), "--short-side", "48", "--out", "/proc/no/such/dir/x.mp4", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wtours prepare: error: /proc/no/such/dir") and "\n" not in err

@@ -177,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"wtours {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a file the user named: permissions, disk full, vanished path ...
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"wtours {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"wtours {args.command}: interrupted", file=sys.stderr)
         return 130
