@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--arch", default=None, help="timm arch for a bare state dict (default: inferred)")
     q.add_argument("--videos", metavar="FILE", help="file with one video name per line")
     q.add_argument("--k", type=int, nargs="*", default=[], help="overclustering K values (e.g. 100 300 500)")
+    q.add_argument("--frames-per-clip", type=int, default=None, metavar="N",
+                   help="evenly spaced annotated frames per video; 0 = all (default: 4, as the reference)")
+    q.add_argument("--repeats", type=int, default=None, metavar="N",
+                   help="repeat k-means with N seeds and report mean ± std (default: 1)")
     q.add_argument("--out", metavar="DIR", help="output folder (default: runs/eval/<dataset>)")
     q.add_argument("--device", default="auto", help="cuda, cpu or auto")
     _add_config_args(q)
@@ -150,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--frames", type=int, default=70)
     q.add_argument("--arch", default="vit_small_patch16_224")
     q.add_argument("--device", default="auto")
+    q.add_argument("--k", type=int, nargs="*", default=[], help="also time overclustering with these K")
+    q.add_argument("--data", metavar="DIR", default=None,
+                   help="where to write / reuse the synthetic set (default: the wtours cache)")
     q.add_argument("--json", metavar="FILE", default=None)
 
     p = _sub(subs, "report", "wtours.report", "(re)write a run directory's report.md from its metrics and pictures",

@@ -1,0 +1,180 @@
+"""Evaluation dataset readers (wtours.eval.datasets): layouts, frame lists, label mapping, errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wtours.errors import UserError
+from wtours.eval.datasets import (
+    load_mask,
+    read_dataset,
+    read_davis,
+    read_ytvos,
+    select_frames,
+    split_ytvos,
+    ytvos_categories,
+    ytvos_lut,
+)
+
+
+def _png(path, arr, mode="P"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(arr.astype(np.uint8), mode if mode != "RGB" else None)
+    if mode == "P":
+        im.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [255] * (256 * 3 - 9))
+    im.save(path)
+
+
+def _jpg(path, h=16, w=24):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((h, w, 3), 100, np.uint8)).save(path)
+
+
+def make_davis(root, videos=("a", "b"), frames=7, mask_value=1):
+    for v in videos:
+        for i in range(frames):
+            _jpg(root / "JPEGImages" / "480p" / v / f"{i:05d}.jpg")
+            m = np.zeros((16, 24), np.uint8)
+            m[4:10, 5:15] = mask_value
+            _png(root / "Annotations" / "480p" / v / f"{i:05d}.png", m)
+    (root / "ImageSets" / "2017").mkdir(parents=True, exist_ok=True)
+    (root / "ImageSets" / "2017" / "val.txt").write_text("".join(v + "\n" for v in videos))
+    return root
+
+
+def make_ytvos(root, objects, frames=3, with_val=True):
+    """objects: {video: {instance id: category}}; each instance paints its own column band."""
+    train = root / "train"
+    meta = {"videos": {}}
+    for v, objs in objects.items():
+        for i in range(frames):
+            name = f"{i * 5:05d}"
+            _jpg(train / "JPEGImages" / v / f"{name}.jpg")
+            m = np.zeros((16, 24), np.uint8)
+            for j, inst in enumerate(sorted(objs)):
+                m[:, 4 * j + 2 : 4 * j + 5] = inst
+            _png(train / "Annotations" / v / f"{name}.png", m)
+        meta["videos"][v] = {"objects": {str(i): {"category": c, "frames": []} for i, c in objs.items()}}
+    (train / "meta.json").write_text(json.dumps(meta))
+    if with_val:
+        (root / "val.txt").write_text("".join(v + "\n" for v in objects))
+    return root
+
+
+def test_select_frames_is_deterministic_and_evenly_spaced():
+    assert select_frames(10, 4) == [0, 3, 6, 9]
+    assert select_frames(3, 4) == [0, 1, 2]
+    assert select_frames(5, 0) == [0, 1, 2, 3, 4]
+    assert select_frames(70, 4) == select_frames(70, 4)
+
+
+def test_davis_layout_frame_lists_and_video_file(tmp_path):
+    root = make_davis(tmp_path / "DAVIS")
+    ds = read_davis(root, frames_per_clip=4)
+    assert [s.name for s in ds.sequences] == ["a", "b"]
+    assert ds.sequences[0].frame_ids == ["00000", "00002", "00004", "00006"]
+    assert ds.sequences[0].n_annotated == 7
+    assert all(f.stem == m.stem for s in ds.sequences for f, m in zip(s.frames, s.masks))
+    assert read_davis(root, frames_per_clip=0).n_frames == 14
+    lst = tmp_path / "list.txt"
+    lst.write_text("# only b\nb\n\n")
+    assert [s.name for s in read_dataset("davis", root, lst).sequences] == ["b"]
+
+
+@pytest.mark.parametrize("missing,named", [
+    ("Annotations/480p", "Annotations/480p"),
+    ("JPEGImages/480p", "JPEGImages/480p"),
+    ("ImageSets/2017/val.txt", "ImageSets/2017/val.txt"),
+    ("Annotations/480p/b", "b"),
+])
+def test_davis_missing_parts_are_named(tmp_path, missing, named):
+    root = make_davis(tmp_path / "DAVIS")
+    target = root / missing
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(UserError, match=named.replace("/", ".")):
+        read_davis(root)
+
+
+def test_empty_video_list_is_an_error(tmp_path):
+    root = make_davis(tmp_path / "DAVIS")
+    (root / "ImageSets" / "2017" / "val.txt").write_text("\n# nothing\n")
+    with pytest.raises(UserError, match="empty"):
+        read_davis(root)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(UserError, match="empty"):
+        read_dataset("davis", root, empty)
+
+
+def test_ytvos_categories_use_a_lookup_table_without_collisions(tmp_path):
+    # Sorted categories: ape=1, cat=2, zebra=3. Video "v1": instance 1 is a zebra (-> 3), instance 3
+    # is an ape (-> 1), instance 2 a cat (-> 2). Remapping in place, instance by instance (the
+    # reference), would turn instance 1's pixels into 3 and then, at instance 3, into 1.
+    root = make_ytvos(tmp_path / "YT", {"v1": {1: "zebra", 2: "cat", 3: "ape"}, "v2": {1: "cat"}})
+    ds = read_ytvos(root, frames_per_clip=0)
+    assert ds.categories == ["ape", "cat", "zebra"]
+    assert ds.label_kind == "category"
+    s = ds.sequences[0]
+    m = load_mask(s.masks[0], s.lut, s.id_rule)
+    assert m[0, 2] == 3 and m[0, 6] == 2 and m[0, 10] == 1 and m[0, 0] == 0
+    s2 = ds.sequences[1]
+    assert load_mask(s2.masks[0], s2.lut)[0, 2] == 2
+
+
+def test_ytvos_lut_and_category_order():
+    meta = {"videos": {"x": {"objects": {"1": {"category": "b"}, "2": {"category": "a"}}}}}
+    assert ytvos_categories(meta) == ["a", "b"]
+    lut = ytvos_lut(meta["videos"]["x"]["objects"], {"a": 1, "b": 2})
+    assert lut[[0, 1, 2, 3, 255]].tolist() == [0, 2, 1, -1, 255]
+
+
+def test_ytvos_unexpected_instance_id_is_an_error(tmp_path):
+    root = make_ytvos(tmp_path / "YT", {"v1": {1: "cat", 2: "dog"}})
+    meta = json.loads((root / "train" / "meta.json").read_text())
+    del meta["videos"]["v1"]["objects"]["2"]
+    (root / "train" / "meta.json").write_text(json.dumps(meta))
+    s = read_ytvos(root).sequences[0]
+    with pytest.raises(UserError, match=r"unexpected ids \[2\]"):
+        load_mask(s.masks[0], s.lut, s.id_rule)
+
+
+def test_ytvos_split_val_txt_and_seeded_fallback(tmp_path):
+    objs = {f"v{i:02d}": {1: "cat"} for i in range(10)}
+    root = make_ytvos(tmp_path / "YT", objs, frames=1, with_val=False)
+    ds = read_ytvos(root)
+    assert len(ds.sequences) == 2 and "20 %" in ds.split_note
+    assert [s.name for s in ds.sequences] == split_ytvos(list(objs), 0.2, 0)
+    assert split_ytvos(list(objs)) == split_ytvos(list(reversed(list(objs))))
+    (root / "val.txt").write_text("v03\nv07\n")
+    assert [s.name for s in read_ytvos(root).sequences] == ["v03", "v07"]
+    # the train folder itself works as root too
+    assert len(read_ytvos(root / "train").sequences) == 2
+    (root / "train" / "meta.json").unlink()
+    with pytest.raises(UserError, match="meta.json"):
+        read_ytvos(root)
+
+
+def test_davis_mask_checks(tmp_path):
+    root = make_davis(tmp_path / "DAVIS", videos=("a",), frames=1, mask_value=77)
+    s = read_davis(root).sequences[0]
+    with pytest.raises(UserError, match=r"unexpected ids \[77\].*max_instance_id"):
+        load_mask(s.masks[0], s.lut, s.id_rule)
+    rgb = tmp_path / "rgb.png"
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(rgb)
+    with pytest.raises(UserError, match="RGB"):
+        load_mask(rgb, s.lut)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(UserError, match="cannot read mask"):
+        load_mask(bad, s.lut)
+
+
+def test_synth_root_reads_its_davis_folder(tmp_path):
+    make_davis(tmp_path / "out" / "davis")
+    ds = read_dataset("synth", tmp_path / "out")
+    assert ds.name == "synth" and len(ds.sequences) == 2
+    with pytest.raises(UserError, match="davis"):
+        read_dataset("synth", tmp_path)

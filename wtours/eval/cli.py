@@ -1,0 +1,195 @@
+"""``wtours eval clustering``: unsupervised video segmentation by clustering (F / C / D).
+
+Writes into ``--out`` (default ``runs/eval/<dataset>``):
+
+- ``metrics.json``: ``F``, ``C``, ``D`` (mIoU %, mean over repeats, ``*_std`` when repeated),
+  ``overclustering``, ``per_sequence``, ``settings`` (every protocol choice), ``encoder``
+  (checkpoint identity and sha256), ``timing`` (seconds per stage);
+- ``per_sequence.csv``, ``frames.json`` (the exact frames used), ``config.yaml``;
+- ``overlays/<sequence>.{png,gif}``: frame | ground truth | clip-wise clusters.
+
+:func:`evaluate_clustering` is the same thing as a Python function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wtours.config import load_config, to_dict, to_yaml
+from wtours.errors import UserError
+from wtours.eval.config import EvalConfig
+from wtours.eval.datasets import Dataset, read_dataset
+from wtours.eval.features import extract_features
+from wtours.eval.protocol import run_protocol
+from wtours.eval.report import REFERENCE, summary_table, write_csv, write_overlays
+from wtours.fsutil import ensure_dir, write_json, write_text
+
+PROTOCOL_NOTES = [
+    "features: last block's patch tokens after the final norm, prefix tokens dropped",
+    "frames resized to input_size without keeping the aspect ratio (as the reference)",
+    "frames: evenly spaced annotated frames per clip (reference: 4 random frames)",
+    "standardise + PCA fitted per clip for F/C (reference: per loader batch of 16 videos), per dataset for D",
+    "k-means: k-means++ init, restarts, fit on <= max_points_per_centroid*K pixels per pool, all pixels assigned",
+    "mIoU includes background; Hungarian leaves unmatched clusters to background; overclustering: majority",
+    "reference bugs not reproduced: x255/drop-255 in D (label 1 lost), YTVOS in-place category remap",
+]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: expected cuda, cpu or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    return dev
+
+
+def _sha256(path: str) -> str | None:
+    p = Path(path)
+    if not p.is_file():
+        return None
+    h = hashlib.sha256()
+    with p.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _aggregate(runs: list[dict]) -> dict:
+    """Mean (and std over repeats) of the scores; per-sequence rows averaged too."""
+    out: dict = {}
+    for key in ("F", "C", "D"):
+        vals = np.array([r[key] for r in runs], dtype=np.float64)
+        out[key] = float(vals.mean())
+        out[f"{key}_std"] = float(vals.std()) if len(vals) > 1 else None
+        out[f"{key}_runs"] = vals.tolist()
+    over = {}
+    for k in runs[0]["overclustering"]:
+        vals = np.array([r["overclustering"][k]["miou"] for r in runs])
+        acc = np.array([r["overclustering"][k]["accuracy"] for r in runs])
+        over[k] = {"miou": float(vals.mean()), "miou_std": float(vals.std()) if len(vals) > 1 else None,
+                   "miou_runs": vals.tolist(), "accuracy": float(acc.mean())}
+    out["overclustering"] = over
+    rows = []
+    for i, row in enumerate(runs[0]["per_sequence"]):
+        avg = {k: float(np.mean([r["per_sequence"][i][k] for r in runs])) for k in ("F", "C", "D")}
+        rows.append({**row, **avg})
+    out["per_sequence"] = rows
+    out["D_iou_per_label"] = runs[0]["D_iou_per_label"]
+    out["K"] = runs[0]["K"]
+    return out
+
+
+def evaluate_clustering(
+    dataset: str,
+    root: str | Path,
+    checkpoint: str,
+    out: str | Path | None = None,
+    cfg: EvalConfig | None = None,
+    arch: str | None = None,
+    videos: str | Path | None = None,
+    device: str = "auto",
+    verbose: bool = True,
+) -> dict:
+    """Run the whole evaluation and write its outputs -> the metrics dict (also in metrics.json)."""
+    from wtours.models.backbone_io import load_backbone
+
+    cfg = cfg or EvalConfig()
+    t_start = time.perf_counter()
+    dev = resolve_device(device)
+    data: Dataset = read_dataset(dataset, root, videos, cfg.frames_per_clip, cfg.max_instance_id, cfg.split_seed)
+    model, info = load_backbone(checkpoint, arch)
+    patch = tuple(model.patch_embed.patch_size)
+    if cfg.input_size[0] % patch[0] or cfg.input_size[1] % patch[1]:
+        raise UserError(f"input_size {cfg.input_size} is not a multiple of the patch size {patch[0]}")
+    out_dir = ensure_dir(out or Path("runs") / "eval" / dataset)
+    seq_names = [s.name for s in data.sequences]
+    write_json(out_dir / "frames.json", {
+        "dataset": dataset, "root": str(data.root), "frames_per_clip": cfg.frames_per_clip,
+        "sequences": {s.name: {"annotated": s.n_annotated, "frames": s.frame_ids} for s in data.sequences},
+    })
+    write_text(out_dir / "config.yaml", to_yaml(cfg))
+    if verbose and data.split_note:
+        print(f"note: {data.split_note}")
+    t_load = time.perf_counter() - t_start
+
+    feats = extract_features(model, data, dev, tuple(cfg.input_size),
+                             [tuple(cfg.eval_size), tuple(cfg.eval_size_dataset)],
+                             cfg.batch_size, cfg.workers, cfg.progress)
+    keep = list(range(min(cfg.overlays, len(seq_names))))
+    runs = []
+    for r in range(cfg.repeats):
+        runs.append(run_protocol(feats, cfg, seq_names, cfg.seed + r, keep if r == 0 else []))
+    agg = _aggregate(runs)
+    timing = {"load": t_load, "features": feats.seconds["features"],
+              "frames_per_second": feats.n_frames / max(feats.seconds["features"], 1e-9)}
+    for key in runs[0]["seconds"]:
+        timing[key] = float(np.mean([r["seconds"][key] for r in runs]))
+    over_dir = out_dir / "overlays"
+    t0 = time.perf_counter()
+    pictures = []
+    for s, ov in runs[0]["overlays"].items():
+        seq = data.sequences[s]
+        pictures += [str(p.relative_to(out_dir)) for p in
+                     write_overlays(ensure_dir(over_dir), seq.name, seq.frames, ov["gt"], ov["pred"], cfg.gif)]
+    timing["overlays"] = time.perf_counter() - t0
+    timing["total"] = time.perf_counter() - t_start
+    enc = {k: v for k, v in info.items() if k != "meta"}
+    enc["meta"] = info.get("meta") or {}
+    enc["sha256"] = _sha256(checkpoint) if not checkpoint.startswith("random:") else None
+    enc["embed_dim"] = int(feats.grid.shape[1])
+    enc["patch_size"] = list(patch)
+    settings = {
+        "dataset": dataset, "root": str(data.root), "label_kind": data.label_kind,
+        "videos": str(videos) if videos else None, "split_note": data.split_note,
+        "categories": data.categories, "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__, "config": to_dict(cfg),
+        "notes": PROTOCOL_NOTES + (["DAVIS labels are per-video instance ids: D pools 'instance k' across videos"]
+                                   if data.label_kind == "instance" else
+                                   ["YTVOS labels are categories (meta.json, alphabetical 1..N, 0 = background)"]),
+        "overclustering": "dataset-wise k-means at eval_size_dataset, majority (many-to-one) matching",
+    }
+    metrics = {
+        "F": agg["F"], "C": agg["C"], "D": agg["D"], "unit": "mIoU %",
+        "F_std": agg["F_std"], "C_std": agg["C_std"], "D_std": agg["D_std"],
+        "runs": {k: agg[f"{k}_runs"] for k in ("F", "C", "D")},
+        "overclustering": agg["overclustering"], "K": agg["K"], "D_iou_per_label": agg["D_iou_per_label"],
+        "n_sequences": len(seq_names), "n_frames": feats.n_frames,
+        "per_sequence": agg["per_sequence"], "settings": settings, "encoder": enc, "timing": timing,
+        "pictures": pictures,
+        "reference": {"source": "TimeT ECCV-2024 talk slides (shared/reference/timet.md §3), mIoU % (F, C, D)",
+                      "dataset": "davis" if dataset == "synth" else dataset,
+                      "methods": {k: dict(zip("FCD", v)) for k, v in
+                                  REFERENCE.get("davis" if dataset == "synth" else dataset, {}).items()}},
+    }
+    write_json(out_dir / "metrics.json", metrics)
+    write_csv(out_dir / "per_sequence.csv", agg["per_sequence"])
+    if verbose:
+        print(summary_table(metrics))
+        print(f"wrote {out_dir / 'metrics.json'}")
+    return metrics
+
+
+def cli_main(args) -> int:
+    cfg = load_config(EvalConfig, args.config, args.overrides)
+    if args.k:
+        if any(k < 1 for k in args.k):
+            raise UserError("--k values must be >= 1")
+        cfg.overcluster_k = list(args.k)
+    if getattr(args, "frames_per_clip", None) is not None:
+        cfg.frames_per_clip = args.frames_per_clip
+    if getattr(args, "repeats", None) is not None:
+        if args.repeats < 1:
+            raise UserError("--repeats must be >= 1")
+        cfg.repeats = args.repeats
+    evaluate_clustering(args.dataset, args.root, args.checkpoint, args.out, cfg, args.arch, args.videos, args.device)
+    return 0

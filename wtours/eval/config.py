@@ -1,0 +1,58 @@
+"""Settings of ``wtours eval clustering`` (``configs/eval/*.yaml``, ``--set key=value``).
+
+Defaults reproduce TimeT's protocol (``../shared/reference/timet.md`` §2) with its bugs fixed:
+224x224 squashed input, 4 frames per clip (evenly spaced instead of random), standardise + PCA to
+50 dims, per-pixel k-means on features bilinearly upsampled to the GT size (224² for F / C,
+112² for D), K = number of ground-truth labels in the pool, 50 Lloyd iterations x 5 restarts,
+fitted on at most 256·K points (faiss's default), seed 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class EvalConfig:
+    frames_per_clip: int = 4  # evenly spaced annotated frames per video; <= 0: all of them
+    input_size: list[int] = field(default_factory=lambda: [224, 224])  # network input [H, W]
+    eval_size: list[int] = field(default_factory=lambda: [224, 224])  # GT size for F and C [H, W]
+    eval_size_dataset: list[int] = field(default_factory=lambda: [112, 112])  # GT size for D / overclustering
+    standardize: bool = True
+    pca_dim: int = 50  # 0: no PCA
+    pca_scope: Literal["clip", "dataset"] = "clip"  # PCA pool for F / C (D always uses the dataset)
+    cluster_at: Literal["pixel", "patch"] = "pixel"  # "patch": fit k-means on patch tokens (cheaper, not the protocol)
+    niter: int = 50
+    restarts: int = 5
+    max_points_per_centroid: int = 256  # fit on at most this many points per centroid
+    seed: int = 1
+    repeats: int = 1  # k-means repeated with seeds seed, seed+1, ...; scores are mean ± std
+    overcluster_k: list[int] = field(default_factory=list)  # dataset-wise K values, majority matching
+    batch_size: int = 64  # frames per forward pass
+    workers: int = 0  # decoding threads; 0: one per CPU core (at most 32)
+    max_instance_id: int = 50  # DAVIS / synth masks: larger ids are reported as unexpected
+    split_seed: int = 0  # YTVOS held-out split when no val.txt is found
+    memory_budget: int = 0  # elements of the largest clustering temporary; 0: 2^28 on CUDA, 2^26 on CPU
+    overlays: int = 3  # sequences drawn as PNG / GIF overlays
+    gif: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("input_size", "eval_size", "eval_size_dataset"):
+            v = getattr(self, name)
+            if len(v) != 2 or min(v) < 1:
+                raise ValueError(f"{name} must be [H, W] with positive values, got {v}")
+        if self.pca_dim < 0:
+            raise ValueError("pca_dim must be >= 0")
+        if self.workers < 0:
+            raise ValueError("workers must be >= 0")
+        for name in ("niter", "restarts", "max_points_per_centroid", "repeats", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if any(k < 1 for k in self.overcluster_k):
+            raise ValueError("overcluster_k values must be >= 1")
+        if self.memory_budget < 0:
+            raise ValueError("memory_budget must be >= 0")
+        if not 0 < self.max_instance_id < 255:
+            raise ValueError("max_instance_id must be in 1..254")

@@ -1,0 +1,276 @@
+"""Readers for the evaluation datasets: DAVIS-2017, YouTube-VOS (train split, TimeT's held-out
+20 %), and the synthetic set ``wtours synth`` writes. Nothing is ever written into a dataset root
+(the reference's loader re-encodes and *deletes* files it mistakes for videos).
+
+A dataset is a list of :class:`Sequence` objects, each with a deterministic list of frames
+(JPEG + PNG pairs). Labels:
+
+- DAVIS (and synth): the raw per-video *instance* ids of the palette PNGs (0 = background,
+  255 = void). D then pools "instance k" across videos, as TimeT does.
+- YTVOS: instance ids mapped to *category* ids through ``meta.json`` with a lookup table
+  (categories of the whole ``meta.json`` sorted alphabetically, numbered 1..N, 0 = background).
+  The reference remaps in place, instance by instance, so a category id written earlier can be
+  remapped again by a later instance (category 2 vs instance 2); the table cannot collide.
+
+Frames per clip (TimeT draws 4 random sorted frames per video): here ``frames_per_clip`` frames
+evenly spaced over the annotated frames (``round(linspace(0, n-1, T))``), or all of them for
+``frames_per_clip <= 0``; the list is saved in the output (``frames.json``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from wtours.errors import UserError
+
+IMG_EXTS = (".jpg", ".jpeg", ".png")
+
+
+@dataclass
+class Sequence:
+    """One video: ``frames`` / ``masks`` paths (selected, in order), a 256-entry label lookup
+    table (raw PNG value -> evaluation label; -1 = unexpected; 255 = ignore) and its frame ids."""
+
+    name: str
+    frames: list[Path]
+    masks: list[Path]
+    lut: np.ndarray = field(repr=False)
+    n_annotated: int = 0
+    id_rule: str = ""
+
+    @property
+    def frame_ids(self) -> list[str]:
+        return [p.stem for p in self.frames]
+
+
+@dataclass
+class Dataset:
+    name: str
+    root: Path
+    sequences: list[Sequence]
+    label_kind: str  # "instance" or "category"
+    categories: list[str] | None = None
+    split_note: str = ""
+
+    @property
+    def n_frames(self) -> int:
+        return sum(len(s.frames) for s in self.sequences)
+
+
+def select_frames(n: int, count: int) -> list[int]:
+    """Deterministic evenly spaced indices: ``count`` of ``range(n)`` (all for count <= 0 or >= n)."""
+    if count <= 0 or count >= n:
+        return list(range(n))
+    return sorted({int(round(v)) for v in np.linspace(0, n - 1, count)})
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise UserError(f"missing {what} (expected {path.name}{'/' if not path.suffix else ''})", path=path)
+    return path
+
+
+def read_video_list(path: str | Path) -> list[str]:
+    """One video name per line; blank lines and ``#`` comments skipped."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError("video list not found", path=p)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read video list ({e})", path=p) from None
+    names = [ln.split("#", 1)[0].strip() for ln in lines]
+    names = [n for n in names if n]
+    if not names:
+        raise UserError("video list is empty", path=p)
+    return names
+
+
+def _pairs(img_dir: Path, ann_dir: Path, name: str) -> tuple[list[Path], list[Path]]:
+    """Annotated frames of one video: JPEGs with a PNG of the same stem, sorted by name."""
+    if not img_dir.is_dir():
+        raise UserError(f"video '{name}' has no frame folder", path=img_dir)
+    if not ann_dir.is_dir():
+        raise UserError(f"video '{name}' has no annotation folder", path=ann_dir)
+    masks = {p.stem: p for p in ann_dir.iterdir() if p.suffix.lower() == ".png"}
+    frames = sorted(
+        (p for p in img_dir.iterdir() if p.suffix.lower() in IMG_EXTS and p.stem in masks), key=lambda p: p.name
+    )
+    if not frames:
+        raise UserError(f"video '{name}' has no frame with an annotation", path=ann_dir)
+    return frames, [masks[p.stem] for p in frames]
+
+
+def _instance_lut(max_id: int) -> np.ndarray:
+    lut = np.full(256, -1, dtype=np.int16)
+    lut[: max_id + 1] = np.arange(max_id + 1)
+    lut[255] = 255
+    return lut
+
+
+def read_davis(
+    root: str | Path, videos: list[str] | None = None, frames_per_clip: int = 4, max_instance_id: int = 50,
+    resolution: str = "480p", name: str = "davis",
+) -> Dataset:
+    """DAVIS-2017: ``JPEGImages/480p``, ``Annotations/480p``, ``ImageSets/2017/val.txt``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError("dataset root not found", path=root)
+    img_root = _need(root / "JPEGImages" / resolution, f"DAVIS frame folder JPEGImages/{resolution}")
+    ann_root = _need(root / "Annotations" / resolution, f"DAVIS annotation folder Annotations/{resolution}")
+    if videos is None:
+        videos = read_video_list(_need(root / "ImageSets" / "2017" / "val.txt", "DAVIS video list ImageSets/2017/val.txt"))
+    if not videos:
+        raise UserError("the video list is empty", path=root)
+    lut = _instance_lut(max_instance_id)
+    rule = f"instance ids must be 0..{max_instance_id} or 255 (void); change with --set max_instance_id=N"
+    seqs = []
+    for v in videos:
+        frames, masks = _pairs(img_root / v, ann_root / v, v)
+        sel = select_frames(len(frames), frames_per_clip)
+        seqs.append(Sequence(v, [frames[i] for i in sel], [masks[i] for i in sel], lut, len(frames), rule))
+    return Dataset(name, root, seqs, "instance")
+
+
+def ytvos_categories(meta: dict) -> list[str]:
+    """All category names of a YTVOS ``meta.json``, sorted alphabetically (id = position + 1)."""
+    cats = set()
+    for vid in meta.get("videos", {}).values():
+        for obj in (vid.get("objects") or {}).values():
+            if isinstance(obj, dict) and "category" in obj:
+                cats.add(str(obj["category"]))
+    return sorted(cats)
+
+
+def ytvos_lut(objects: dict, cat_index: dict[str, int]) -> np.ndarray:
+    """Lookup table raw instance id -> category id (0 bg, 255 ignore, -1 unknown instance)."""
+    lut = np.full(256, -1, dtype=np.int16)
+    lut[0] = 0
+    lut[255] = 255
+    for inst, obj in objects.items():
+        i = int(inst)
+        if not 0 < i < 255:
+            raise ValueError(f"instance id {inst} out of range")
+        lut[i] = cat_index[str(obj["category"])]
+    return lut
+
+
+def split_ytvos(names: list[str], fraction: float = 0.2, seed: int = 0) -> list[str]:
+    """Deterministic held-out split: ``fraction`` of the sorted names, seeded shuffle."""
+    names = sorted(names)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(names))
+    n = max(1, int(round(fraction * len(names))))
+    return sorted(names[i] for i in order[:n])
+
+
+def read_ytvos(
+    root: str | Path, videos: list[str] | None = None, frames_per_clip: int = 4, split_seed: int = 0
+) -> Dataset:
+    """YouTube-VOS train layout: ``train/{JPEGImages,Annotations,meta.json}``.
+
+    Videos: ``videos`` if given, else ``val.txt`` / ``valid.txt`` beside ``train/`` (TimeT_clean's
+    695-video held-out list), else a deterministic seeded 20 % split of meta.json's videos
+    (recorded in ``Dataset.split_note``). ``root`` may also be the ``train`` folder itself.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError("dataset root not found", path=root)
+    train = root / "train"
+    if not train.is_dir() and (root / "meta.json").exists() and (root / "JPEGImages").is_dir():
+        train, root = root, root.parent
+    _need(train, "YTVOS folder train")
+    img_root = _need(train / "JPEGImages", "YTVOS frame folder train/JPEGImages")
+    ann_root = _need(train / "Annotations", "YTVOS annotation folder train/Annotations")
+    meta_path = _need(train / "meta.json", "YTVOS train/meta.json")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        vids = meta["videos"]
+        if not isinstance(vids, dict):
+            raise TypeError("'videos' is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"not a YTVOS meta.json ({type(e).__name__}: {e})", path=meta_path) from None
+    cats = ytvos_categories(meta)
+    cat_index = {c: i + 1 for i, c in enumerate(cats)}
+    note = ""
+    if videos is None:
+        for cand in (root / "val.txt", root / "valid.txt"):
+            if cand.is_file():
+                videos = read_video_list(cand)
+                note = f"videos from {cand}"
+                break
+    if videos is None:
+        videos = split_ytvos(list(vids), 0.2, split_seed)
+        note = (f"no val.txt beside train/: deterministic 20 % split of meta.json (seed {split_seed}, "
+                f"{len(videos)} of {len(vids)} videos), NOT TimeT's list")
+    if not videos:
+        raise UserError("the video list is empty", path=root)
+    seqs = []
+    for v in videos:
+        if v not in vids:
+            raise UserError(f"video '{v}' is not in meta.json", path=meta_path)
+        try:
+            lut = ytvos_lut(vids[v].get("objects") or {}, cat_index)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"video '{v}': bad objects entry in meta.json ({e})", path=meta_path) from None
+        frames, masks = _pairs(img_root / v, ann_root / v, v)
+        sel = select_frames(len(frames), frames_per_clip)
+        rule = f"ids must be 0, 255 or an instance of '{v}' in meta.json ({sorted(int(i) for i in vids[v].get('objects') or {})})"
+        seqs.append(Sequence(v, [frames[i] for i in sel], [masks[i] for i in sel], lut, len(frames), rule))
+    return Dataset("ytvos", root, seqs, "category", cats, note)
+
+
+def read_synth(root: str | Path, videos: list[str] | None = None, frames_per_clip: int = 4,
+               max_instance_id: int = 50) -> Dataset:
+    """The output folder of ``wtours synth``: its ``davis/`` subfolder in DAVIS-2017 layout."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError("dataset root not found", path=root)
+    davis = root / "davis" if (root / "davis").is_dir() else root
+    if not (davis / "JPEGImages").exists():
+        raise UserError("missing synthetic DAVIS folder (expected davis/ as written by 'wtours synth')", path=root / "davis")
+    return read_davis(davis, videos, frames_per_clip, max_instance_id, name="synth")
+
+
+def read_dataset(kind: str, root: str | Path, videos_file: str | Path | None = None, frames_per_clip: int = 4,
+                 max_instance_id: int = 50, split_seed: int = 0) -> Dataset:
+    """Dispatch on ``kind`` in {"davis", "ytvos", "synth"}."""
+    videos = read_video_list(videos_file) if videos_file else None
+    if kind == "davis":
+        return read_davis(root, videos, frames_per_clip, max_instance_id)
+    if kind == "ytvos":
+        return read_ytvos(root, videos, frames_per_clip, split_seed)
+    if kind == "synth":
+        return read_synth(root, videos, frames_per_clip, max_instance_id)
+    raise UserError(f"unknown dataset '{kind}' (davis, ytvos or synth)")
+
+
+def load_mask(path: Path, lut: np.ndarray, id_rule: str = "") -> np.ndarray:
+    """Read a palette / grayscale PNG of ids and map it through ``lut`` -> uint8 [H, W].
+
+    Raises :class:`UserError` for RGB masks or ids the lookup table does not know.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L", "1", "I", "I;16"):
+                raise UserError(f"mask is {im.mode}, expected a palette or grayscale PNG of ids", path=path)
+            arr = np.asarray(im)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoding failure is a bad file
+        raise UserError(f"cannot read mask ({type(e).__name__}: {e})", path=path) from None
+    if arr.dtype != np.uint8:
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise UserError(f"mask has ids outside 0..255 (max {arr.max()})", path=path)
+        arr = arr.astype(np.uint8)
+    mapped = lut[arr]
+    if (mapped < 0).any():
+        bad = sorted(set(np.unique(arr[mapped < 0]).tolist()))
+        raise UserError(f"mask has unexpected ids {bad[:8]}" + (f": {id_rule}" if id_rule else ""), path=path)
+    return mapped.astype(np.uint8)

@@ -1,0 +1,151 @@
+"""Dense features of every selected frame, plus its ground truth at the evaluation resolutions.
+
+Frames are decoded and resized on CPU threads (PIL; JPEG decoding releases the GIL) while the
+previous batch runs through the network, so decoding overlaps the forward pass. Following TimeT
+(``evaluation.py``): frames are resized to exactly ``input_size`` (default 224x224: the aspect
+ratio is *not* kept, DAVIS 854x480 is squashed), normalised with the ImageNet mean / std
+(the reference's training transform has a 0.228 typo for the red std; the standard 0.229 is
+used), and the features are the **last block's patch tokens after the final norm**, prefix
+tokens (CLS, registers) dropped: ``timm`` ``forward_features`` output. bf16 autocast on CUDA,
+``torch.inference_mode``. Masks are resized with nearest neighbour to each evaluation size.
+
+Shapes: ``grid`` [NF, D, h, w] (fp32, on the device), ``gt[size]`` [NF, H, W] uint8 (raw
+evaluation labels, 255 = ignore), ``frame_seq`` [NF] (index of each frame's sequence).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from wtours.errors import UserError
+from wtours.eval.datasets import Dataset, Sequence, load_mask
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class FeatureSet:
+    grid: torch.Tensor  # [NF, D, h, w]
+    gt: dict[tuple[int, int], torch.Tensor]  # (H, W) -> [NF, H, W] uint8
+    frame_seq: torch.Tensor  # [NF] long
+    native_sizes: list[tuple[int, int]]  # (H, W) of every frame
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.grid.shape[0])
+
+
+def _load_one(seq: Sequence, i: int, input_size: tuple[int, int], sizes: list[tuple[int, int]]):
+    from PIL import Image
+
+    fpath, mpath = seq.frames[i], seq.masks[i]
+    try:
+        with Image.open(fpath) as im:
+            native = (im.height, im.width)
+            img = np.asarray(im.convert("RGB").resize((input_size[1], input_size[0]), Image.BILINEAR))
+    except Exception as e:  # noqa: BLE001 - any decoding failure is a bad file
+        raise UserError(f"cannot read frame ({type(e).__name__}: {e})", path=fpath) from None
+    mask = load_mask(mpath, seq.lut, seq.id_rule)
+    if mask.shape != native:
+        raise UserError(f"mask is {mask.shape[1]}x{mask.shape[0]} but its frame is {native[1]}x{native[0]}", path=mpath)
+    m = Image.fromarray(mask)
+    gts = [np.asarray(m.resize((w, h), Image.NEAREST)) if (h, w) != native else mask for (h, w) in sizes]
+    return img, gts, native
+
+
+def iter_batches(dataset: Dataset, input_size, sizes, batch_size: int, workers: int, prefetch: int = 2):
+    """Yield (imgs uint8 [B, h, w, 3], [gt uint8 [B, H, W] per size], natives) in dataset order."""
+    items = [(s, i) for s in dataset.sequences for i in range(len(s.frames))]
+    chunks = [items[j : j + batch_size] for j in range(0, len(items), batch_size)]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending: deque = deque()
+
+        def submit(chunk):
+            return [pool.submit(_load_one, s, i, input_size, sizes) for s, i in chunk]
+
+        it = iter(chunks)
+        for _ in range(prefetch):
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(submit(nxt))
+        while pending:
+            futs = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(submit(nxt))
+            out = [f.result() for f in futs]
+            imgs = np.stack([o[0] for o in out])
+            gts = [np.stack([o[1][j] for o in out]) for j in range(len(sizes))]
+            yield imgs, gts, [o[2] for o in out]
+
+
+def patch_tokens(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] normalised images -> [B, D, H/p, W/p] last-layer patch tokens (after norm)."""
+    tokens = model.forward_features(x)
+    n_prefix = int(getattr(model, "num_prefix_tokens", 1))
+    tokens = tokens[:, n_prefix:]
+    p = model.patch_embed.patch_size
+    h, w = x.shape[-2] // p[0], x.shape[-1] // p[1]
+    if tokens.shape[1] != h * w:
+        raise UserError(f"model returned {tokens.shape[1]} patch tokens, expected {h}x{w}; is it a timm ViT?")
+    return tokens.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+
+
+def extract_features(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    device: torch.device,
+    input_size: tuple[int, int] = (224, 224),
+    eval_sizes: list[tuple[int, int]] = ((224, 224),),
+    batch_size: int = 64,
+    workers: int = 0,
+    progress: bool = True,
+) -> FeatureSet:
+    """Run ``model`` over every selected frame of ``dataset`` -> :class:`FeatureSet`.
+
+    ``workers``: decoding threads (0: one per CPU core, at most 32)."""
+    import os
+
+    from tqdm import tqdm
+
+    workers = workers or min(32, os.cpu_count() or 1)
+    sizes = [tuple(s) for s in dict.fromkeys(tuple(s) for s in eval_sizes)]
+    model = model.to(device).eval()
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    cuda = device.type == "cuda"
+    grids, gts, natives = [], [[] for _ in sizes], []
+    t0 = time.perf_counter()
+    bar = tqdm(total=dataset.n_frames, desc="features", unit="frame", file=sys.stderr, disable=not progress, leave=False)
+    with torch.inference_mode():
+        for imgs, batch_gts, nat in iter_batches(dataset, tuple(input_size), sizes, batch_size, workers):
+            x = torch.from_numpy(imgs)
+            if cuda:
+                x = x.pin_memory().to(device, non_blocking=True)
+            x = (x.permute(0, 3, 1, 2).float() - mean) / std
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                g = patch_tokens(model, x)
+            grids.append(g.float())
+            for j, m in enumerate(batch_gts):
+                gts[j].append(torch.from_numpy(m).to(device, non_blocking=cuda))
+            natives.extend(nat)
+            bar.update(len(imgs))
+    bar.close()
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = {"features": time.perf_counter() - t0}
+    frame_seq = torch.cat(
+        [torch.full((len(s.frames),), i, dtype=torch.long) for i, s in enumerate(dataset.sequences)]
+    ).to(device)
+    return FeatureSet(
+        torch.cat(grids), {s: torch.cat(g) for s, g in zip(sizes, gts)}, frame_seq, natives, seconds
+    )
