@@ -1,0 +1,344 @@
+"""Batched GPU multi-crop for video clips (DoRA's recipe, ``shared/reference/dora.md`` §1.3).
+
+Input: a batch of uint8 clips ``[B, T, 3, H, W]`` straight from the loader (moved to the device).
+Output (:class:`AugmentedViews`), ImageNet-normalised float32:
+
+* ``global_views [B, T, 3, G, G]``: one global view per frame; its crop box and horizontal flip
+  are **shared by all frames of a clip** (clip-level pre-crop ``P x P`` at scale .2-1, then a
+  ``G x G`` crop at scale .4-1 of it, flip p .5);
+* ``local_views [B, T, V, 3, L, L]``: ``V`` local crops per frame from the same pre-crop at scale
+  .05-.4, **independent per frame** (no flip by default, as in the reference);
+* photometric ops per frame (or per clip, ``photometric="clip"``): colour jitter p .8
+  (brightness .4, contrast .4, saturation .2, hue .1, in a random order per image, as
+  torchvision's ``ColorJitter``), grayscale p .2, Gaussian blur sigma U(.1, 2) with p .1 (global)
+  and .5 (local).
+
+How: every crop is a box in source-frame pixels (the pre-crop box composed with the view's box in
+the ``P x P`` pre-crop canvas), and all boxes of one output size are cut out of the uint8 frames
+with **one** ``torchvision.ops.roi_align(aligned=True)`` call, whose adaptive sampling averages
+``ceil(box/out)`` points per bin (anti-aliased downscaling, no intermediate ``P x P`` image).
+The photometric ops are batched tensor maths with per-image factors; no Python loop over
+frames, crops or images, no host sync. All random parameters come from one seeded CPU
+``torch.Generator`` (``state_dict`` / ``load_state_dict`` for exact resume), so a seed gives the
+same views on CPU and GPU.
+
+Departures from the reference: crops composed into one resampling from the source frame
+instead of ``4K -> 300 -> 224`` (two resamplings; same geometry); bilinear instead of bicubic
+for local crops; float boxes instead of integer pixel boxes.
+
+Example::
+
+    aug = ClipAugment(CropsConfig(), seed=0)
+    views = aug(clips.to("cuda"))          # uint8 [B, T, 3, H, W]
+    views.global_views.shape               # [B, T, 3, 224, 224]
+    views.local_views.shape                # [B, T, 6, 3, 112, 112]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_GRAY = (0.299, 0.587, 0.114)
+
+
+@dataclass
+class AugmentedViews:
+    """Normalised views plus the geometry that produced them (boxes in source pixels x0,y0,x1,y1)."""
+
+    global_views: torch.Tensor  # [B, T, 3, G, G]
+    local_views: torch.Tensor  # [B, T, V, 3, L, L]
+    global_boxes: torch.Tensor  # [B, 4] (shared by the clip's frames)
+    local_boxes: torch.Tensor  # [B, T, V, 4]
+    flips: torch.Tensor  # [B] bool, global view flipped
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def sample_resized_crop_boxes(gen: torch.Generator, n: int, height: float, width: float,
+                              scale: tuple[float, float], ratio: tuple[float, float],
+                              attempts: int = 10) -> torch.Tensor:
+    """``n`` RandomResizedCrop boxes ``[n, 4]`` (x0, y0, x1, y1; float pixels) in a ``height x width`` canvas.
+
+    torchvision's rule, vectorised: up to ``attempts`` candidates (area fraction ~ U(scale),
+    log aspect ~ U(log ratio)); the first that fits is used, else a centre crop with the aspect
+    clamped to ``ratio``. A fixed number of random draws is made per call (reproducible).
+    """
+    area = height * width
+    u = torch.rand(n, attempts, 4, generator=gen, dtype=torch.float64)
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[..., 1]
+    ar = torch.exp(log_r)
+    w = torch.sqrt(target * ar)
+    h = torch.sqrt(target / ar)
+    ok = (w <= width) & (h <= height)
+    first = torch.argmax(ok.to(torch.int8), dim=1)  # first fitting attempt (0 if none)
+    rows = torch.arange(n)
+    w, h, ux, uy = w[rows, first], h[rows, first], u[rows, first, 2], u[rows, first, 3]
+    any_ok = ok.any(dim=1)
+    # fallback: centre crop, aspect clamped into ratio
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = width, width / ratio[0]
+    elif in_ratio > ratio[1]:
+        fw, fh = height * ratio[1], height
+    else:
+        fw, fh = width, height
+    w = torch.where(any_ok, w, torch.full_like(w, fw))
+    h = torch.where(any_ok, h, torch.full_like(h, fh))
+    ux = torch.where(any_ok, ux, torch.full_like(ux, 0.5))
+    uy = torch.where(any_ok, uy, torch.full_like(uy, 0.5))
+    x0 = ux * (width - w)
+    y0 = uy * (height - h)
+    return torch.stack([x0, y0, x0 + w, y0 + h], dim=1).float()
+
+
+def compose_boxes(outer: torch.Tensor, inner: torch.Tensor, canvas: float) -> torch.Tensor:
+    """Map ``inner`` boxes ``[..., 4]`` given in a ``canvas x canvas`` resize of the ``outer``
+    boxes ``[..., 4]`` (broadcastable) back to the outer boxes' coordinates."""
+    ox0, oy0, ox1, oy1 = outer.unbind(-1)
+    sx = (ox1 - ox0) / canvas
+    sy = (oy1 - oy0) / canvas
+    ix0, iy0, ix1, iy1 = inner.unbind(-1)
+    return torch.stack([ox0 + ix0 * sx, oy0 + iy0 * sy, ox0 + ix1 * sx, oy0 + iy1 * sy], dim=-1)
+
+
+def crop_resize(frames: torch.Tensor, boxes: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """Cut ``boxes [M, 4]`` out of ``frames [F, C, H, W]`` (frame ``index [M]``) -> ``[M, C, size, size]``.
+
+    One ``roi_align(aligned=True)`` call; uint8 frames are read as float (values unchanged).
+    """
+    if not frames.is_floating_point():
+        frames = frames.float()
+    rois = torch.cat([index.to(frames.dtype)[:, None], boxes.to(frames.dtype)], dim=1)
+    return roi_align(frames, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+# ----------------------------------------------------------------------------- photometric
+
+
+def rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
+    """``[N, 3, H, W]`` in [0, 1] -> ``[N, 1, H, W]`` (ITU-R 601 luma, as torchvision)."""
+    w = x.new_tensor(_GRAY).view(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True)
+
+
+def _blend(x: torch.Tensor, ref: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    f = f.view(-1, 1, 1, 1)
+    return (f * x + (1.0 - f) * ref).clamp_(0.0, 1.0)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by ``shift [N]`` turns (-0.5..0.5), torchvision semantics; ``x [N, 3, H, W]`` in [0, 1]."""
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    cr_div = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    h = torch.remainder(h + shift.view(-1, 1, 1), 1.0)
+    v = maxc
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int64) % 6
+    p = (v * (1.0 - s)).clamp(0.0, 1.0)
+    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
+    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
+    mask = i.unsqueeze(1) == torch.arange(6, device=x.device).view(1, -1, 1, 1)  # [N, 6, H, W]
+    a1 = torch.stack((v, q, p, p, t, v), dim=1)
+    a2 = torch.stack((t, v, v, q, p, p), dim=1)
+    a3 = torch.stack((p, p, t, v, v, q), dim=1)
+    a4 = torch.stack((a1, a2, a3), dim=1)  # [N, 3, 6, H, W]
+    return torch.einsum("nchw,nkchw->nkhw", mask.to(x.dtype), a4)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur with one ``sigma [N]`` per image of ``x [N, C, H, W]`` (reflect padding).
+
+    The kernel spans ``+-3 max_sigma`` (capped by the image size); one grouped conv per axis.
+    """
+    n, c, hh, ww = x.shape
+    radius = max(1, min(math.ceil(3.0 * max_sigma), hh - 1, ww - 1))
+    offs = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (offs[None, :] / sigma.to(x.dtype)[:, None]) ** 2)
+    k = k / k.sum(dim=1, keepdim=True)  # [N, K]
+    k = k.repeat_interleave(c, dim=0)  # [N*C, K]
+    y = x.reshape(1, n * c, hh, ww)
+    y = F.pad(y, (radius, radius, 0, 0), mode="reflect")
+    y = F.conv2d(y, k[:, None, None, :], groups=n * c)
+    y = F.pad(y, (0, 0, radius, radius), mode="reflect")
+    y = F.conv2d(y, k[:, None, :, None], groups=n * c)
+    return y.reshape(n, c, hh, ww)
+
+
+@dataclass
+class PhotometricParams:
+    """Per-image photometric parameters (CPU tensors, moved to the images' device on use)."""
+
+    order: torch.Tensor  # [N, 4] permutation of (brightness, contrast, saturation, hue)
+    brightness: torch.Tensor  # [N] factor (1 = identity)
+    contrast: torch.Tensor  # [N]
+    saturation: torch.Tensor  # [N]
+    hue: torch.Tensor  # [N] shift in turns (0 = identity)
+    gray: torch.Tensor  # [N] bool
+    blur: torch.Tensor  # [N] bool
+    sigma: torch.Tensor  # [N]
+
+    def to(self, device: torch.device) -> "PhotometricParams":
+        return PhotometricParams(**{k: v.to(device, non_blocking=True) for k, v in vars(self).items()})
+
+    def expand(self, index: torch.Tensor) -> "PhotometricParams":
+        """Select rows (e.g. share a clip's parameters over its frames)."""
+        return PhotometricParams(**{k: v[index] for k, v in vars(self).items()})
+
+
+def sample_photometric(gen: torch.Generator, n: int, jitter_p: float, brightness: float, contrast: float,
+                       saturation: float, hue: float, grayscale_p: float, blur_p: float,
+                       blur_sigma: tuple[float, float]) -> PhotometricParams:
+    """Draw ``n`` images' photometric parameters (fixed number of draws per call)."""
+    u = torch.rand(n, 9, generator=gen)
+    order = torch.argsort(torch.rand(n, 4, generator=gen), dim=1)
+    jit = u[:, 0] < jitter_p
+    one = torch.ones(n)
+
+    def factor(col: int, amount: float) -> torch.Tensor:
+        f = 1.0 - amount + 2.0 * amount * u[:, col]
+        return torch.where(jit, f.clamp_min(0.0), one)
+
+    hue_shift = torch.where(jit, (2.0 * u[:, 4] - 1.0) * hue, torch.zeros(n))
+    sigma = blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * u[:, 7]
+    return PhotometricParams(order=order, brightness=factor(1, brightness), contrast=factor(2, contrast),
+                             saturation=factor(3, saturation), hue=hue_shift, gray=u[:, 5] < grayscale_p,
+                             blur=u[:, 6] < blur_p, sigma=sigma)
+
+
+def apply_photometric(x: torch.Tensor, p: PhotometricParams, max_sigma: float) -> torch.Tensor:
+    """Jitter (random order per image), grayscale, blur on ``x [N, 3, H, W]`` in [0, 1].
+
+    Each of the 4 jitter slots evaluates all 4 ops with the image's factor where the image's
+    permutation puts that op in that slot, and the identity factor elsewhere: batched, no
+    per-image branching.
+    """
+    for slot in range(4):
+        op = p.order[:, slot]
+        ident = torch.ones_like(p.brightness)
+        x = _blend(x, torch.zeros_like(x[:, :1]), torch.where(op == 0, p.brightness, ident))
+        mean = rgb_to_gray(x).mean(dim=(1, 2, 3), keepdim=True)
+        x = _blend(x, mean, torch.where(op == 1, p.contrast, ident))
+        x = _blend(x, rgb_to_gray(x), torch.where(op == 2, p.saturation, ident))
+        x = torch.where((op == 3).view(-1, 1, 1, 1), adjust_hue(x, torch.where(op == 3, p.hue, 0.0 * ident)), x)
+    x = torch.where(p.gray.view(-1, 1, 1, 1), rgb_to_gray(x).expand_as(x), x)
+    x = torch.where(p.blur.view(-1, 1, 1, 1), gaussian_blur(x, p.sigma, max_sigma), x)
+    return x
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """ImageNet normalisation of ``[..., 3, H, W]`` in [0, 1]."""
+    mean = x.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = x.new_tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`normalize`, clamped to [0, 1]."""
+    mean = x.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = x.new_tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x * std + mean).clamp(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- the clip augmenter
+
+
+class ClipAugment:
+    """DoRA multi-crop of uint8 clips on their own device (see the module docstring).
+
+    Args:
+        cfg: a :class:`wtours.train.video_config.CropsConfig` (or anything with its fields).
+        seed: seeds the CPU generator of all random parameters (give each rank its own).
+    """
+
+    def __init__(self, cfg: Any, seed: int = 0) -> None:
+        self.cfg = cfg
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(int(seed))
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+    def _photometric(self, n_groups: int, per_group: int, blur_p: float) -> PhotometricParams:
+        """Params for ``n_groups x per_group`` images; shared within a group in "clip" mode."""
+        c = self.cfg
+        shared = c.photometric == "clip"
+        n = n_groups if shared else n_groups * per_group
+        p = sample_photometric(self.generator, n, c.jitter_p, c.brightness, c.contrast, c.saturation, c.hue,
+                               c.grayscale_p, blur_p, tuple(c.blur_sigma))
+        if shared:
+            p = p.expand(torch.arange(n_groups).repeat_interleave(per_group))
+        return p
+
+    @torch.no_grad()
+    def __call__(self, clips: torch.Tensor) -> AugmentedViews:
+        """``clips`` uint8 ``[B, T, 3, H, W]`` -> :class:`AugmentedViews` on the same device (fp32,
+        also inside an autocast region)."""
+        if clips.dim() != 5 or clips.shape[2] != 3:
+            raise ValueError(f"expected clips [B, T, 3, H, W], got {tuple(clips.shape)}")
+        with torch.autocast(device_type=clips.device.type, enabled=False):
+            return self._augment(clips)
+
+    def _augment(self, clips: torch.Tensor) -> AugmentedViews:
+        c, g = self.cfg, self.generator
+        b, t, _, h, w = clips.shape
+        v = c.local_number
+        dev = clips.device
+        canvas = float(c.precrop_size)
+
+        # geometry (CPU, small): pre-crop + global box per clip, local boxes per frame and crop
+        pre = sample_resized_crop_boxes(g, b, h, w, tuple(c.precrop_scale), tuple(c.ratio))  # [B, 4]
+        gbox = compose_boxes(pre, sample_resized_crop_boxes(g, b, canvas, canvas, tuple(c.global_scale),
+                                                            tuple(c.ratio)), canvas)  # [B, 4]
+        flips = torch.rand(b, generator=g) < c.flip_p
+        lbox = sample_resized_crop_boxes(g, b * t * v, canvas, canvas, tuple(c.local_scale), tuple(c.ratio))
+        lbox = compose_boxes(pre[:, None, None, :], lbox.view(b, t, v, 4), canvas)  # [B, T, V, 4]
+        lflips = torch.rand(b * t * v, generator=g) < c.local_flip_p
+        pg = self._photometric(b, t, c.blur_global_p)
+        pl = self._photometric(b * v, t, c.blur_local_p)  # groups = (clip, crop) in clip mode
+        if c.photometric == "clip":  # reorder (b, v, t) -> (b, t, v)
+            pl = pl.expand(torch.arange(b * v * t).view(b, v, t).transpose(1, 2).reshape(-1))
+
+        frames = clips.reshape(b * t, 3, h, w).float()  # one conversion for both crop sizes
+        fidx = torch.arange(b * t, device=dev)
+        gb = gbox.to(dev, non_blocking=True).repeat_interleave(t, dim=0)  # [B*T, 4]
+        gv = crop_resize(frames, gb, fidx, c.global_size).div_(255.0)  # [B*T, 3, G, G]
+        flip_f = flips.to(dev, non_blocking=True).repeat_interleave(t).view(-1, 1, 1, 1)
+        gv = torch.where(flip_f, gv.flip(-1), gv)
+        gv = apply_photometric(gv, pg.to(dev), c.blur_sigma[1])
+        global_views = normalize(gv).view(b, t, 3, c.global_size, c.global_size)
+
+        if v > 0:
+            lb = lbox.to(dev, non_blocking=True).reshape(b * t * v, 4)
+            lv = crop_resize(frames, lb, fidx.repeat_interleave(v), c.local_size).div_(255.0)
+            lv = torch.where(lflips.to(dev, non_blocking=True).view(-1, 1, 1, 1), lv.flip(-1), lv)
+            lv = apply_photometric(lv, pl.to(dev), c.blur_sigma[1])
+            local_views = normalize(lv).view(b, t, v, 3, c.local_size, c.local_size)
+        else:
+            local_views = torch.zeros(b, t, 0, 3, c.local_size, c.local_size, device=dev)
+        return AugmentedViews(global_views=global_views, local_views=local_views, global_boxes=gbox,
+                              local_boxes=lbox, flips=flips)

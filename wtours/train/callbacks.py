@@ -1,0 +1,250 @@
+"""Callbacks of a pretraining run: a step progress bar (stderr), throughput, mask pictures.
+
+* :class:`StepProgressBar`: one tqdm bar over *optimizer steps* (the loader is an endless clip
+  stream, so epochs have no length to show), with the loss and clips/s, on stderr.
+* :class:`ThroughputMonitor`: clips/s, frames/s and the fraction of wall time spent waiting for
+  the loader, measured on the host between batches (no device sync of its own), logged as
+  ``perf/*`` every ``log_every`` steps.
+* :class:`MaskPictures`: every ``every`` steps, the teacher's tracked object masks on a fixed clip
+  (the first clip the run sees, kept in the checkpoint) as ``pictures/masks_step{N:06d}.png``:
+  row 1 the frames, row 2 the ``k`` objects as coloured overlays.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ProgressBar
+
+from wtours.fsutil import atomic_open, ensure_dir
+
+PALETTE = np.array([(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180),
+                    (70, 240, 240), (245, 130, 48), (240, 50, 230)], dtype=np.float32)
+
+
+class StepProgressBar(ProgressBar):
+    """tqdm over optimizer steps on stderr: ``loss``, ``clips/s`` (refreshed every ``refresh`` steps)."""
+
+    def __init__(self, refresh: int = 1, enabled: bool = True) -> None:
+        super().__init__()
+        self.refresh = max(1, refresh)
+        self._enabled = enabled
+        self.bar: Any = None
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if not (self._enabled and trainer.is_global_zero):
+            return
+        from tqdm import tqdm
+
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        self.bar = tqdm(total=total, initial=trainer.global_step, desc="pretrain", unit="step",
+                        file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.bar is None:
+            return
+        step = trainer.global_step
+        if step > self.bar.n:
+            self.bar.update(step - self.bar.n)
+            if step % self.refresh == 0 or step == trainer.max_steps:
+                m = trainer.progress_bar_metrics
+                post = {}
+                if "train/loss" in m:
+                    post["loss"] = f"{float(m['train/loss']):.4f}"
+                if "perf/clips_per_s" in m:
+                    post["clips/s"] = f"{float(m['perf/clips_per_s']):.1f}"
+                self.bar.set_postfix(post, refresh=True)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.on_train_end(trainer, pl_module)
+
+
+class ThroughputMonitor(Callback):
+    """Host-side clips/s, frames/s and data-wait fraction over windows of ``log_every`` steps."""
+
+    def __init__(self, clips_per_step: int, frames_per_clip: int, log_every: int = 10) -> None:
+        self.clips_per_step = clips_per_step
+        self.frames_per_clip = frames_per_clip
+        self.log_every = max(1, log_every)
+        self._t_end: float | None = None
+        self._t_window: float | None = None
+        self._wait = 0.0
+        self._steps = 0
+        self._last_step = -1
+        self.last: dict[str, float] = {}
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._t_end is not None:
+            self._wait += now - self._t_end
+        if self._t_window is None:
+            self._t_window = now
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        self._t_end = now
+        step = trainer.global_step
+        if step == self._last_step:
+            return  # an accumulation micro-batch
+        self._last_step = step
+        self._steps += 1
+        if self._steps >= self.log_every and self._t_window is not None:
+            dt = max(now - self._t_window, 1e-9)
+            clips = self._steps * self.clips_per_step / dt
+            self.last = {"perf/clips_per_s": clips, "perf/frames_per_s": clips * self.frames_per_clip,
+                         "perf/steps_per_s": self._steps / dt, "perf/data_wait": self._wait / dt}
+            pl_module.log("perf/clips_per_s", clips, prog_bar=True, rank_zero_only=True)
+            for k in ("perf/frames_per_s", "perf/steps_per_s", "perf/data_wait"):
+                pl_module.log(k, self.last[k], rank_zero_only=True)
+            self._steps, self._wait, self._t_window = 0, 0.0, now
+
+
+def render_masks_png(frames: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int],
+                     maps: torch.Tensor | None = None, min_size: int = 128, alpha: float = 0.55) -> bytes:
+    """PNG bytes: frames ``[T, 3, G, G]`` in [0, 1] in a row, and below them the ``k`` object
+    masks ``[T, k, N]`` (bool, ``N = gh*gw``) as coloured overlays. Masks may overlap; with the
+    tracking ``maps [T, k, N]`` a patch in several masks takes the colour of its strongest object."""
+    from PIL import Image
+
+    t, _, hh, ww = frames.shape
+    k = masks.shape[1]
+    gh, gw = grid
+    img = frames.detach().float().cpu().permute(0, 2, 3, 1).numpy() * 255.0  # [T, H, W, 3]
+    m = masks.detach().cpu().reshape(t, k, gh, gw).numpy().astype(np.float32)
+    if maps is not None:  # one object per patch: the strongest of the masks covering it
+        score = np.where(m > 0, maps.detach().float().cpu().reshape(t, k, gh, gw).numpy(), -np.inf)
+        best = score.argmax(axis=1)  # [T, gh, gw]
+        m = (np.arange(k)[None, :, None, None] == best[:, None]) & (m > 0)
+        m = m.astype(np.float32)
+    ry, rx = hh // gh, ww // gw
+    m = m.repeat(ry, axis=2).repeat(rx, axis=3)  # [T, k, gh*ry, gw*rx]
+    pad_h, pad_w = hh - m.shape[2], ww - m.shape[3]
+    m = np.pad(m, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)))
+    over = img.copy()
+    for j in range(k):  # k is tiny (objects), not a per-frame loop
+        a = (alpha * m[:, j])[..., None]
+        over = over * (1.0 - a) + PALETTE[j % len(PALETTE)] * a
+    scale = max(1, -(-min_size // hh))
+    gap = 2
+    canvas = np.full((2 * hh * scale + gap, t * (ww * scale + gap) - gap, 3), 255, dtype=np.uint8)
+    for row, data in enumerate((img, over)):
+        tiles = data.clip(0, 255).astype(np.uint8).repeat(scale, axis=1).repeat(scale, axis=2)
+        y = row * (hh * scale + gap)
+        for i in range(t):
+            x = i * (ww * scale + gap)
+            canvas[y:y + hh * scale, x:x + ww * scale] = tiles[i]
+    buf = io.BytesIO()
+    Image.fromarray(canvas).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class MaskPictures(Callback):
+    """Every ``every`` optimizer steps (and at the end): tracked masks on a fixed clip -> PNG."""
+
+    def __init__(self, out_dir: str | Path, every: int) -> None:
+        self.out_dir = Path(out_dir)
+        self.every = every
+        self.clip: torch.Tensor | None = None
+        self._last = -1
+        self.written: list[Path] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"clip": self.clip}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.clip = state_dict.get("clip")
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.clip is None:
+            self.clip = batch["clip"][0].detach().to("cpu", copy=True)
+
+    def write(self, trainer: Any, pl_module: Any) -> Path | None:
+        step = trainer.global_step
+        if self.clip is None or step == self._last or not trainer.is_global_zero:
+            return None
+        self._last = step
+        frames, masks, grid, maps = pl_module.track_clip(self.clip.to(pl_module.device))
+        path = ensure_dir(self.out_dir) / f"masks_step{step:06d}.png"
+        with atomic_open(path, "wb") as f:
+            f.write(render_masks_png(frames, masks, grid, maps))
+        self.written.append(path)
+        return path
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every > 0 and step > 0 and step % self.every == 0:
+            self.write(trainer, pl_module)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.every > 0:
+            self.write(trainer, pl_module)
+
+
+# ----------------------------------------------------------------------------- CSV metrics that survive a resume
+
+from lightning.fabric.loggers.csv_logs import _ExperimentWriter  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+
+
+class _KeepingWriter(_ExperimentWriter):
+    """Lightning's CSV writer, but an existing ``metrics.csv`` is kept (rows after
+    ``keep_until_step`` dropped: they were logged after the checkpoint being resumed)."""
+
+    def __init__(self, log_dir: str, keep_until_step: int | None) -> None:
+        self.keep_until_step = keep_until_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        import csv
+        import os
+
+        path = self.metrics_file_path
+        if not os.path.isfile(path):
+            return
+        if self.keep_until_step is None:  # a fresh run in an old directory: start over
+            os.remove(path)
+            return
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields = list(reader.fieldnames or [])
+            rows = [r for r in reader if r.get("step") not in (None, "")
+                    and None not in r.values() and int(float(r["step"])) < self.keep_until_step]
+        with atomic_open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+        self.metrics_keys = sorted(fields)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """``CSVLogger`` writing ``<save_dir>/<name>/metrics.csv`` that appends across resumes."""
+
+    def __init__(self, save_dir: str | Path, name: str, keep_until_step: int | None = None, **kw: Any) -> None:
+        super().__init__(save_dir=str(save_dir), name=name, version="", **kw)
+        self._keep_until_step = keep_until_step
+
+    @property
+    def experiment(self) -> _ExperimentWriter:  # type: ignore[override]
+        if self._experiment is None:
+            import os
+
+            os.makedirs(self.log_dir, exist_ok=True)
+            self._experiment = _KeepingWriter(self.log_dir, self._keep_until_step)
+        return self._experiment

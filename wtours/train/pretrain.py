@@ -1,0 +1,292 @@
+"""``wtours pretrain``: stage 1, DoRA video pretraining of a ViT from scratch.
+
+    wtours pretrain --video venice.mp4 --config configs/video/dora_vits16.yaml --out runs/venice
+    wtours pretrain --out runs/demo --config configs/video/tiny.yaml      # synthetic tour, CPU
+
+Writes into the run directory ``--out`` (default ``runs/<config name>``)::
+
+    config.yaml                 the resolved config (videos included)
+    stage1/last.ckpt            training checkpoint (every trainer.checkpoint_every steps + at the end; atomic)
+    stage1/metrics.csv          per-step metrics (CSV; TensorBoard events in stage1/tb/)
+    stage1/pictures/*.png       tracked object masks on a fixed clip, every log.picture_every steps
+    stage1/backbone.pt          the teacher backbone, loadable by timm (written when the run completes)
+    report.md                   summary (``wtours report RUN_DIR`` rewrites it)
+    data/synth/                 the synthetic walking tour, when no --video is given
+
+``--resume`` continues a killed run from ``stage1/last.ckpt`` (or a given checkpoint) exactly:
+weights, optimizer, schedules, teacher, centre, position in the clip stream, random streams.
+Multi-GPU / multi-node: ``--devices N --num-nodes M`` (DDP; SLURM ``srun`` and ``torchrun`` are
+detected by Lightning).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from wtours.config import load_config, to_dict, to_yaml
+from wtours.errors import ConfigError, UserError
+from wtours.fsutil import ensure_dir, write_text
+from wtours.train.video_config import VideoPretrainConfig, training_hash
+
+OOM_HINT = ("lower data.batch_size (e.g. --set data.batch_size=8, with trainer.accumulate_grad_batches=2 to keep "
+            "the batch), crops.local_number, tracking.objects or model.arch (e.g. vit_tiny_patch16_224)")
+
+
+def load_pretrain_config(config: str | None, overrides: Sequence[str], max_steps: int | None = None,
+                         videos: Sequence[str] = ()) -> VideoPretrainConfig:
+    """Defaults <- ``config`` <- ``--set`` overrides <- ``--max-steps`` <- ``--video``."""
+    ov = list(overrides or [])
+    if max_steps is not None:
+        ov.append(f"trainer.max_steps={int(max_steps)}")
+    cfg = load_config(VideoPretrainConfig, config, ov)
+    if videos:
+        cfg.videos = [str(v) for v in videos]
+    c = cfg.crops
+    for name, size in (("crops.global_size", c.global_size), ("crops.local_size", c.local_size)):
+        patch = _patch_size(cfg.model.arch)
+        if patch and size % patch:
+            raise ConfigError(f"{name}: {size} is not a multiple of the patch size {patch} of '{cfg.model.arch}'")
+    if c.local_number < 1:
+        raise ConfigError("crops.local_number: DoRA needs at least 1 local crop")
+    if cfg.loss.compat_reference and c.local_number < 2:
+        raise ConfigError("crops.local_number: loss.compat_reference needs at least 2 local crops "
+                          "(the reference skips local crop 0)")
+    return cfg
+
+
+def _patch_size(arch: str) -> int | None:
+    import re
+
+    m = re.search(r"patch(\d+)", arch)
+    return int(m.group(1)) if m else None
+
+
+def synth_videos(cfg: VideoPretrainConfig, run_dir: Path, progress: bool = True) -> list[str]:
+    """The synthetic walking tour of ``data.synth`` in ``<run>/data/synth`` (reused when it matches)."""
+    from wtours.video.synth import synthesize
+
+    s = cfg.data.synth
+    out = run_dir / "data" / "synth"
+    want = {"width": s.width, "height": s.height, "fps": s.fps, "seconds": s.seconds, "seed": s.seed}
+    meta = out / "synth.json"
+    def ready() -> bool:
+        if not (meta.is_file() and (out / "tour.mp4").is_file()):
+            return False
+        try:
+            have = json.loads(meta.read_text())["params"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return all(have.get(k) == v for k, v in want.items())
+
+    if ready():
+        return [str(out / "tour.mp4")]
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) or 0)
+    if local_rank > 0:  # torchrun / srun start all ranks at once: local rank 0 writes, the others wait
+        import time
+
+        for _ in range(1200):
+            if ready():
+                return [str(out / "tour.mp4")]
+            time.sleep(0.5)
+        raise UserError("timed out waiting for local rank 0 to write the synthetic video", path=out)
+    if progress:
+        print(f"no --video given: writing a synthetic walking tour to {out}", file=sys.stderr)
+    res = synthesize(out_dir=out, width=s.width, height=s.height, fps=s.fps, seconds=s.seconds, seed=s.seed,
+                     progress=progress)
+    return [str(res.video)]
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+    if resume is None:
+        return None
+    p = run_dir / "stage1" / "last.ckpt" if resume == "last" else Path(resume)
+    if not p.is_file():
+        raise UserError("checkpoint to resume from not found" + (" (no earlier run in --out)" if resume == "last" else ""),
+                        path=p)
+    return p
+
+
+def _precision(cfg: VideoPretrainConfig, on_gpu: bool) -> str:
+    p = cfg.trainer.precision
+    if p == "auto":
+        return "bf16-mixed" if on_gpu else "32-true"
+    return {"32": "32-true"}.get(p, p)
+
+
+def _devices(spec: Any) -> Any:
+    if spec is None:
+        return "auto"
+    s = str(spec).strip()
+    if s == "auto":
+        return "auto"
+    try:
+        n = int(s)
+    except ValueError:
+        if "," in s:
+            return [int(x) for x in s.split(",") if x.strip()]
+        raise UserError(f"--devices: expected an integer or 'auto', got {spec!r}") from None
+    if n < 1 and n != -1:
+        raise UserError(f"--devices: must be >= 1 (or -1 for all), got {n}")
+    return n
+
+
+def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | None = None,
+                 devices: Any = None, num_nodes: int | None = None, extra_callbacks: Sequence[Any] = (),
+                 progress: bool | None = None) -> dict[str, Any]:
+    """Run stage 1 into ``run_dir`` (see the module docstring). Returns a summary dict.
+
+    ``extra_callbacks`` are added to the Trainer (tests use one to simulate a kill).
+    """
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from wtours.models.backbone_io import export_backbone
+    from wtours.train.callbacks import MaskPictures, ResumableCSVLogger, StepProgressBar, ThroughputMonitor
+    from wtours.train.checkpointing import AtomicCheckpointIO, check_resume
+    from wtours.train.schedules import clips_per_step
+    from wtours.train.video_data import DataEpochCallback, VideoDataModule, make_clip_dataset
+    from wtours.train.video_module import DoRAModule
+
+    import logging
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # no "GPU available: ..." banners
+    run_dir = ensure_dir(run_dir)
+    stage = ensure_dir(run_dir / "stage1")
+    show = cfg.log.progress if progress is None else progress
+    ckpt_path = resolve_resume(resume, run_dir)
+    resumed_step = None
+    if not cfg.videos:
+        cfg.videos = synth_videos(cfg, run_dir, progress=show)
+    for v in cfg.videos:
+        if not Path(v).is_file():
+            raise UserError("video not found" if not Path(v).exists() else "not a file", path=v)
+    cfg_hash = training_hash(cfg)
+    if ckpt_path is not None:
+        resumed_step = check_resume(ckpt_path, cfg_hash, to_dict(cfg))["global_step"]
+    dataset = make_clip_dataset(cfg, cfg.videos)  # indexes the videos; too-short ones fail here
+    write_text(run_dir / "config.yaml", to_yaml(cfg))
+    on_gpu = cfg.trainer.accelerator != "cpu" and torch.cuda.is_available()
+    accelerator = cfg.trainer.accelerator if cfg.trainer.accelerator != "cuda" else "gpu"
+    dev = _devices(devices if devices is not None else cfg.trainer.devices)
+    if not on_gpu and accelerator == "auto":
+        accelerator = "cpu"
+    loggers: list[Any] = [ResumableCSVLogger(run_dir, "stage1", keep_until_step=resumed_step)]
+    if cfg.log.tensorboard:
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="stage1", version="tb",
+                                         default_hp_metric=False))
+    ckpt_cb = ModelCheckpoint(dirpath=str(stage), filename="last", every_n_train_steps=cfg.trainer.checkpoint_every,
+                              save_top_k=1, save_last=False, enable_version_counter=False, save_on_train_epoch_end=False)
+    bar = StepProgressBar(refresh=cfg.trainer.log_every, enabled=show)
+    pictures = MaskPictures(stage / "pictures", cfg.log.picture_every)
+    throughput = ThroughputMonitor(0, cfg.data.frames_per_clip, cfg.trainer.log_every)
+    data_epochs = DataEpochCallback(None)
+    callbacks = [bar, throughput, pictures, data_epochs, ckpt_cb, *extra_callbacks]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(GPU available but not used).*")
+        trainer = pl.Trainer(
+            accelerator=accelerator, devices=dev, num_nodes=num_nodes or cfg.trainer.num_nodes,
+            precision=_precision(cfg, on_gpu), max_epochs=-1, max_steps=1, callbacks=callbacks,
+            accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, log_every_n_steps=cfg.trainer.log_every,
+            logger=loggers, plugins=[AtomicCheckpointIO()], limit_val_batches=0, num_sanity_val_steps=0,
+            enable_model_summary=False, default_root_dir=str(run_dir), deterministic=cfg.trainer.deterministic or None,
+            benchmark=on_gpu or None)
+    # the world size is known once the Trainer resolved devices and nodes
+    world = trainer.world_size
+    module = DoRAModule(cfg)
+    sched = module.ensure_schedules(world)
+    trainer.fit_loop.epoch_loop.max_steps = sched.total_steps
+    dm = VideoDataModule(cfg, dataset, world)
+    data_epochs.dm = dm
+    throughput.clips_per_step = clips_per_step(cfg, world)
+
+    if trainer.is_global_zero and show:
+        print(f"pretrain: {cfg.model.arch}, {sched.total_steps} steps ({sched.steps_per_epoch}/epoch), "
+              f"{clips_per_step(cfg, world)} clips/step x {cfg.data.frames_per_clip} frames on {world} "
+              f"{'GPU' if on_gpu else 'CPU'} rank(s), peak lr {sched.peak_lr:.3g}, precision "
+              f"{trainer.precision}" + (f"; resuming at step {resumed_step}" if resumed_step is not None else ""),
+              file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(does not have many workers|is not resumable|LeafSpec"
+                                "|exists and is not empty|checkpoint, but the dataloader|IterableDataset).*")
+        try:
+            trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        except SystemExit as e:  # Lightning's graceful Ctrl-C ends in sys.exit(1)
+            if trainer.interrupted:
+                raise KeyboardInterrupt from e
+            raise
+    if trainer.interrupted or trainer.global_step < sched.total_steps:
+        raise KeyboardInterrupt
+    summary: dict[str, Any] = {"steps": trainer.global_step, "run_dir": str(run_dir)}
+    trainer.save_checkpoint(str(stage / "last.ckpt"))
+    if trainer.is_global_zero:
+        meta = {"stage": "dora", "steps": trainer.global_step, "config_hash": cfg_hash,
+                "videos": [str(v) for v in cfg.videos], "arch": cfg.model.arch,
+                "clips_seen": trainer.global_step * clips_per_step(cfg, world)}
+        export_backbone(module.teacher.backbone.vit, cfg.model.arch, stage / "backbone.pt", meta)
+        summary["backbone"] = str(stage / "backbone.pt")
+        for lg in loggers:
+            lg.save()
+        first, last = loss_endpoints(stage / "metrics.csv")
+        summary.update(first_loss=first, last_loss=last, pictures=[str(p) for p in pictures.written])
+        from wtours.report import write_report
+
+        summary["report"] = str(write_report(run_dir))
+    return summary
+
+
+def loss_endpoints(metrics_csv: str | Path) -> tuple[float | None, float | None]:
+    """First and last logged ``train/loss`` of a run (None when none was logged)."""
+    vals = []
+    try:
+        with open(metrics_csv, newline="") as f:
+            for row in csv.DictReader(f):
+                v = row.get("train/loss")
+                if v not in (None, ""):
+                    vals.append((int(float(row.get("step") or 0)), float(v)))
+    except OSError:
+        return None, None
+    if not vals:
+        return None, None
+    vals.sort()
+    return vals[0][1], vals[-1][1]
+
+
+def cli_main(args: Any) -> int:
+    cfg = load_pretrain_config(args.config, args.overrides, args.max_steps, args.video)
+    run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
+    import torch
+
+    try:
+        summary = run_pretrain(cfg, run_dir, resume=args.resume, devices=args.devices, num_nodes=args.num_nodes)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"CUDA out of memory (data.batch_size={cfg.data.batch_size}, crops.local_number="
+                        f"{cfg.crops.local_number}, tracking.objects={cfg.tracking.objects}, model.arch="
+                        f"{cfg.model.arch}): {OOM_HINT}") from None
+    except KeyboardInterrupt:
+        last = run_dir / "stage1" / "last.ckpt"
+        hint = f"; continue with --resume (checkpoint: {last})" if last.is_file() else ""
+        print(f"wtours pretrain: stopped before the end{hint}", file=sys.stderr)
+        raise
+    first, last_loss = summary.get("first_loss"), summary.get("last_loss")
+    if first is not None and last_loss is not None and math.isfinite(first):
+        print(f"loss: first {first:.4f} -> last {last_loss:.4f} after {summary['steps']} steps")
+    if summary.get("backbone"):
+        print(f"backbone: {summary['backbone']}")
+        print(f"report: {summary['report']}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from wtours.cli import main
+
+    sys.exit(main(["pretrain", *sys.argv[1:]]))

@@ -1,0 +1,76 @@
+"""Per-optimizer-step schedules of a DoRA run (DINO style): lr, weight decay, teacher momentum,
+teacher temperature, plus the run length they are built for.
+
+All are plain float64 tensors indexed by ``trainer.global_step`` (clamped to the last value), so
+a resumed run picks up exactly where it stopped: nothing here has state of its own.
+
+    s = build_schedules(cfg, steps_per_epoch=32, world_size=1)
+    s.lr[step], s.wd[step], s.momentum[step], s.teacher_temp[step]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from wtours.models.ema import cosine_schedule
+from wtours.train.video_config import VideoPretrainConfig
+
+
+@dataclass
+class Schedules:
+    """Schedules of length ``total_steps`` (see the module docstring)."""
+
+    total_steps: int
+    steps_per_epoch: int
+    peak_lr: float
+    freeze_last_layer_steps: int
+    lr: torch.Tensor
+    wd: torch.Tensor
+    momentum: torch.Tensor
+    teacher_temp: torch.Tensor
+
+    def at(self, step: int) -> dict[str, float]:
+        """The four values at optimizer step ``step`` (clamped into the schedule)."""
+        i = min(max(int(step), 0), self.total_steps - 1)
+        return {"lr": float(self.lr[i]), "wd": float(self.wd[i]), "momentum": float(self.momentum[i]),
+                "teacher_temp": float(self.teacher_temp[i])}
+
+
+def clips_per_step(cfg: VideoPretrainConfig, world_size: int) -> int:
+    """Clips that make one optimizer step, over all ranks and accumulated micro-batches."""
+    return cfg.data.batch_size * world_size * cfg.trainer.accumulate_grad_batches
+
+
+def steps_per_epoch(cfg: VideoPretrainConfig, world_size: int) -> int:
+    """Optimizer steps per epoch (an epoch is ``data.clips_per_epoch`` clips; at least 1)."""
+    return max(1, cfg.data.clips_per_epoch // clips_per_step(cfg, world_size))
+
+
+def teacher_temp_schedule(warmup: float, final: float, warmup_steps: int, total_steps: int) -> torch.Tensor:
+    """Linear ``warmup -> final`` over ``warmup_steps``, then constant (DINO's teacher temperature)."""
+    warmup_steps = min(warmup_steps, total_steps)
+    return torch.cat([torch.linspace(warmup, final, warmup_steps, dtype=torch.float64),
+                      torch.full((total_steps - warmup_steps,), final, dtype=torch.float64)])
+
+
+def build_schedules(cfg: VideoPretrainConfig, steps_per_epoch_: int, world_size: int) -> Schedules:
+    """Schedules for a run of ``trainer.max_steps`` steps (default ``epochs x steps_per_epoch``).
+
+    ``peak lr = optim.lr x clips per step / optim.lr_batch_reference`` (clips, not frames).
+    Warm-ups given in epochs are converted with ``steps_per_epoch_`` and capped by the run length.
+    """
+    o, t = cfg.optim, cfg.trainer
+    total = t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch_))
+    peak = o.lr * clips_per_step(cfg, world_size) / o.lr_batch_reference
+    warm = min(total, round(o.warmup_epochs * steps_per_epoch_))
+    lr = cosine_schedule(peak, o.min_lr, total, warmup_steps=warm)
+    wd = cosine_schedule(o.weight_decay, o.weight_decay_end, total)
+    mom = cosine_schedule(o.momentum_teacher, 1.0, total)
+    ttemp_warm = round(cfg.loss.warmup_teacher_temp_epochs * steps_per_epoch_)
+    temp = teacher_temp_schedule(cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp, ttemp_warm, total)
+    freeze = round(o.freeze_last_layer_epochs * steps_per_epoch_)
+    return Schedules(total_steps=total, steps_per_epoch=steps_per_epoch_, peak_lr=peak,
+                     freeze_last_layer_steps=freeze, lr=lr, wd=wd, momentum=mom, teacher_temp=temp)

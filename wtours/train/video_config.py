@@ -1,0 +1,279 @@
+"""Stage-1 (DoRA video pretraining) config: a tree of dataclasses loaded by :mod:`wtours.config`.
+
+Defaults follow the DoRA reference recipe (``shared/reference/dora.md`` §4): ViT-S/16 from
+scratch, 65,536 prototypes, 1 global 224 + 6 local 112 crops per frame, 8 frames 60 apart,
+k = 3 tracked objects, AdamW 5e-4 x clips/256, cosine schedules. Presets live in
+``configs/video/`` (``dora_vits16.yaml`` for GPUs, ``tiny.yaml`` for a CPU demo)::
+
+    cfg = load_config(VideoPretrainConfig, "configs/video/tiny.yaml", ["optim.lr=1e-3"])
+
+Lengths are given in optimizer steps where a run is cut (``trainer.max_steps``) and in epochs
+for the recipe's schedule shapes (warm-ups, frozen last layer); an epoch is
+``data.clips_per_epoch`` clips, so ``steps_per_epoch = clips_per_epoch // (batch x world x accumulate)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+def _check_range(name: str, pair: tuple[float, float], lo: float, hi: float) -> None:
+    a, b = pair
+    if not (lo <= a <= b <= hi):
+        raise ValueError(f"{name}: expected {lo} <= min <= max <= {hi}, got {list(pair)}")
+
+
+def _check_prob(name: str, p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name}: a probability must lie in [0, 1], got {p}")
+
+
+@dataclass
+class SynthConfig:
+    """The synthetic walking tour used when no ``--video`` is given."""
+
+    width: int = 640
+    height: int = 360
+    fps: float = 30.0
+    seconds: float = 10.0
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Clip sampling (``wtours.video.clips.ClipDataset``) and the CPU loader."""
+
+    frames_per_clip: int = 8
+    stride: float = 60
+    stride_unit: Literal["frames", "seconds"] = "frames"
+    short_side: int = 360
+    aspect: float = 16 / 9
+    clips_per_epoch: int = 8192
+    batch_size: int = 16
+    num_workers: int = 8
+    backend: str = "pyav"
+    prefetch_factor: int = 2
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+    def validate(self) -> None:
+        if self.frames_per_clip < 1:
+            raise ValueError(f"frames_per_clip: must be >= 1, got {self.frames_per_clip}")
+        if self.stride <= 0:
+            raise ValueError(f"stride: must be positive, got {self.stride}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
+        if self.short_side < 16:
+            raise ValueError(f"short_side: must be >= 16, got {self.short_side}")
+        if self.clips_per_epoch < self.batch_size:
+            raise ValueError(f"clips_per_epoch ({self.clips_per_epoch}) must be >= batch_size ({self.batch_size})")
+
+
+@dataclass
+class CropsConfig:
+    """GPU multi-crop (``wtours.augment.ClipAugment``); sizes in pixels, scales as area fractions."""
+
+    precrop_size: int = 300
+    precrop_scale: tuple[float, float] = (0.2, 1.0)
+    global_size: int = 224
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_number: int = 6
+    local_size: int = 112
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    local_flip_p: float = 0.0
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_global_p: float = 0.1
+    blur_local_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    photometric: Literal["frame", "clip"] = "frame"
+
+    def validate(self) -> None:
+        for name in ("precrop_size", "global_size", "local_size"):
+            if getattr(self, name) < 8:
+                raise ValueError(f"{name}: must be >= 8 pixels, got {getattr(self, name)}")
+        if self.local_number < 0:
+            raise ValueError(f"local_number: must be >= 0, got {self.local_number}")
+        for name in ("precrop_scale", "global_scale", "local_scale"):
+            _check_range(name, getattr(self, name), 1e-4, 1.0)
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio: expected 0 < min <= max, got {list(self.ratio)}")
+        for name in ("flip_p", "local_flip_p", "jitter_p", "grayscale_p", "blur_global_p", "blur_local_p"):
+            _check_prob(name, getattr(self, name))
+        if not 0 <= self.hue <= 0.5:
+            raise ValueError(f"hue: must lie in [0, 0.5], got {self.hue}")
+        if self.blur_sigma[0] <= 0 or self.blur_sigma[0] > self.blur_sigma[1]:
+            raise ValueError(f"blur_sigma: expected 0 < min <= max, got {list(self.blur_sigma)}")
+
+
+@dataclass
+class ModelConfig:
+    """Backbone (timm name, random init) and the DINO projection head."""
+
+    arch: str = "vit_small_patch16_224"
+    drop_path_rate: float = 0.1
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    head_layers: int = 3
+    norm_last_layer: bool = False
+
+    def validate(self) -> None:
+        if self.out_dim < 2:
+            raise ValueError(f"out_dim: must be >= 2, got {self.out_dim}")
+        if not 0 <= self.drop_path_rate < 1:
+            raise ValueError(f"drop_path_rate: must lie in [0, 1), got {self.drop_path_rate}")
+        if self.head_layers < 1:
+            raise ValueError(f"head_layers: must be >= 1, got {self.head_layers}")
+
+
+@dataclass
+class TrackingConfig:
+    """Multi-object discovery on frame 0 and tracking into every frame (dora.md §3)."""
+
+    objects: int = 3
+    per_sample_heads: bool = False
+    sinkhorn_eps: float = 0.05
+    sinkhorn_iters: int = 30
+    threshold: Literal["batch", "sample"] = "batch"
+
+    def validate(self) -> None:
+        if self.objects < 1:
+            raise ValueError(f"objects: must be >= 1, got {self.objects}")
+        if self.sinkhorn_eps <= 0 or self.sinkhorn_iters < 1:
+            raise ValueError("sinkhorn_eps must be > 0 and sinkhorn_iters >= 1")
+
+
+@dataclass
+class LossConfig:
+    """DINO cross-entropy with centring; teacher temperature warms up linearly."""
+
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 30
+    center_momentum: float = 0.9
+    compat_reference: bool = False
+
+    def validate(self) -> None:
+        for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        _check_prob("center_momentum", self.center_momentum)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with per-step cosine schedules (DINO style)."""
+
+    lr: float = 5e-4
+    lr_batch_reference: int = 256
+    min_lr: float = 1e-5
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum_teacher: float = 0.996
+    clip_grad: float = 3.0
+    freeze_last_layer_epochs: float = 1
+
+    def validate(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0:
+            raise ValueError("lr must be > 0 and min_lr >= 0")
+        if self.lr_batch_reference < 1:
+            raise ValueError(f"lr_batch_reference: must be >= 1, got {self.lr_batch_reference}")
+        if not 0 <= self.momentum_teacher <= 1:
+            raise ValueError(f"momentum_teacher: must lie in [0, 1], got {self.momentum_teacher}")
+        if self.clip_grad < 0:
+            raise ValueError(f"clip_grad: must be >= 0 (0 turns clipping off), got {self.clip_grad}")
+
+
+@dataclass
+class TrainerConfig:
+    """Run length, precision, devices, checkpoints."""
+
+    epochs: float = 100
+    max_steps: Optional[int] = None
+    accumulate_grad_batches: int = 1
+    # auto: bf16-mixed on CUDA, 32-true on CPU; 16-mixed (GradScaler) for GPUs without bf16 (V100)
+    precision: Literal["auto", "bf16-mixed", "16-mixed", "32", "32-true"] = "auto"
+    compile: bool = False
+    devices: str = "auto"
+    num_nodes: int = 1
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    deterministic: bool = False
+
+    def validate(self) -> None:
+        if self.epochs <= 0:
+            raise ValueError(f"epochs: must be positive, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps: must be >= 1, got {self.max_steps}")
+        if self.accumulate_grad_batches < 1:
+            raise ValueError(f"accumulate_grad_batches: must be >= 1, got {self.accumulate_grad_batches}")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("checkpoint_every and log_every must be >= 1")
+        if self.num_nodes < 1:
+            raise ValueError(f"num_nodes: must be >= 1, got {self.num_nodes}")
+
+
+@dataclass
+class LogConfig:
+    """Pictures, progress bar and loggers."""
+
+    picture_every: int = 500
+    progress: bool = True
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        if self.picture_every < 0:
+            raise ValueError(f"picture_every: must be >= 0 (0 turns pictures off), got {self.picture_every}")
+
+
+@dataclass
+class VideoPretrainConfig:
+    """Everything ``wtours pretrain`` needs besides the videos (given on the command line)."""
+
+    name: str = "dora"
+    seed: int = 0
+    videos: list[str] = field(default_factory=list)
+    data: DataConfig = field(default_factory=DataConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def training_view(d: dict) -> dict:
+    """The part of a config dict (:func:`wtours.config.to_dict`) that a resumed run must share with
+    its checkpoint: everything except logging, devices, loader parallelism and checkpoint cadence."""
+    d = dict(d)
+    d.pop("name", None)
+    d.pop("log", None)
+    d["trainer"] = {k: v for k, v in d.get("trainer", {}).items()
+                    if k in ("accumulate_grad_batches", "precision", "epochs", "max_steps")}
+    d["data"] = {k: v for k, v in d.get("data", {}).items() if k not in ("num_workers", "prefetch_factor")}
+    return d
+
+
+def training_hash(cfg: VideoPretrainConfig) -> str:
+    """Hash of :func:`training_view` of ``cfg`` (stored in checkpoints, compared on resume)."""
+    import hashlib
+    import json
+
+    from wtours.config import to_dict
+
+    blob = json.dumps(training_view(to_dict(cfg)), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,88 @@
+"""Stage-1 data: a LightningDataModule over :class:`wtours.video.clips.ClipDataset`.
+
+CPU DataLoader workers only decode and resize (uint8 clips ``[B, T, 3, H, W]``); all augmentation
+runs batched on the device (:mod:`wtours.augment`). The dataset shards itself over ranks and
+workers (Lightning injects no sampler into an ``IterableDataset``), every rank gets exactly
+``batches_per_epoch`` full batches (so DDP never waits on a rank with fewer), and the position in
+the clip stream is a function of ``trainer.global_step``:
+
+    consumed micro-batches = global_step x accumulate_grad_batches
+    data epoch             = consumed // batches_per_epoch
+    first sample to load   = (consumed % batches_per_epoch) x batch_size      (per rank)
+
+:meth:`VideoDataModule.train_dataloader` applies it when the loader is (re)built, which Lightning
+does after restoring a checkpoint, and :class:`DataEpochCallback` moves to the next data epoch at
+every epoch start. ``set_epoch``/``set_start`` live in shared memory, so persistent workers follow.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+
+from wtours.train.schedules import steps_per_epoch
+from wtours.train.video_config import VideoPretrainConfig
+
+
+def make_clip_dataset(cfg: VideoPretrainConfig, videos: Sequence[str], world: int = 1) -> Any:
+    """The run's :class:`ClipDataset` (indexes the videos; a too-short video raises ``VideoError``)."""
+    from wtours.video.clips import ClipDataset
+
+    d = cfg.data
+    bpe = batches_per_epoch(cfg, world)
+    return ClipDataset(list(videos), frames_per_clip=d.frames_per_clip, stride=d.stride, stride_unit=d.stride_unit,
+                       short_side=d.short_side, aspect=d.aspect, clips_per_epoch=bpe * d.batch_size * world,
+                       seed=cfg.seed, backend=d.backend, batch_size=d.batch_size)
+
+
+def batches_per_epoch(cfg: VideoPretrainConfig, world: int) -> int:
+    """Micro-batches per rank and epoch (a multiple of ``accumulate_grad_batches``)."""
+    return steps_per_epoch(cfg, world) * cfg.trainer.accumulate_grad_batches
+
+
+class VideoDataModule(pl.LightningDataModule):
+    """Clips of the run's videos for ``world`` ranks (see the module docstring)."""
+
+    def __init__(self, cfg: VideoPretrainConfig, dataset: Any, world: int = 1) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.dataset = dataset
+        self.world = world
+        self.bpe = batches_per_epoch(cfg, world)
+        self.dataset.clips_per_epoch = self.bpe * cfg.data.batch_size * world
+
+    def position(self, global_step: int) -> tuple[int, int]:
+        """``(data epoch, first sample of this rank's epoch)`` after ``global_step`` optimizer steps."""
+        consumed = int(global_step) * self.cfg.trainer.accumulate_grad_batches
+        epoch, within = divmod(consumed, self.bpe)
+        return epoch, within * self.cfg.data.batch_size
+
+    def seek(self, global_step: int) -> None:
+        epoch, start = self.position(global_step)
+        self.dataset.set_epoch(epoch)
+        self.dataset.set_start(start)
+
+    def train_dataloader(self) -> DataLoader:
+        step = self.trainer.global_step if self.trainer is not None else 0
+        self.seek(step)
+        d = self.cfg.data
+        workers = d.num_workers
+        return DataLoader(self.dataset, batch_size=d.batch_size, num_workers=workers, drop_last=True,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                          prefetch_factor=d.prefetch_factor if workers > 0 else None)
+
+
+class DataEpochCallback(Callback):
+    """At each epoch start, point the dataset at the data epoch implied by ``global_step``."""
+
+    def __init__(self, dm: VideoDataModule) -> None:
+        self.dm = dm
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        epoch, _ = self.dm.position(trainer.global_step)
+        if epoch != self.dm.dataset.epoch:
+            self.dm.dataset.set_epoch(epoch)
