@@ -67,6 +67,29 @@ def test_cli_run_writes_artefacts_and_a_timm_loadable_backbone(tmp_path, video, 
     assert "stage1" in (out / "report.md").read_text()
 
 
+def test_rerunning_into_a_run_directory_continues_it_and_fresh_starts_over(tmp_path, video, capsys):
+    out = tmp_path / "run"
+    args = ["pretrain", "--video", video, "--out", str(out), *sum((["--set", s] for s in MICRO), [])]
+    assert main(args) == 0
+    sd, _ = _weights(out)
+    capsys.readouterr()
+    # the same command again continues the (finished) run: nothing retrained, history kept, re-exported
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "holds a run: continuing it" in captured.err and "after 4 steps" in captured.out
+    sd_again, step = _weights(out)
+    assert step == 4 and all(torch.equal(sd[k], sd_again[k]) for k in sd)
+    rows = [int(r["step"]) for r in csv.DictReader(open(out / "stage1" / "metrics.csv")) if r.get("train/loss")]
+    assert rows == [0, 1, 2, 3]
+    # another schedule is another run: refused with the way out named; --fresh starts over
+    assert main([*args, "--max-steps", "2"]) == 2
+    assert "trainer.max_steps: 4 -> 2" in capsys.readouterr().err
+    assert main([*args, "--max-steps", "2", "--fresh"]) == 0
+    assert _weights(out)[1] == 2
+    assert main([*args, "--fresh", "--resume"]) == 2
+    assert "contradict" in capsys.readouterr().err
+
+
 class _Kill(RuntimeError):
     pass
 

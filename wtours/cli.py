@@ -103,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", nargs="?", const="last", metavar="CKPT",
-                   help="continue a run: a checkpoint path, or 'last' in --out (the default when given bare)")
+                   help="continue a run: a checkpoint path, or 'last' in --out (the default when given bare); "
+                        "a run directory that holds stage1/last.ckpt is continued anyway unless --fresh")
+    p.add_argument("--fresh", action="store_true",
+                   help="start from scratch even if --out holds a run (its checkpoints and metrics are replaced)")
     p.add_argument("--devices", default=None, help="GPUs per node (int or 'auto')")
     p.add_argument("--num-nodes", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None, help="shortcut for --set trainer.max_steps=N")

@@ -74,5 +74,5 @@ def check_resume(path: str | Path, config_hash: str, config: dict[str, Any]) -> 
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
         more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
         raise UserError(f"checkpoint was written with another config ({detail or 'hash differs'}{more}); "
-                        "resume with the same config, or start a new run with another --out", path=path)
+                        "resume with the same config, or start over with --fresh or another --out", path=path)
     return meta

@@ -266,8 +266,17 @@ def cli_main(args: Any) -> int:
     run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
     import torch
 
+    resume = args.resume
+    if getattr(args, "fresh", False):
+        if resume is not None:
+            raise UserError("--fresh and --resume contradict each other")
+    elif resume is None and (run_dir / "stage1" / "last.ckpt").is_file():
+        # auto-resume (as DINOv2 and solo-learn do): re-running a command continues its run, and a finished
+        # run only re-exports; --fresh starts over
+        print(f"wtours pretrain: {run_dir} holds a run: continuing it (--fresh starts over)", file=sys.stderr)
+        resume = "last"
     try:
-        summary = run_pretrain(cfg, run_dir, resume=args.resume, devices=args.devices, num_nodes=args.num_nodes)
+        summary = run_pretrain(cfg, run_dir, resume=resume, devices=args.devices, num_nodes=args.num_nodes)
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"CUDA out of memory (data.batch_size={cfg.data.batch_size}, crops.local_number="
                         f"{cfg.crops.local_number}, tracking.objects={cfg.tracking.objects}, model.arch="
