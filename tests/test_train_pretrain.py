@@ -60,6 +60,11 @@ def test_cli_run_writes_artefacts_and_a_timm_loadable_backbone(tmp_path, video, 
     rows = list(csv.DictReader(open(out / "stage1" / "metrics.csv")))
     steps_with_loss = [int(r["step"]) for r in rows if r.get("train/loss")]
     assert steps_with_loss == [0, 1, 2, 3]
+    assert "student-teacher KL" in printed
+    for r in rows:  # the logged KL is the cross-entropy minus the teacher's entropy
+        if r.get("train/kl"):
+            kl, ce, ent = float(r["train/kl"]), float(r["train/loss"]), float(r["train/teacher_entropy"])
+            assert kl == pytest.approx(ce - ent, abs=1e-4) and kl > -1e-4
     from PIL import Image
 
     im = Image.open(out / "stage1" / "pictures" / "masks_step000004.png")

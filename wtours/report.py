@@ -96,10 +96,11 @@ def _stage_section(run: Path, stage: str, lines: list[str]) -> None:
         lines.append(f"- ![loss]({png.relative_to(run).as_posix()})")
     for key, label in (("perf/clips_per_s", "clips/s"), ("perf/frames_per_s", "frames/s"),
                        ("perf/data_wait", "data-wait fraction"), ("train/mask_coverage", "mask coverage"),
-                       ("train/teacher_entropy", "teacher target entropy (nats; log C = uniform collapse)")):
+                       ("train/teacher_entropy", "teacher target entropy (nats; log C = uniform collapse)"),
+                       ("train/kl", "student-teacher KL (loss minus teacher entropy)")):
         if key in m:
             vals = [v for _, v in m[key]]
-            lines.append(f"- {label}: last {vals[-1]:.4g}, mean {sum(vals) / len(vals):.4g}")
+            lines.append(f"- {label}: first {vals[0]:.4g}, last {vals[-1]:.4g}, mean {sum(vals) / len(vals):.4g}")
     bb = sdir / "backbone.pt"
     if bb.is_file():
         meta = {}

@@ -244,13 +244,13 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
     return summary
 
 
-def loss_endpoints(metrics_csv: str | Path) -> tuple[float | None, float | None]:
-    """First and last logged ``train/loss`` of a run (None when none was logged)."""
+def loss_endpoints(metrics_csv: str | Path, key: str = "train/loss") -> tuple[float | None, float | None]:
+    """First and last logged ``key`` of a run (None when none was logged)."""
     vals = []
     try:
         with open(metrics_csv, newline="") as f:
             for row in csv.DictReader(f):
-                v = row.get("train/loss")
+                v = row.get(key)
                 if v not in (None, ""):
                     vals.append((int(float(row.get("step") or 0)), float(v)))
     except OSError:
@@ -288,7 +288,9 @@ def cli_main(args: Any) -> int:
         raise
     first, last_loss = summary.get("first_loss"), summary.get("last_loss")
     if first is not None and last_loss is not None and math.isfinite(first):
-        print(f"loss: first {first:.4f} -> last {last_loss:.4f} after {summary['steps']} steps")
+        kl = loss_endpoints(run_dir / "stage1" / "metrics.csv", "train/kl")
+        kl_txt = f"; student-teacher KL {kl[0]:.4f} -> {kl[1]:.4f}" if None not in kl else ""
+        print(f"loss: first {first:.4f} -> last {last_loss:.4f} after {summary['steps']} steps{kl_txt}")
     if summary.get("backbone"):
         print(f"backbone: {summary['backbone']}")
         print(f"report: {summary['report']}")

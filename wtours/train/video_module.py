@@ -204,6 +204,9 @@ class DoRAModule(pl.LightningModule):
         loss, stats = self.forward_step(batch["clip"], s["teacher_temp"])
         bs = batch["clip"].shape[0]
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        # cross-entropy = teacher entropy + KL(teacher || student): the KL is the part the student controls;
+        # on small data the teacher's entropy can rise (centring outweighs sharpening) while the KL falls
+        self.log("train/kl", loss.detach() - stats["teacher_entropy"], batch_size=bs)
         for key in ("mask_coverage", "teacher_entropy", "teacher_batch_entropy"):
             self.log(f"train/{key}", stats[key], batch_size=bs)
         for key in ("lr", "wd", "momentum", "teacher_temp"):
