@@ -179,3 +179,17 @@ def test_cuda_out_of_memory_names_the_settings_to_lower(tmp_path, video, monkeyp
     assert rc == 2 and len(err) == 1
     assert "CUDA out of memory" in err[0] and "data.batch_size=16" in err[0] and "crops.local_number" in err[0]
     assert "model.arch" in err[0]
+
+
+def test_ddp_on_two_cpu_processes(tmp_path, video):
+    """DDP (gloo, 2 ranks) runs end to end: each rank trains on its own shard, rank 0 exports."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "wtours.cli", "pretrain", "--video", video, "--out", str(out), "--devices", "2",
+           *sum((["--set", s] for s in MICRO), []), "--set", "trainer.accelerator=cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = torch.load(out / "stage1" / "backbone.pt", map_location="cpu", weights_only=False)["meta"]
+    assert meta["steps"] == 4 and meta["clips_seen"] == 4 * 2 * 2  # steps x world x batch
