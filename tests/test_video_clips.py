@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from conftest import read_barcode
 from wtours.errors import VideoError
-from wtours.video.clips import ClipDataset, clip_span_frames
+from wtours.video.clips import ClipDataset, clip_span_frames, worker_context
 from wtours.video.index import index_video
 
 
@@ -58,7 +58,8 @@ def test_shards_do_not_overlap_across_ranks_and_workers(test_videos):
     for rank in range(2):
         ds = ClipDataset(v, frames_per_clip=2, stride=2, short_side=24, clips_per_epoch=41, rank=rank,
                          world_size=2, batch_size=3)
-        items = [x for b in DataLoader(ds, batch_size=3, num_workers=2) for x in _unbatch(b)]
+        dl = DataLoader(ds, batch_size=3, num_workers=2, multiprocessing_context=worker_context(2))
+        items = [x for b in dl for x in _unbatch(b)]
         per_rank.append(len(items))
         assert [it["sample"] for it in items] == list(range(21))  # delivered in sample order
         seen += [(it["video"], it["start"]) for it in items]
@@ -88,8 +89,9 @@ def test_set_start_skips_exactly(test_videos):
 def test_set_start_with_workers_resumes_the_same_stream(test_videos):
     ds = ClipDataset([test_videos("h264")], frames_per_clip=2, stride=4, short_side=24, clips_per_epoch=24,
                      batch_size=4)
-    order = lambda: [(x["sample"], x["start"]) for b in DataLoader(ds, batch_size=4, num_workers=2)  # noqa: E731
-                     for x in _unbatch(b)]
+    ctx = worker_context(2)
+    order = lambda: [(x["sample"], x["start"])  # noqa: E731
+                     for b in DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context=ctx) for x in _unbatch(b)]
     full = order()
     assert [s for s, _ in full] == list(range(24))
     ds.set_start(12)  # 3 batches done: resumes at a batch boundary that is not a worker boundary

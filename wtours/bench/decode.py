@@ -142,7 +142,7 @@ def bench_backend(video: str, backend: str, short_side: int, clips: int, workers
     import torch
     from torch.utils.data import DataLoader
 
-    from wtours.video.clips import ClipDataset
+    from wtours.video.clips import ClipDataset, worker_context
 
     row: dict = {"backend": backend}
     try:
@@ -151,7 +151,8 @@ def bench_backend(video: str, backend: str, short_side: int, clips: int, workers
     except UserError as e:
         row["error"] = str(e)
         return row
-    dl = DataLoader(ds, batch_size=1, num_workers=workers, persistent_workers=False)
+    dl = DataLoader(ds, batch_size=1, num_workers=workers, persistent_workers=False,
+                    multiprocessing_context=worker_context(workers))
     delivered = 0
     with _PeakRSS() as mem:
         t0 = time.perf_counter()

@@ -56,12 +56,14 @@ def bench_loader(cfg: Any, videos: list[str], batches: int) -> dict[str, float]:
     from torch.utils.data import DataLoader
 
     from wtours.train.video_data import make_clip_dataset
+    from wtours.video.clips import worker_context
 
     ds = make_clip_dataset(cfg, videos)
     ds.clips_per_epoch = max(ds.clips_per_epoch, (batches + 1) * cfg.data.batch_size)
     w = cfg.data.num_workers
     dl = DataLoader(ds, batch_size=cfg.data.batch_size, num_workers=w, drop_last=True,
-                    prefetch_factor=cfg.data.prefetch_factor if w > 0 else None)
+                    prefetch_factor=cfg.data.prefetch_factor if w > 0 else None,
+                    multiprocessing_context=worker_context(w))
     it = iter(dl)
     next(it)
     t0 = time.perf_counter()

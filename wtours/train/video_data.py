@@ -69,11 +69,14 @@ class VideoDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         step = self.trainer.global_step if self.trainer is not None else 0
         self.seek(step)
+        from wtours.video.clips import worker_context
+
         d = self.cfg.data
         workers = d.num_workers
         return DataLoader(self.dataset, batch_size=d.batch_size, num_workers=workers, drop_last=True,
                           pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-                          prefetch_factor=d.prefetch_factor if workers > 0 else None)
+                          prefetch_factor=d.prefetch_factor if workers > 0 else None,
+                          multiprocessing_context=worker_context(workers))
 
 
 class DataEpochCallback(Callback):

@@ -90,6 +90,17 @@ def clip_span_frames(video_index: VideoIndex, frames_per_clip: int, stride: floa
     return (int(frames_per_clip) - 1) * stride_frames(video_index, stride, stride_unit) + 1
 
 
+# DataLoader workers are started from a clean fork server, not forked from the training process:
+# a process that has decoded video holds FFmpeg (and OpenMP) threads, and a plain fork of it can
+# deadlock or crash in the child. The dataset is picklable, so this costs one import per worker.
+WORKER_CONTEXT = "forkserver"
+
+
+def worker_context(num_workers: int) -> str | None:
+    """``multiprocessing_context`` for a ``DataLoader`` over a :class:`ClipDataset`."""
+    return WORKER_CONTEXT if num_workers > 0 else None
+
+
 def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])
 
