@@ -19,14 +19,11 @@ REFERENCE = {
 }
 
 
-def palette(n: int = 256) -> np.ndarray:
-    """The DAVIS / PASCAL VOC colour map [n, 3] uint8 (label 0 black)."""
-    ids = np.arange(n)
-    out = np.zeros((n, 3), dtype=np.int64)
-    for j in range(8):
-        for ch in range(3):
-            out[:, ch] |= ((ids >> (3 * j + ch)) & 1) << (7 - j)
-    return out.astype(np.uint8)
+def palette() -> np.ndarray:
+    """The DAVIS / PASCAL VOC colour map [256, 3] uint8 (label 0 black)."""
+    from wtours.video.synth import davis_palette
+
+    return np.asarray(davis_palette(), dtype=np.uint8).reshape(256, 3)
 
 
 def _fmt(m: dict, key: str) -> str:
