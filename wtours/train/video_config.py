@@ -24,6 +24,20 @@ def _check_range(name: str, pair: tuple[float, float], lo: float, hi: float) -> 
         raise ValueError(f"{name}: expected {lo} <= min <= max <= {hi}, got {list(pair)}")
 
 
+def _at_least(cfg: object, minimum: int, *names: str) -> None:
+    """Each named integer field of ``cfg`` must be ``>= minimum`` (None is allowed: 'not set')."""
+    for name in names:
+        v = getattr(cfg, name)
+        if v is not None and v < minimum:
+            raise ValueError(f"{name}: must be >= {minimum}, got {v}")
+
+
+def _positive(cfg: object, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name}: must be positive, got {getattr(cfg, name)}")
+
+
 def _check_prob(name: str, p: float) -> None:
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"{name}: a probability must lie in [0, 1], got {p}")
@@ -57,12 +71,9 @@ class DataConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
 
     def validate(self) -> None:
-        if self.frames_per_clip < 1:
-            raise ValueError(f"frames_per_clip: must be >= 1, got {self.frames_per_clip}")
-        if self.stride <= 0:
-            raise ValueError(f"stride: must be positive, got {self.stride}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        _at_least(self, 1, "frames_per_clip")
+        _positive(self, "stride")
+        _at_least(self, 1, "batch_size")
         if self.num_workers < 0:
             raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
         if self.short_side < 16:
@@ -131,8 +142,7 @@ class ModelConfig:
             raise ValueError(f"out_dim: must be >= 2, got {self.out_dim}")
         if not 0 <= self.drop_path_rate < 1:
             raise ValueError(f"drop_path_rate: must lie in [0, 1), got {self.drop_path_rate}")
-        if self.head_layers < 1:
-            raise ValueError(f"head_layers: must be >= 1, got {self.head_layers}")
+        _at_least(self, 1, "head_layers")
 
 
 @dataclass
@@ -146,8 +156,7 @@ class TrackingConfig:
     threshold: Literal["batch", "sample"] = "batch"
 
     def validate(self) -> None:
-        if self.objects < 1:
-            raise ValueError(f"objects: must be >= 1, got {self.objects}")
+        _at_least(self, 1, "objects")
         if self.sinkhorn_eps <= 0 or self.sinkhorn_iters < 1:
             raise ValueError("sinkhorn_eps must be > 0 and sinkhorn_iters >= 1")
 
@@ -164,9 +173,7 @@ class LossConfig:
     compat_reference: bool = False
 
     def validate(self) -> None:
-        for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        _positive(self, "student_temp", "teacher_temp", "warmup_teacher_temp")
         _check_prob("center_momentum", self.center_momentum)
 
 
@@ -188,8 +195,7 @@ class OptimConfig:
     def validate(self) -> None:
         if self.lr <= 0 or self.min_lr < 0:
             raise ValueError("lr must be > 0 and min_lr >= 0")
-        if self.lr_batch_reference < 1:
-            raise ValueError(f"lr_batch_reference: must be >= 1, got {self.lr_batch_reference}")
+        _at_least(self, 1, "lr_batch_reference")
         if not 0 <= self.momentum_teacher <= 1:
             raise ValueError(f"momentum_teacher: must lie in [0, 1], got {self.momentum_teacher}")
         if self.clip_grad < 0:
@@ -214,16 +220,8 @@ class TrainerConfig:
     deterministic: bool = False
 
     def validate(self) -> None:
-        if self.epochs <= 0:
-            raise ValueError(f"epochs: must be positive, got {self.epochs}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps: must be >= 1, got {self.max_steps}")
-        if self.accumulate_grad_batches < 1:
-            raise ValueError(f"accumulate_grad_batches: must be >= 1, got {self.accumulate_grad_batches}")
-        if self.checkpoint_every < 1 or self.log_every < 1:
-            raise ValueError("checkpoint_every and log_every must be >= 1")
-        if self.num_nodes < 1:
-            raise ValueError(f"num_nodes: must be >= 1, got {self.num_nodes}")
+        _positive(self, "epochs")
+        _at_least(self, 1, "max_steps", "accumulate_grad_batches", "checkpoint_every", "log_every", "num_nodes")
 
 
 @dataclass
