@@ -71,13 +71,10 @@ class DataConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
 
     def validate(self) -> None:
-        _at_least(self, 1, "frames_per_clip")
+        _at_least(self, 1, "frames_per_clip", "batch_size")
         _positive(self, "stride")
-        _at_least(self, 1, "batch_size")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
-        if self.short_side < 16:
-            raise ValueError(f"short_side: must be >= 16, got {self.short_side}")
+        _at_least(self, 0, "num_workers")
+        _at_least(self, 16, "short_side")
         if self.clips_per_epoch < self.batch_size:
             raise ValueError(f"clips_per_epoch ({self.clips_per_epoch}) must be >= batch_size ({self.batch_size})")
 
