@@ -111,3 +111,20 @@ def test_build_index_reports_no_video_stream(tmp_path):
         w.writeframes(b"\0\0" * 8000)
     with pytest.raises(VideoError, match="no video stream"):
         index_video(p)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "chardev"])
+def test_non_regular_files_are_named_not_read(kind, tmp_path, capsys):
+    if kind == "fifo":
+        target = tmp_path / "pipe.mp4"
+        os.mkfifo(target)  # nobody writes: opening it for reading would block
+        words = "not a regular file (a FIFO)"
+    else:
+        target = "/dev/zero"
+        words = "not a regular file (a character device)"
+    for cmd in (["index", str(target)], ["prepare", str(target), "--out", str(tmp_path / "o.mp4")]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(target) in err and words in err and "empty" not in err
+    with pytest.raises(VideoError, match="a FIFO" if kind == "fifo" else "a character device"):
+        index_video(target)

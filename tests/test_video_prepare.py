@@ -44,7 +44,7 @@ def test_default_gop_is_one_second_and_fps_resampling(test_videos, tmp_path):
     assert default_output(src, 480).name == "long30_480p.mp4"
 
 
-@pytest.mark.parametrize("case", ["missing", "self", "bad_ext", "bad_gop"])
+@pytest.mark.parametrize("case", ["missing", "self", "bad_ext", "bad_gop", "fps_up"])
 def test_prepare_bad_input_exits_2_with_one_line(case, test_videos, tmp_path, capsys):
     src = test_videos("h264")
     args = {
@@ -52,6 +52,7 @@ def test_prepare_bad_input_exits_2_with_one_line(case, test_videos, tmp_path, ca
         "self": ["prepare", str(src), "--out", str(src)],
         "bad_ext": ["prepare", str(src), "--out", str(tmp_path / "x.gif")],
         "bad_gop": ["prepare", str(src), "--gop", "0", "--out", str(tmp_path / "y.mp4")],
+        "fps_up": ["prepare", str(src), "--fps", "1e9", "--out", str(tmp_path / "z.mp4")],  # used to run for ever
     }[case]
     before = _sha(src)
     assert main(args) == 2
@@ -61,3 +62,5 @@ def test_prepare_bad_input_exits_2_with_one_line(case, test_videos, tmp_path, ca
         assert "overwrite the input" in err and _sha(src) == before
     if case == "missing":
         assert "none.mp4" in err
+    if case == "fps_up":
+        assert "--fps 1e+09 is above the video's 30.000 fps" in err and not (tmp_path / "z.mp4").exists()

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import stat
 import sys
 import zlib
 from fractions import Fraction
@@ -156,13 +157,44 @@ def _unpack_int64(d: dict[str, Any]) -> np.ndarray:
 # -- opening files --------------------------------------------------------------------------------
 
 
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular, non-directory ``st_mode`` is, in words ("a FIFO", ...)."""
+    for test, name in _FILE_KINDS:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_regular_file(path: str | Path, what: str = "file", error: type = UserError) -> Path:
+    """``path`` if it is an existing regular file (links followed), else a one-line ``error``
+    saying what it is instead. Only ``stat`` is called: a FIFO is never opened, so never blocks."""
+    p = Path(path).expanduser()
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise error(f"{what} not found (no such file)", path=p) from None
+    except OSError as e:
+        raise error(f"cannot access {what} ({e.strerror or e})", path=p) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"is a directory, not a {what}", path=p)
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"not a regular file ({file_kind(st.st_mode)}); expected a {what}", path=p)
+    return p
+
+
 def check_video_path(path: str | Path) -> Path:
-    """A readable regular file, or a one-line :class:`VideoError` naming it."""
+    """A readable regular file, or a one-line :class:`VideoError` naming it (a FIFO, a device,
+    a socket are named as such and never opened)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise VideoError("no such file", path=p)
     if p.is_dir():
         raise VideoError("is a directory, not a video file", path=p)
+    check_regular_file(p, "video file", VideoError)
     if not os.access(p, os.R_OK):
         raise VideoError("file is not readable (permission denied)", path=p)
     if p.stat().st_size == 0:

@@ -61,6 +61,9 @@ def prepare_video(video: str | Path, short_side: int = 480, out: str | Path | No
         raise UserError(f"unknown x264 preset {preset!r}")
 
     idx = index_video(src)
+    if fps is not None and fps > idx.fps * 1.01:
+        raise UserError(f"--fps {fps:g} is above the video's {idx.fps:.3f} fps: a proxy can only drop frames "
+                        "(repeating them adds nothing to train on)", path=src)
     geom = make_geometry(idx.width, idx.height, short_side)
     w, h = geom.scale_w, geom.scale_h
     if min(idx.width, idx.height) <= short_side:
