@@ -52,13 +52,19 @@ def read_barcode(img) -> int:
 
 def write_barcode_video(path: Path, codec: str, frames: int, width: int = 160, height: int = 96,
                         fps: int = 30, options: dict | None = None, gop: int | None = None,
-                        force_keyframes: tuple[int, ...] = (), pix_fmt: str = "yuv420p") -> Path:
-    """Encode ``frames`` barcode frames with PyAV; ``force_keyframes`` are coded as I-frames."""
+                        force_keyframes: tuple[int, ...] = (), pix_fmt: str = "yuv420p",
+                        display_rotation: tuple[int, bool, bool] | None = None) -> Path:
+    """Encode ``frames`` barcode frames with PyAV; ``force_keyframes`` are coded as I-frames.
+    ``display_rotation``: ``(degrees counter-clockwise, hflip, vflip)`` written as the stream's
+    display matrix (what phones write for portrait footage)."""
     import av
 
     with av.open(str(path), mode="w") as c:
         s = c.add_stream(codec, rate=Fraction(fps))
         s.width, s.height, s.pix_fmt = width, height, pix_fmt
+        if display_rotation is not None:
+            deg, hflip, vflip = display_rotation
+            s.set_display_rotation(deg, hflip=hflip, vflip=vflip)
         if gop:
             s.codec_context.gop_size = gop
         s.codec_context.options = dict(options or {})

@@ -163,3 +163,116 @@ def test_bare_timm_state_dict_with_inferred_arch(synth_dir, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["encoder"]["arch"] == "vit_tiny_patch16_224" and m["encoder"]["kind"] == "checkpoint"
     assert m["n_frames"] == 4
+
+
+def _no_features(monkeypatch):
+    import wtours.eval.cli as ecli
+
+    def boom(*a, **k):
+        raise AssertionError("features were extracted")
+
+    monkeypatch.setattr(ecli, "extract_features", boom)
+
+
+@pytest.mark.parametrize("k", ["4000", "100000"])
+def test_k_above_the_points_is_refused_before_features(k, synth_dir, tmp_path, capsys, monkeypatch):
+    # tiny preset: 8 frames x 16x24 pixels at eval_size_dataset = 3072 points; --k 100000 used to hang
+    _no_features(monkeypatch)
+    out = tmp_path / "o"
+    rc = main(["eval", "clustering", "--dataset", "synth", "--root", str(synth_dir), "--checkpoint", RANDOM,
+               "--out", str(out), "--k", "8", k, *TINY])
+    assert rc == 2
+    _one_error_line(capsys, f"--k {k} (overcluster_k): more clusters than the 3072 points",
+                    "8 frames x 16x24 pixels at eval_size_dataset", "at most 3072")
+    assert not (out / "metrics.json").exists()
+    rc = main(["eval", "clustering", "--dataset", "synth", "--root", str(synth_dir), "--checkpoint", RANDOM,
+               "--out", str(out), *TINY, "--set", "cluster_at=patch", "--set", "overcluster_k=[193]"])
+    assert rc == 2  # patch tokens: 8 frames x 4x6
+    _one_error_line(capsys, "--k 193 (overcluster_k)", "192 points", "4x6 patch tokens")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--frames-per-clip", "-1"], "--frames-per-clip -1: must be >= 0"),
+    (["--set", "frames_per_clip=-1"], "frames_per_clip must be >= 0"),
+    (["--repeats", "0"], "--repeats 0: must be >= 1"),
+    (["--set", "repeats=0"], "repeats must be >= 1, got 0"),
+    (["--k", "5", "0"], "--k 0: K must be >= 1"),
+    (["--set", "overlays=-1"], "overlays must be >= 0"),
+    (["--set", "missing_annotations=maybe"], "missing_annotations: 'maybe' is not one of 'error', 'skip'"),
+])
+def test_bad_numbers_are_one_line(args, needle, synth_dir, tmp_path, capsys, monkeypatch):
+    _no_features(monkeypatch)
+    rc = main(["eval", "clustering", "--dataset", "synth", "--root", str(synth_dir), "--checkpoint", RANDOM,
+               "--out", str(tmp_path / "o"), *TINY, *args])
+    assert rc == 2
+    _one_error_line(capsys, needle)
+
+
+def test_missing_annotation_png_is_an_error_or_a_counted_skip(synth_dir, tmp_path, capsys):
+    root = _davis_copy(synth_dir, tmp_path)
+    png = root / "Annotations" / "480p" / "synth-001" / "00003.png"
+    png.unlink()
+    base = ["eval", "clustering", "--dataset", "davis", "--root", str(root), "--checkpoint", RANDOM, *TINY,
+            "--set", "overlays=0", "--frames-per-clip", "0"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 2
+    _one_error_line(capsys, str(png), "missing annotation", "00003.jpg", "missing_annotations=skip")
+    assert main([*base, "--out", str(tmp_path / "b"), "--set", "missing_annotations=skip"]) == 0
+    assert "note: skipped 1 frame(s) or annotation(s) without their pair in 1 video(s)" in capsys.readouterr().out
+    m = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert m["n_frames"] == 11 and m["settings"]["skipped_unpaired"] == {"synth-001": 1}
+
+
+def test_video_list_edge_cases(synth_dir, tmp_path, capsys, monkeypatch):
+    import os
+
+    _no_features(monkeypatch)
+    fifo = tmp_path / "fifo.txt"
+    os.mkfifo(fifo)  # nobody writes: reading it would block
+    files = {"unknown.txt": "synth-000\nnosuch\nnope\n", "dup.txt": "synth-000\nsynth-000\n", "path.txt": "../x\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    cases = [
+        (tmp_path / "none.txt", ["none.txt", "video list not found"]),
+        (tmp_path, ["is a directory, not a video list"]),
+        (fifo, ["not a regular file (a FIFO)"]),
+        (tmp_path / "unknown.txt", ["2 of 3 listed videos are not in the dataset", "'nosuch'"]),
+        (tmp_path / "dup.txt", ["line 2: video 'synth-000' is listed twice"]),
+        (tmp_path / "path.txt", ["'../x' is not a video name"]),
+    ]
+    for lst, needles in cases:
+        rc = main(["eval", "clustering", "--dataset", "synth", "--root", str(synth_dir), "--checkpoint", RANDOM,
+                   "--out", str(tmp_path / "o"), "--videos", str(lst), *TINY])
+        assert rc == 2, lst
+        _one_error_line(capsys, *needles)
+    (tmp_path / "yt.txt").write_text("nosuch\n")
+    rc = main(["eval", "clustering", "--dataset", "ytvos", "--root", str(synth_dir / "ytvos"), "--checkpoint",
+               RANDOM, "--out", str(tmp_path / "o"), "--videos", str(tmp_path / "yt.txt"), *TINY])
+    assert rc == 2
+    _one_error_line(capsys, "meta.json", "1 of 1 listed videos are not in meta.json", "'nosuch'")
+
+
+def test_root_that_is_not_a_dataset(synth_dir, tmp_path, capsys):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    (tmp_path / "empty").mkdir()
+    for kind, root, needle in [("davis", afile, "dataset root is not a folder"),
+                               ("davis", tmp_path / "empty", "JPEGImages/480p"),
+                               ("ytvos", tmp_path / "empty", "train"),
+                               ("synth", tmp_path / "empty", "davis/"),
+                               ("davis", synth_dir, "JPEGImages/480p")]:  # the synth folder is not DAVIS itself
+        rc = main(["eval", "clustering", "--dataset", kind, "--root", str(root), "--checkpoint", RANDOM,
+                   "--out", str(tmp_path / "o"), *TINY])
+        assert rc == 2
+        _one_error_line(capsys, needle)
+
+
+@pytest.mark.parametrize("device,needle", [("mps", "expected cuda, cuda:N, cpu or auto"),
+                                           ("meta", "expected cuda, cuda:N, cpu or auto"),
+                                           ("cuda:1", "--device cuda:1")])
+def test_unusable_devices_are_one_line(device, needle, synth_dir, tmp_path, capsys):
+    if device == "cuda:1" and torch.cuda.device_count() > 1:
+        pytest.skip("this machine has a cuda:1")
+    rc = main(["eval", "clustering", "--dataset", "synth", "--root", str(synth_dir), "--checkpoint", RANDOM,
+               "--out", str(tmp_path / "o"), "--config", "eval/tiny", "--device", device])
+    assert rc == 2
+    _one_error_line(capsys, needle)

@@ -178,3 +178,46 @@ def test_synth_root_reads_its_davis_folder(tmp_path):
     assert ds.name == "synth" and len(ds.sequences) == 2
     with pytest.raises(UserError, match="davis"):
         read_dataset("synth", tmp_path)
+
+
+def test_unpaired_frames_and_annotations_are_errors_or_counted_skips(tmp_path):
+    root = make_davis(tmp_path / "DAVIS", frames=5)
+    gone = root / "Annotations" / "480p" / "b" / "00002.png"
+    gone.unlink()
+    with pytest.raises(UserError, match="missing annotation: video 'b' has frame 00002.jpg but no 00002.png") as e:
+        read_davis(root)
+    assert str(gone) in str(e.value) and "\n" not in str(e.value)
+    ds = read_davis(root, frames_per_clip=0, missing="skip")
+    assert [s.n_annotated for s in ds.sequences] == [5, 4] and ds.skipped == {"b": 1}
+    assert "skipped 1 frame(s)" in ds.skip_note
+    # an annotation whose frame is gone
+    root2 = make_davis(tmp_path / "D2", frames=3)
+    (root2 / "JPEGImages" / "480p" / "a" / "00001.jpg").unlink()
+    with pytest.raises(UserError, match="annotation without its frame: video 'a' has no 00001.jpg"):
+        read_davis(root2)
+    # YTVOS too
+    yt = make_ytvos(tmp_path / "YT", {"v1": {1: "cat"}}, frames=3)
+    (yt / "train" / "Annotations" / "v1" / "00005.png").unlink()
+    with pytest.raises(UserError, match="missing annotation: video 'v1' has frame 00005.jpg"):
+        read_ytvos(yt)
+    assert read_ytvos(yt, frames_per_clip=0, missing="skip").n_frames == 2
+
+
+def test_hidden_files_are_ignored_and_odd_files_are_named(tmp_path):
+    import os
+
+    root = make_davis(tmp_path / "DAVIS", frames=3)
+    (root / "JPEGImages" / "480p" / "a" / "._00000.jpg").write_bytes(b"\0")  # macOS companion file
+    assert read_davis(root, frames_per_clip=0).n_frames == 6
+    fifo = root / "Annotations" / "480p" / "a" / "00001.png"
+    fifo.unlink()
+    os.mkfifo(fifo)  # opening it would block
+    with pytest.raises(UserError, match=r"annotation is not a regular file \(a FIFO\)") as e:
+        read_davis(root)
+    assert str(fifo) in str(e.value)
+
+
+def test_negative_frames_per_clip_is_refused(tmp_path):
+    root = make_davis(tmp_path / "DAVIS")
+    with pytest.raises(UserError, match="frames_per_clip must be >= 0"):
+        read_dataset("davis", root, frames_per_clip=-1)

@@ -74,3 +74,27 @@ def test_subsampled_fit_assigns_every_point():
 def test_k_must_be_positive():
     with pytest.raises(ValueError):
         kmeans_fit(torch.randn(10, 2), 0)
+
+
+def test_more_clusters_than_points_is_refused_before_any_work():
+    import time
+
+    from wtours.errors import UserError
+    from wtours.eval.kmeans import KMeansError
+
+    x = torch.randn(50, 3)
+    t0 = time.perf_counter()
+    with pytest.raises(KMeansError, match="K=100000 clusters but only 50 points") as e:
+        kmeans_fit(x, 100_000)  # used to loop 100k k-means++ steps, for ever at real sizes
+    assert time.perf_counter() - t0 < 1.0
+    assert isinstance(e.value, UserError) and isinstance(e.value, ValueError)
+    # batched: padding does not count as points; the failing problem is named
+    xs = torch.randn(2, 10, 3)
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[1, 4:] = False
+    with pytest.raises(KMeansError, match=r"K=5 clusters but only 4 points to cluster \(problem 1 of 2\)"):
+        kmeans_fit(xs, torch.tensor([3, 5]), valid=valid)
+    c, _ = kmeans_fit(xs, torch.tensor([3, 4]), valid=valid, niter=2, restarts=1)  # K = points is fine
+    assert c.shape == (2, 4, 3)
+    with pytest.raises(KMeansError, match="only 8 points"):
+        kmeans(torch.randn(20, 2), 10, max_points=8)

@@ -162,3 +162,19 @@ def test_cuda_oracle_and_assignment_match_cpu():
     pools_c = Pools.from_groups(torch.zeros(4, dtype=torch.long, device="cuda"), torch.tensor([3], device="cuda"))
     b, _ = assign_confusion(grid.cuda(), cents.cuda(), pools_c, gt2.cuda(), 1, torch.arange(4).cuda(), 4, 10**6)
     assert (a - b.cpu()).abs().sum() <= 4  # ties at most
+
+
+def test_pool_with_more_clusters_than_points_is_named():
+    from wtours.errors import UserError
+
+    gt, frame_seq = _gt_dataset()
+    size = tuple(gt.shape[-2:])  # 8x10 pixels per frame, 9 frames: 720 points in the dataset pool
+    fs = _oracle(gt, size)
+    fs.frame_seq = frame_seq
+    with pytest.raises(UserError, match=r"overclustering \(--k / overcluster_k\) 721: K=721 clusters but only 720 "
+                                        r"points to cluster \(9 frames x 8x10 pixels\)"):
+        run_protocol(fs, _cfg(size, overcluster_k=[721]), ["s0", "s1", "s2"], seed=1)
+    # patch tokens: a 1x1 grid per frame cannot hold the 3-4 labels of a frame (F is named)
+    tiny = FeatureSet(torch.randn(len(gt), 4, 1, 1), {size: gt}, frame_seq, [size] * len(gt))
+    with pytest.raises(UserError, match=r"F: frame 0 \('s0'\): K=\d clusters but only 1 points .*cluster_at=patch"):
+        run_protocol(tiny, _cfg(size, cluster_at="patch"), ["s0", "s1", "s2"], seed=1)

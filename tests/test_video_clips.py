@@ -159,3 +159,21 @@ def test_decord_backend_refuses_hevc_at_construction(test_videos):
                      backend="decord")
     for it in ds:
         _check_frames(it, 4)
+
+
+def test_portrait_phone_footage_is_trained_upright(tmp_path):
+    from conftest import write_barcode_video
+
+    # stored 160x96 landscape with "turn 90 degrees clockwise" (display matrix -90): a portrait clip
+    v = write_barcode_video(tmp_path / "portrait.mp4", "libx264", 40, 160, 96, display_rotation=(-90, False, False),
+                            options={"preset": "ultrafast", "x264-params": "keyint=10:min-keyint=10:scenecut=0"})
+    ds = ClipDataset([v], frames_per_clip=2, stride=3, short_side=48, aspect=9 / 16, clips_per_epoch=6)
+    for it in ds:
+        clip = it["clip"].numpy()  # [T, 3, H, W]
+        assert clip.shape == (2, 3, 86, 48)  # portrait: 48 wide, 86 high (clip_size(48, 9/16))
+        frames = clip.transpose(0, 2, 3, 1)
+        # turning the displayed frame back counter-clockwise gives the stored barcode
+        assert [read_barcode(np.rot90(f, 1)) for f in frames] == it["frames"].tolist()
+    with pytest.raises(VideoError, match="rotated"):
+        pytest.importorskip("decord")
+        ClipDataset([v], frames_per_clip=2, stride=3, backend="decord")

@@ -198,3 +198,93 @@ def test_cli_bad_video_exits_2_with_one_line(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "nope.mkv" in r.stderr
+
+
+# -- rotated footage (display matrix) ---------------------------------------------------------------
+
+ROTATIONS = [(90, False, False), (-90, False, False), (180, False, False), (90, True, False), (0, False, True)]
+
+
+def displayed(raw: np.ndarray, deg: int, hflip: bool, vflip: bool) -> np.ndarray:
+    """What a player shows (PyAV's ``set_display_rotation`` semantics: turn ``deg`` counter-clockwise,
+    then mirror)."""
+    out = np.rot90(raw, deg // 90)
+    if hflip:
+        out = out[:, ::-1]
+    if vflip:
+        out = out[::-1]
+    return np.ascontiguousarray(out)
+
+
+def raw_frames(path):
+    """Every decoded frame as stored (no orientation applied), and whether the file carries a
+    display matrix (what ``ffprobe`` shows as side data)."""
+    with av.open(str(path)) as c:
+        frames = list(c.decode(c.streams.video[0]))
+        has_matrix = all(any("DISPLAYMATRIX" in str(sd.type) for sd in f.side_data.keys()) for f in frames)
+        return [f.to_ndarray(format="rgb24") for f in frames], has_matrix, frames[0].rotation
+
+
+@pytest.mark.parametrize("rot", ROTATIONS, ids=lambda r: f"{r[0]}{'h' if r[1] else ''}{'v' if r[2] else ''}")
+def test_rotated_video_is_decoded_upright(rot, tmp_path):
+    deg, hflip, vflip = rot
+    p = write_barcode_video(tmp_path / "phone.mp4", "libx264", 12, 160, 96, display_rotation=rot,
+                            options={"preset": "ultrafast"})
+    raw, has_matrix, rotation = raw_frames(p)
+    assert has_matrix and raw[0].shape == (96, 160, 3)  # stored sideways, with a display matrix ...
+    assert rotation % 360 == deg % 360
+    want = [displayed(f, deg, hflip, vflip) for f in raw]  # ... shown turned
+    vf = open_video(p)
+    dh, dw = want[0].shape[:2]
+    assert (vf.width, vf.height) == (dw, dh)
+    s = index_video(p).summary()
+    assert (s["width"], s["height"], s["coded_width"], s["coded_height"]) == (dw, dh, 160, 96)
+    sel = [11, 0, 5, 5]
+    got = vf.get_frames(sel).numpy()
+    assert got.shape == (4, dh, dw, 3)
+    for g, i in zip(got, sel):
+        assert np.array_equal(g, want[i]), f"frame {i} is not shown as a player shows it"
+    # resized: short side 48 of the displayed frame; the sequential reference agrees
+    small = vf.get_frames([3], short_side=48).numpy()[0]
+    assert small.shape == ((80, 48, 3) if deg % 180 else (48, 80, 3))
+    assert np.array_equal(small, list(read_all_frames(p, short_side=48))[3])
+    assert np.array_equal(list(read_all_frames(p))[7], want[7])
+
+
+def test_portrait_phone_video_comes_out_upright(tmp_path):
+    # a phone's portrait clip: stored 160x96 landscape, "turn 90 degrees clockwise" (display matrix -90)
+    p = write_barcode_video(tmp_path / "portrait.mp4", "libx264", 8, 160, 96, display_rotation=(-90, False, False),
+                            options={"preset": "ultrafast"})
+    vf = open_video(p)
+    assert (vf.width, vf.height, len(vf)) == (96, 160, 8)
+    g = vf.get_frames([1]).numpy()[0]  # frame 1: only the stored top-left block is bright
+    assert g.shape == (160, 96, 3)
+    assert g[:10, -10:].mean() > 125  # turned clockwise: the stored top-left corner is now the top right
+    assert g[:10, :10].mean() < 125 and g[-10:, :10].mean() < 125
+    assert [read_barcode(np.rot90(f, 1)) for f in vf.get_frames([6, 2]).numpy()] == [6, 2]
+
+
+def test_decord_refuses_rotated_videos(tmp_path):
+    pytest.importorskip("decord")
+    p = write_barcode_video(tmp_path / "r.mp4", "libx264", 8, 160, 96, display_rotation=(90, False, False),
+                            options={"preset": "ultrafast"})
+    with pytest.raises(VideoError, match="decord backend mishandles rotated videos") as e:
+        open_video(p, backend="decord")
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_orientation_from_display_matrix():
+    from wtours.video.index import orientation_from_matrix
+
+    one = 1 << 16
+    m = lambda a, b, c, d: (a * one, b * one, 0, c * one, d * one, 0, 0, 0, 1 << 30)  # noqa: E731
+    assert orientation_from_matrix(None) == "" and orientation_from_matrix(m(1, 0, 0, 1)) == ""
+    assert orientation_from_matrix(m(0, -1, 1, 0)) == "cclock"  # rotation 90 (counter-clockwise)
+    assert orientation_from_matrix(m(0, 1, -1, 0)) == "clock"  # rotation -90: portrait phone footage
+    assert orientation_from_matrix(m(-1, 0, 0, -1)) == "rotate180"
+    assert orientation_from_matrix(m(-1, 0, 0, 1)) == "hflip"
+    assert orientation_from_matrix(m(1, 0, 0, -1)) == "vflip"
+    assert orientation_from_matrix(m(0, 1, 1, 0)) == "cclock_flip"
+    assert orientation_from_matrix(m(0, -1, -1, 0)) == "clock_flip"
+    with pytest.raises(ValueError, match="turns the picture 45 degrees clockwise"):
+        orientation_from_matrix((46341, 46341, 0, -46341, 46341, 0, 0, 0, 1 << 30))

@@ -111,3 +111,53 @@ def test_build_index_reports_no_video_stream(tmp_path):
         w.writeframes(b"\0\0" * 8000)
     with pytest.raises(VideoError, match="no video stream"):
         index_video(p)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "chardev"])
+def test_non_regular_files_are_named_not_read(kind, tmp_path, capsys):
+    if kind == "fifo":
+        target = tmp_path / "pipe.mp4"
+        os.mkfifo(target)  # nobody writes: opening it for reading would block
+        words = "not a regular file (a FIFO)"
+    else:
+        target = "/dev/zero"
+        words = "not a regular file (a character device)"
+    for cmd in (["index", str(target)], ["prepare", str(target), "--out", str(tmp_path / "o.mp4")]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(target) in err and words in err and "empty" not in err
+    with pytest.raises(VideoError, match="a FIFO" if kind == "fifo" else "a character device"):
+        index_video(target)
+
+
+def test_index_reports_the_displayed_size_of_rotated_video(tmp_path, capsys):
+    p = write_barcode_video(tmp_path / "phone.mp4", "libx264", 6, 64, 36, display_rotation=(-90, False, False),
+                            options={"preset": "ultrafast"})
+    assert main(["index", str(p), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["width"], d["height"], d["coded_width"], d["coded_height"]) == (36, 64, 64, 36)
+    assert d["orientation"] == "clock"
+    assert main(["index", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "36x64" in out and "coded 64x36" in out
+
+
+def test_old_cache_without_orientation_is_rebuilt(tmp_path):
+    p = write_barcode_video(tmp_path / "phone.mp4", "libx264", 6, 64, 36, display_rotation=(90, False, False),
+                            options={"preset": "ultrafast"})
+    idx = index_video(p)
+    cache = vi.cache_path_of(p)
+    d = json.loads(cache.read_text())
+    d.update(version=1, width=64, height=36)  # an index written before orientation was known
+    for k in ("orientation", "coded_width", "coded_height"):
+        d.pop(k)
+    cache.write_text(json.dumps(d))
+    assert (index_video(p).width, index_video(p).orientation) == (36, "cclock") == (idx.width, idx.orientation)
+
+
+def test_rotation_that_is_not_a_right_angle_is_refused(tmp_path, capsys):
+    p = write_barcode_video(tmp_path / "tilted.mp4", "libx264", 4, 64, 36, display_rotation=(45, False, False),
+                            options={"preset": "ultrafast"})
+    assert main(["index", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(p) in err and "turns the picture 315 degrees clockwise; only multiples of 90" in err

@@ -44,7 +44,7 @@ def test_default_gop_is_one_second_and_fps_resampling(test_videos, tmp_path):
     assert default_output(src, 480).name == "long30_480p.mp4"
 
 
-@pytest.mark.parametrize("case", ["missing", "self", "bad_ext", "bad_gop"])
+@pytest.mark.parametrize("case", ["missing", "self", "bad_ext", "bad_gop", "fps_up"])
 def test_prepare_bad_input_exits_2_with_one_line(case, test_videos, tmp_path, capsys):
     src = test_videos("h264")
     args = {
@@ -52,6 +52,7 @@ def test_prepare_bad_input_exits_2_with_one_line(case, test_videos, tmp_path, ca
         "self": ["prepare", str(src), "--out", str(src)],
         "bad_ext": ["prepare", str(src), "--out", str(tmp_path / "x.gif")],
         "bad_gop": ["prepare", str(src), "--gop", "0", "--out", str(tmp_path / "y.mp4")],
+        "fps_up": ["prepare", str(src), "--fps", "1e9", "--out", str(tmp_path / "z.mp4")],  # used to run for ever
     }[case]
     before = _sha(src)
     assert main(args) == 2
@@ -61,3 +62,28 @@ def test_prepare_bad_input_exits_2_with_one_line(case, test_videos, tmp_path, ca
         assert "overwrite the input" in err and _sha(src) == before
     if case == "missing":
         assert "none.mp4" in err
+    if case == "fps_up":
+        assert "--fps 1e+09 is above the video's 30.000 fps" in err and not (tmp_path / "z.mp4").exists()
+
+
+def test_prepare_writes_rotated_footage_upright(tmp_path, capsys):
+    import av
+
+    from conftest import write_barcode_video
+
+    # portrait phone clip: stored 160x96 with "turn 90 degrees clockwise" (display matrix -90)
+    src = write_barcode_video(tmp_path / "phone.mp4", "libx264", 20, 160, 96, display_rotation=(-90, False, False),
+                              options={"preset": "ultrafast"})
+    out = tmp_path / "proxy.mp4"
+    assert main(["prepare", str(src), "--short-side", "48", "--out", str(out), "--quiet"]) == 0
+    assert "48x80 h264" in capsys.readouterr().out
+    with av.open(str(out)) as c:  # what any player / decoder sees: upright pixels, no display matrix
+        raw = [f for f in c.decode(c.streams.video[0])]
+        assert all(f.rotation == 0 and not any("DISPLAYMATRIX" in str(sd.type) for sd in f.side_data.keys())
+                   for f in raw)
+        pix = [f.to_ndarray(format="rgb24") for f in raw]
+    assert len(pix) == 20 and pix[0].shape == (80, 48, 3)
+    assert [read_barcode(np.rot90(p, 1)) for p in pix] == list(range(20))  # clockwise-turned barcodes
+    assert pix[1][:8, -8:].mean() > 125 and pix[1][:8, :8].mean() < 125  # bit 0 now at the top right
+    idx = index_video(out)
+    assert (idx.width, idx.height, idx.orientation) == (48, 80, "")

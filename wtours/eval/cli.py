@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from wtours.config import load_config, to_dict, to_yaml
-from wtours.errors import UserError
+from wtours.errors import ConfigError, UserError
 from wtours.eval.config import EvalConfig
 from wtours.eval.datasets import Dataset, read_dataset
 from wtours.eval.features import extract_features
@@ -41,15 +41,40 @@ PROTOCOL_NOTES = [
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``, ``cpu`` or ``cuda[:N]`` -> a usable device, else a one-line :class:`UserError`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: expected cuda, cpu or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r}: expected cuda, cuda:N, cpu or auto")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA device is available")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise UserError(f"--device {name}: there {'is' if n == 1 else 'are'} only {n} CUDA device(s) "
+                            f"(cuda:0..cuda:{n - 1})")
     return dev
+
+
+def check_overcluster_k(cfg: EvalConfig, n_frames: int, patch: tuple[int, int]) -> None:
+    """Refuse overclustering K values above the points of the dataset-wise pool (known from the
+    dataset and the sizes, so before any feature is extracted): k-means with more clusters than
+    points means nothing, and a huge K used to run for hours."""
+    if cfg.cluster_at == "patch":
+        h, w = cfg.input_size[0] // patch[0], cfg.input_size[1] // patch[1]
+        where = f"{h}x{w} patch tokens (cluster_at=patch)"
+    else:
+        h, w = cfg.eval_size_dataset
+        where = f"{h}x{w} pixels at eval_size_dataset"
+    n = n_frames * h * w
+    for k in cfg.overcluster_k:
+        if k > n:
+            raise UserError(f"--k {k} (overcluster_k): more clusters than the {n} points of the dataset-wise pool "
+                            f"({n_frames} frames x {where}); K must be at most {n}")
 
 
 def _sha256(path: str) -> str | None:
@@ -103,13 +128,19 @@ def evaluate_clustering(
     from wtours.models.backbone_io import load_backbone
 
     cfg = cfg or EvalConfig()
+    try:
+        cfg.validate()  # a config built in Python has not been through load_config's checks
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     t_start = time.perf_counter()
     dev = resolve_device(device)
-    data: Dataset = read_dataset(dataset, root, videos, cfg.frames_per_clip, cfg.max_instance_id, cfg.split_seed)
+    data: Dataset = read_dataset(dataset, root, videos, cfg.frames_per_clip, cfg.max_instance_id, cfg.split_seed,
+                                 cfg.missing_annotations)
     model, info = load_backbone(checkpoint, arch)
     patch = tuple(model.patch_embed.patch_size)
     if cfg.input_size[0] % patch[0] or cfg.input_size[1] % patch[1]:
         raise UserError(f"input_size {cfg.input_size} is not a multiple of the patch size {patch[0]}")
+    check_overcluster_k(cfg, data.n_frames, patch)
     out_dir = ensure_dir(out or Path("runs") / "eval" / dataset)
     seq_names = [s.name for s in data.sequences]
     write_json(out_dir / "frames.json", {
@@ -119,6 +150,8 @@ def evaluate_clustering(
     write_text(out_dir / "config.yaml", to_yaml(cfg))
     if verbose and data.split_note:
         print(f"note: {data.split_note}")
+    if verbose and data.skipped:
+        print(f"note: {data.skip_note}")
     t_load = time.perf_counter() - t_start
 
     feats = extract_features(model, data, dev, tuple(cfg.input_size),
@@ -150,6 +183,7 @@ def evaluate_clustering(
     settings = {
         "dataset": dataset, "root": str(data.root), "label_kind": data.label_kind,
         "videos": str(videos) if videos else None, "split_note": data.split_note,
+        "skipped_unpaired": data.skipped,
         "categories": data.categories, "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "torch": torch.__version__, "config": to_dict(cfg),
@@ -182,14 +216,17 @@ def evaluate_clustering(
 def cli_main(args) -> int:
     cfg = load_config(EvalConfig, args.config, args.overrides)
     if args.k:
-        if any(k < 1 for k in args.k):
-            raise UserError("--k values must be >= 1")
+        bad = [k for k in args.k if k < 1]
+        if bad:
+            raise UserError(f"--k {bad[0]}: K must be >= 1")
         cfg.overcluster_k = list(args.k)
     if getattr(args, "frames_per_clip", None) is not None:
+        if args.frames_per_clip < 0:
+            raise UserError(f"--frames-per-clip {args.frames_per_clip}: must be >= 0 (0 = every annotated frame)")
         cfg.frames_per_clip = args.frames_per_clip
     if getattr(args, "repeats", None) is not None:
         if args.repeats < 1:
-            raise UserError("--repeats must be >= 1")
+            raise UserError(f"--repeats {args.repeats}: must be >= 1")
         cfg.repeats = args.repeats
     evaluate_clustering(args.dataset, args.root, args.checkpoint, args.out, cfg, args.arch, args.videos, args.device)
     return 0

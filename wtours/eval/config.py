@@ -15,7 +15,7 @@ from typing import Literal
 
 @dataclass
 class EvalConfig:
-    frames_per_clip: int = 4  # evenly spaced annotated frames per video; <= 0: all of them
+    frames_per_clip: int = 4  # evenly spaced annotated frames per video; 0: all of them
     input_size: list[int] = field(default_factory=lambda: [224, 224])  # network input [H, W]
     eval_size: list[int] = field(default_factory=lambda: [224, 224])  # GT size for F and C [H, W]
     eval_size_dataset: list[int] = field(default_factory=lambda: [112, 112])  # GT size for D / overclustering
@@ -33,12 +33,17 @@ class EvalConfig:
     workers: int = 0  # decoding threads; 0: one per CPU core (at most 32)
     max_instance_id: int = 50  # DAVIS / synth masks: larger ids are reported as unexpected
     split_seed: int = 0  # YTVOS held-out split when no val.txt is found
+    missing_annotations: Literal["error", "skip"] = "error"  # a frame without its PNG (or a PNG without its frame)
     memory_budget: int = 0  # elements of the largest clustering temporary; 0: 2^28 on CUDA, 2^26 on CPU
     overlays: int = 3  # sequences drawn as PNG / GIF overlays
     gif: bool = True
     progress: bool = True
 
     def validate(self) -> None:
+        if self.frames_per_clip < 0:
+            raise ValueError(f"frames_per_clip must be >= 0 (0 = every annotated frame), got {self.frames_per_clip}")
+        if self.overlays < 0:
+            raise ValueError(f"overlays must be >= 0, got {self.overlays}")
         for name in ("input_size", "eval_size", "eval_size_dataset"):
             v = getattr(self, name)
             if len(v) != 2 or min(v) < 1:
@@ -49,9 +54,9 @@ class EvalConfig:
             raise ValueError("workers must be >= 0")
         for name in ("niter", "restarts", "max_points_per_centroid", "repeats", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if any(k < 1 for k in self.overcluster_k):
-            raise ValueError("overcluster_k values must be >= 1")
+            raise ValueError(f"overcluster_k values must be >= 1, got {self.overcluster_k}")
         if self.memory_budget < 0:
             raise ValueError("memory_budget must be >= 0")
         if not 0 < self.max_instance_id < 255:

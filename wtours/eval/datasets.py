@@ -14,20 +14,28 @@ A dataset is a list of :class:`Sequence` objects, each with a deterministic list
 
 Frames per clip (TimeT draws 4 random sorted frames per video): here ``frames_per_clip`` frames
 evenly spaced over the annotated frames (``round(linspace(0, n-1, T))``), or all of them for
-``frames_per_clip <= 0``; the list is saved in the output (``frames.json``).
+``frames_per_clip = 0``; the list is saved in the output (``frames.json``).
+
+Every frame must have its annotation PNG and every PNG its frame (DAVIS and the YTVOS train split
+annotate every frame they ship): a missing file is an error naming it, never a silently shorter
+evaluation. ``missing="skip"`` (``--set missing_annotations=skip``) evaluates the pairs that exist
+instead and counts what was left out (``Dataset.skipped``, printed and saved).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from wtours.errors import UserError
+from wtours.video.index import check_regular_file, file_kind
 
 IMG_EXTS = (".jpg", ".jpeg", ".png")
+MISSING = ("error", "skip")
 
 
 @dataclass
@@ -55,6 +63,16 @@ class Dataset:
     label_kind: str  # "instance" or "category"
     categories: list[str] | None = None
     split_note: str = ""
+    skipped: dict[str, int] = field(default_factory=dict)  # video -> frames / masks without their pair
+
+    @property
+    def skip_note(self) -> str:
+        if not self.skipped:
+            return ""
+        n = sum(self.skipped.values())
+        return (f"skipped {n} frame(s) or annotation(s) without their pair in {len(self.skipped)} video(s) "
+                f"(missing_annotations=skip): {', '.join(f'{k} ({v})' for k, v in list(self.skipped.items())[:5])}"
+                + (" ..." if len(self.skipped) > 5 else ""))
 
     @property
     def n_frames(self) -> int:
@@ -62,7 +80,8 @@ class Dataset:
 
 
 def select_frames(n: int, count: int) -> list[int]:
-    """Deterministic evenly spaced indices: ``count`` of ``range(n)`` (all for count <= 0 or >= n)."""
+    """Deterministic evenly spaced indices: ``count`` of ``range(n)`` (all for count <= 0 or >= n;
+    the command line refuses negative counts)."""
     if count <= 0 or count >= n:
         return list(range(n))
     return sorted({int(round(v)) for v in np.linspace(0, n - 1, count)})
@@ -75,34 +94,92 @@ def _need(path: Path, what: str) -> Path:
 
 
 def read_video_list(path: str | Path) -> list[str]:
-    """One video name per line; blank lines and ``#`` comments skipped."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError("video list not found", path=p)
+    """One video name per line; blank lines and ``#`` comments skipped. A name listed twice or one
+    that is a path (``a/b``, ``..``) is an error."""
+    p = check_regular_file(path, "video list")
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read video list ({e})", path=p) from None
-    names = [ln.split("#", 1)[0].strip() for ln in lines]
-    names = [n for n in names if n]
+    names: list[str] = []
+    seen: dict[str, int] = {}
+    for i, ln in enumerate(lines, 1):
+        n = ln.split("#", 1)[0].strip()
+        if not n:
+            continue
+        if "/" in n or "\\" in n or n in (".", ".."):
+            raise UserError(f"line {i}: {n!r} is not a video name (a folder name, not a path)", path=p)
+        if n in seen:
+            raise UserError(f"line {i}: video '{n}' is listed twice (first on line {seen[n]})", path=p)
+        seen[n] = i
+        names.append(n)
     if not names:
         raise UserError("video list is empty", path=p)
     return names
 
 
-def _pairs(img_dir: Path, ann_dir: Path, name: str) -> tuple[list[Path], list[Path]]:
-    """Annotated frames of one video: JPEGs with a PNG of the same stem, sorted by name."""
+def _files(folder: Path, exts: tuple[str, ...], what: str) -> dict[str, Path]:
+    """stem -> path of the files in ``folder`` with one of ``exts``; an entry with such a name that
+    is not a regular file (a FIFO, a device, a folder, a broken link) is an error naming it."""
+    out = {}
+    for e in os.scandir(folder):
+        if e.name.startswith(".") or not e.name.lower().endswith(exts):
+            continue  # hidden files (macOS "._x.jpg" companions) are not frames
+        path = folder / e.name
+        try:
+            regular = e.is_file()  # follows links; never opens the file
+            mode = e.stat().st_mode
+        except OSError:
+            raise UserError(f"{what} cannot be read (a broken link?)", path=path) from None
+        if not regular:
+            kind = "a folder" if e.is_dir() else file_kind(mode)
+            raise UserError(f"{what} is not a regular file ({kind})", path=path)
+        out[Path(e.name).stem] = path
+    return out
+
+
+def _pairs(img_dir: Path, ann_dir: Path, name: str, missing: str = "error") -> tuple[list[Path], list[Path], int]:
+    """Annotated frames of one video, sorted by name -> (frames, masks, pairs left out).
+
+    Every frame needs a PNG of the same stem and every PNG a frame; with ``missing="skip"`` the
+    unpaired ones are left out and counted instead."""
     if not img_dir.is_dir():
         raise UserError(f"video '{name}' has no frame folder", path=img_dir)
     if not ann_dir.is_dir():
         raise UserError(f"video '{name}' has no annotation folder", path=ann_dir)
-    masks = {p.stem: p for p in ann_dir.iterdir() if p.suffix.lower() == ".png"}
-    frames = sorted(
-        (p for p in img_dir.iterdir() if p.suffix.lower() in IMG_EXTS and p.stem in masks), key=lambda p: p.name
-    )
+    masks = _files(ann_dir, (".png",), "annotation")
+    images = _files(img_dir, IMG_EXTS, "frame")
+    no_mask = sorted(k for k in images if k not in masks)
+    no_frame = sorted(k for k in masks if k not in images)
+    if missing != "skip" and (no_mask or no_frame):
+        count = (f"({len(no_mask)} frames without an annotation, {len(no_frame)} annotations without a frame; "
+                 "evaluate the pairs that exist with --set missing_annotations=skip)")
+        if no_mask:
+            raise UserError(f"missing annotation: video '{name}' has frame {images[no_mask[0]].name} "
+                            f"but no {no_mask[0]}.png {count}", path=ann_dir / f"{no_mask[0]}.png")
+        raise UserError(f"annotation without its frame: video '{name}' has no {no_frame[0]}.jpg {count}",
+                        path=masks[no_frame[0]])
+    frames = sorted((images[k] for k in images if k in masks), key=lambda p: p.name)
     if not frames:
         raise UserError(f"video '{name}' has no frame with an annotation", path=ann_dir)
-    return frames, [masks[p.stem] for p in frames]
+    return frames, [masks[p.stem] for p in frames], len(no_mask) + len(no_frame)
+
+
+def _check_root(root: Path) -> Path:
+    if not root.exists():
+        raise UserError("dataset root not found", path=root)
+    if not root.is_dir():
+        raise UserError("dataset root is not a folder", path=root)
+    return root
+
+
+def _check_listed(videos: list[str], folder: Path, where: str) -> None:
+    """Every listed video has its folder under ``folder``, or one line naming the first missing."""
+    absent = [v for v in videos if not (folder / v).is_dir()]
+    if absent:
+        raise UserError(f"{len(absent)} of {len(videos)} listed videos are not in the dataset (first: "
+                        f"'{absent[0]}', no folder {where}/{absent[0]}); check --videos / the video list",
+                        path=folder)
 
 
 def _instance_lut(max_id: int) -> np.ndarray:
@@ -114,26 +191,27 @@ def _instance_lut(max_id: int) -> np.ndarray:
 
 def read_davis(
     root: str | Path, videos: list[str] | None = None, frames_per_clip: int = 4, max_instance_id: int = 50,
-    resolution: str = "480p", name: str = "davis",
+    resolution: str = "480p", name: str = "davis", missing: str = "error",
 ) -> Dataset:
     """DAVIS-2017: ``JPEGImages/480p``, ``Annotations/480p``, ``ImageSets/2017/val.txt``."""
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError("dataset root not found", path=root)
+    root = _check_root(Path(root))
     img_root = _need(root / "JPEGImages" / resolution, f"DAVIS frame folder JPEGImages/{resolution}")
     ann_root = _need(root / "Annotations" / resolution, f"DAVIS annotation folder Annotations/{resolution}")
     if videos is None:
         videos = read_video_list(_need(root / "ImageSets" / "2017" / "val.txt", "DAVIS video list ImageSets/2017/val.txt"))
     if not videos:
         raise UserError("the video list is empty", path=root)
+    _check_listed(videos, img_root, f"JPEGImages/{resolution}")
     lut = _instance_lut(max_instance_id)
     rule = f"instance ids must be 0..{max_instance_id} or 255 (void); change with --set max_instance_id=N"
-    seqs = []
+    seqs, skipped = [], {}
     for v in videos:
-        frames, masks = _pairs(img_root / v, ann_root / v, v)
+        frames, masks, n_skip = _pairs(img_root / v, ann_root / v, v, missing)
+        if n_skip:
+            skipped[v] = n_skip
         sel = select_frames(len(frames), frames_per_clip)
         seqs.append(Sequence(v, [frames[i] for i in sel], [masks[i] for i in sel], lut, len(frames), rule))
-    return Dataset(name, root, seqs, "instance")
+    return Dataset(name, root, seqs, "instance", skipped=skipped)
 
 
 def ytvos_categories(meta: dict) -> list[str]:
@@ -169,7 +247,8 @@ def split_ytvos(names: list[str], fraction: float = 0.2, seed: int = 0) -> list[
 
 
 def read_ytvos(
-    root: str | Path, videos: list[str] | None = None, frames_per_clip: int = 4, split_seed: int = 0
+    root: str | Path, videos: list[str] | None = None, frames_per_clip: int = 4, split_seed: int = 0,
+    missing: str = "error",
 ) -> Dataset:
     """YouTube-VOS train layout: ``train/{JPEGImages,Annotations,meta.json}``.
 
@@ -177,9 +256,7 @@ def read_ytvos(
     695-video held-out list), else a deterministic seeded 20 % split of meta.json's videos
     (recorded in ``Dataset.split_note``). ``root`` may also be the ``train`` folder itself.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError("dataset root not found", path=root)
+    root = _check_root(Path(root))
     train = root / "train"
     if not train.is_dir() and (root / "meta.json").exists() and (root / "JPEGImages").is_dir():
         train, root = root, root.parent
@@ -209,43 +286,50 @@ def read_ytvos(
                 f"{len(videos)} of {len(vids)} videos), NOT TimeT's list")
     if not videos:
         raise UserError("the video list is empty", path=root)
-    seqs = []
+    absent = [v for v in videos if v not in vids]
+    if absent:
+        raise UserError(f"{len(absent)} of {len(videos)} listed videos are not in meta.json (first: '{absent[0]}'); "
+                        "check --videos / the video list", path=meta_path)
+    seqs, skipped = [], {}
     for v in videos:
-        if v not in vids:
-            raise UserError(f"video '{v}' is not in meta.json", path=meta_path)
         try:
             lut = ytvos_lut(vids[v].get("objects") or {}, cat_index)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise UserError(f"video '{v}': bad objects entry in meta.json ({e})", path=meta_path) from None
-        frames, masks = _pairs(img_root / v, ann_root / v, v)
+        frames, masks, n_skip = _pairs(img_root / v, ann_root / v, v, missing)
+        if n_skip:
+            skipped[v] = n_skip
         sel = select_frames(len(frames), frames_per_clip)
         rule = f"ids must be 0, 255 or an instance of '{v}' in meta.json ({sorted(int(i) for i in vids[v].get('objects') or {})})"
         seqs.append(Sequence(v, [frames[i] for i in sel], [masks[i] for i in sel], lut, len(frames), rule))
-    return Dataset("ytvos", root, seqs, "category", cats, note)
+    return Dataset("ytvos", root, seqs, "category", cats, note, skipped)
 
 
 def read_synth(root: str | Path, videos: list[str] | None = None, frames_per_clip: int = 4,
-               max_instance_id: int = 50) -> Dataset:
+               max_instance_id: int = 50, missing: str = "error") -> Dataset:
     """The output folder of ``wtours synth``: its ``davis/`` subfolder in DAVIS-2017 layout."""
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError("dataset root not found", path=root)
+    root = _check_root(Path(root))
     davis = root / "davis" if (root / "davis").is_dir() else root
     if not (davis / "JPEGImages").exists():
         raise UserError("missing synthetic DAVIS folder (expected davis/ as written by 'wtours synth')", path=root / "davis")
-    return read_davis(davis, videos, frames_per_clip, max_instance_id, name="synth")
+    return read_davis(davis, videos, frames_per_clip, max_instance_id, name="synth", missing=missing)
 
 
 def read_dataset(kind: str, root: str | Path, videos_file: str | Path | None = None, frames_per_clip: int = 4,
-                 max_instance_id: int = 50, split_seed: int = 0) -> Dataset:
-    """Dispatch on ``kind`` in {"davis", "ytvos", "synth"}."""
+                 max_instance_id: int = 50, split_seed: int = 0, missing: str = "error") -> Dataset:
+    """Dispatch on ``kind`` in {"davis", "ytvos", "synth"}; ``missing``: "error" or "skip" (frames
+    without an annotation PNG and PNGs without a frame, see the module doc)."""
+    if frames_per_clip < 0:
+        raise UserError(f"frames_per_clip must be >= 0 (0 = every annotated frame), got {frames_per_clip}")
+    if missing not in MISSING:
+        raise UserError(f"missing_annotations must be one of {', '.join(MISSING)}, got {missing!r}")
     videos = read_video_list(videos_file) if videos_file else None
     if kind == "davis":
-        return read_davis(root, videos, frames_per_clip, max_instance_id)
+        return read_davis(root, videos, frames_per_clip, max_instance_id, missing=missing)
     if kind == "ytvos":
-        return read_ytvos(root, videos, frames_per_clip, split_seed)
+        return read_ytvos(root, videos, frames_per_clip, split_seed, missing)
     if kind == "synth":
-        return read_synth(root, videos, frames_per_clip, max_instance_id)
+        return read_synth(root, videos, frames_per_clip, max_instance_id, missing)
     raise UserError(f"unknown dataset '{kind}' (davis, ytvos or synth)")
 
 

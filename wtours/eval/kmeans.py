@@ -15,11 +15,24 @@ random init, trained on at most 256·K sampled points). Here:
 - seeded with a ``torch.Generator`` on the points' device: same seed, same device -> same result.
 
 Fitting on a subsample and assigning all pixels is the caller's business (``protocol.py``).
+
+K must not exceed a problem's (valid) points: more centroids than points is not a clustering
+(k-means++ would have to pick points twice, and a huge K loops for ever); :class:`KMeansError`
+says which problem, K and the number of points, before any work.
 """
 
 from __future__ import annotations
 
 import torch
+
+from wtours.errors import UserError
+
+
+class KMeansError(UserError, ValueError):
+    """A k-means problem that cannot be solved as asked (K < 1, more clusters than points).
+
+    A :class:`UserError` (the command line prints one line) and a ``ValueError`` (what library
+    callers catch for a bad argument)."""
 
 DEFAULT_BUDGET = 1 << 26  # elements of the largest temporary (256 MiB in fp32)
 
@@ -122,6 +135,21 @@ def _lloyd(
     return c, inertia
 
 
+def check_k(k: torch.Tensor, n_points: torch.Tensor) -> None:
+    """Raise :class:`KMeansError` unless ``1 <= k[p] <= n_points[p]`` for every problem ``p``."""
+    k = k.reshape(-1).cpu()
+    n_points = n_points.reshape(-1).cpu().expand(k.shape)
+    if k.numel() and int(k.min()) < 1:
+        p = int(torch.nonzero(k < 1)[0])
+        raise KMeansError(f"k-means: K must be >= 1, got K={int(k[p])}" + (f" for problem {p}" if k.numel() > 1 else ""))
+    over = torch.nonzero(k > n_points).flatten()
+    if over.numel():
+        p = int(over[0])
+        raise KMeansError(f"k-means: K={int(k[p])} clusters but only {int(n_points[p])} points to cluster"
+                          + (f" (problem {p} of {k.numel()})" if k.numel() > 1 else "")
+                          + "; K must be at most the number of points")
+
+
 def kmeans_fit(
     x: torch.Tensor,
     k: torch.Tensor | int,
@@ -136,6 +164,7 @@ def kmeans_fit(
 
     ``x`` [P, N, D] (or [N, D] for one problem); ``k`` int or [P]; ``valid`` [P, N] bool.
     Problems are processed in chunks so that no temporary exceeds ``budget`` elements.
+    Raises :class:`KMeansError` when a ``k`` is < 1 or above its problem's valid points.
     """
     if x.ndim == 2:
         x = x[None]
@@ -145,8 +174,7 @@ def kmeans_fit(
     k_t = torch.as_tensor(k, device=x.device, dtype=torch.long).reshape(-1).expand(p).clone()
     if valid is None:
         valid = torch.ones(p, n, dtype=torch.bool, device=x.device)
-    if int(k_t.min()) < 1:
-        raise ValueError("k must be >= 1")
+    check_k(k_t, valid.sum(1))
     kmax = int(k_t.max())
     gen = torch.Generator(device=x.device)
     gen.manual_seed(int(seed))

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wtours.errors import UserError
 from wtours.eval.features import FeatureSet
 from wtours.eval.kmeans import kmeans_fit
 from wtours.eval.metrics import match_confusion
@@ -257,7 +258,25 @@ def memory_budget(cfg, device: torch.device) -> int:
     return 1 << 28 if device.type == "cuda" else 1 << 26
 
 
-def _cluster(grid, pools, size, labels_gt, n_labels, frame_block, n_blocks, cfg, seed, keep=None):
+def pool_points(pools: Pools, hw: tuple[int, int]) -> torch.Tensor:
+    """Points k-means can draw from in each pool: its frames x ``hw`` pixels (or patch tokens)."""
+    return pools.count * (hw[0] * hw[1])
+
+
+def check_pools(pools: Pools, hw: tuple[int, int], cluster_at: str, name) -> None:
+    """Raise :class:`UserError` when a pool has more clusters than points (``name(p)`` names pool p)."""
+    n = pool_points(pools, hw)
+    over = torch.nonzero(pools.k > n).flatten()
+    if over.numel():
+        p = int(over[0])
+        unit = "patch tokens (cluster_at=patch)" if cluster_at == "patch" else "pixels"
+        raise UserError(f"{name(p)}: K={int(pools.k[p])} clusters but only {int(n[p])} points to cluster "
+                        f"({int(pools.count[p])} frames x {hw[0]}x{hw[1]} {unit}); K must be at most the "
+                        "number of points")
+
+
+def _cluster(grid, pools, size, labels_gt, n_labels, frame_block, n_blocks, cfg, seed, keep=None,
+             name=lambda p: f"pool {p}"):
     """Fit every pool's k-means and return (conf [n_blocks, G, K], kept predictions)."""
     budget = memory_budget(cfg, grid.device)
     gen = torch.Generator(device=grid.device)
@@ -266,6 +285,7 @@ def _cluster(grid, pools, size, labels_gt, n_labels, frame_block, n_blocks, cfg,
         hw = tuple(grid.shape[-2:])
     else:
         hw = size
+    check_pools(pools, hw, cfg.cluster_at, name)
     k_max = int(pools.k.max())
     n_pool = len(pools.k)
     cents = torch.zeros(n_pool, k_max, grid.shape[1], device=grid.device)
@@ -330,7 +350,9 @@ def _run_protocol(feats: FeatureSet, cfg, seq_names: list[str], seed: int, keep_
     frames = torch.arange(nf, device=dev)
     pres = labels.present[size_fc]
     pools_f = Pools.from_groups(frames, pres.sum(1).clamp_min(1))
-    conf_f, _ = _cluster(grid_fc, pools_f, size_fc, labels.gt[size_fc], g_n, frames, nf, cfg, seed * 4 + 0)
+    fs_np = frame_seq.cpu().numpy()
+    conf_f, _ = _cluster(grid_fc, pools_f, size_fc, labels.gt[size_fc], g_n, frames, nf, cfg, seed * 4 + 0,
+                         name=lambda p: f"F: frame {p} ('{seq_names[fs_np[p]]}')")
     res_f = _match_all(conf_f.cpu().numpy(), "hungarian", bg)
     seconds["F"] = time.perf_counter() - t0
 
@@ -340,7 +362,7 @@ def _run_protocol(feats: FeatureSet, cfg, seq_names: list[str], seed: int, keep_
     pools_c = Pools.from_groups(frame_seq, pres_seq.sum(1).clamp_min(1))
     keep = {int(i) for s in keep_seqs for i in torch.nonzero(frame_seq == s).flatten().tolist()}
     conf_c, kept = _cluster(grid_fc, pools_c, size_fc, labels.gt[size_fc], g_n, frame_seq, n_seq, cfg,
-                            seed * 4 + 1, keep)
+                            seed * 4 + 1, keep, name=lambda p: f"C: clip '{seq_names[p]}'")
     res_c = _match_all(conf_c.cpu().numpy(), "hungarian", bg)
     seconds["C"] = time.perf_counter() - t0
 
@@ -350,7 +372,8 @@ def _run_protocol(feats: FeatureSet, cfg, seq_names: list[str], seed: int, keep_
     one = torch.zeros(nf, dtype=torch.long, device=dev)
     k_d = pres_d.any(0).sum().clamp_min(1).reshape(1)
     pools_d = Pools.from_groups(one, k_d)
-    conf_d, _ = _cluster(grid_d, pools_d, size_d, labels.gt[size_d], g_n, frame_seq, n_seq, cfg, seed * 4 + 2)
+    conf_d, _ = _cluster(grid_d, pools_d, size_d, labels.gt[size_d], g_n, frame_seq, n_seq, cfg, seed * 4 + 2,
+                         name=lambda p: "D: the dataset-wise pool")
     conf_d_np = conf_d.cpu().numpy()
     res_d = match_confusion(conf_d_np.sum(0), "hungarian", background=bg)
     seconds["D"] = time.perf_counter() - t0
@@ -360,7 +383,8 @@ def _run_protocol(feats: FeatureSet, cfg, seq_names: list[str], seed: int, keep_
     for j, k in enumerate(cfg.overcluster_k):
         t0 = time.perf_counter()
         pools_o = Pools.from_groups(one, torch.tensor([k], device=dev))
-        conf_o, _ = _cluster(grid_d, pools_o, size_d, labels.gt[size_d], g_n, one, 1, cfg, seed * 4 + 3 + 1000 * j)
+        conf_o, _ = _cluster(grid_d, pools_o, size_d, labels.gt[size_d], g_n, one, 1, cfg, seed * 4 + 3 + 1000 * j,
+                             name=lambda p, k=k: f"overclustering (--k / overcluster_k) {k}")
         r = match_confusion(conf_o.cpu().numpy()[0], "majority", background=bg)
         over[str(k)] = {"miou": 100 * r.miou, "accuracy": 100 * r.accuracy,
                         "seconds": time.perf_counter() - t0}

@@ -23,11 +23,16 @@ PyAV backend (the default and the reference):
   replaced by the nearest decoded frame, counted as ``missing_frames`` and logged. Only when no
   frame at all can be decoded is a :class:`VideoError` raised.
 * ``thread_type="AUTO"`` (frame + slice threads); ``threads`` caps the thread count.
+* Rotated footage (a display matrix, see :mod:`wtours.video.index`) comes out upright: the frame
+  is scaled in its coded orientation, then turned by the index's ``orientation`` (a numpy view,
+  no extra pass), so ``width`` / ``height`` and every returned frame are the displayed ones.
 
 decord backend (optional, ``backend="decord"``): decord 0.6 is known to return wrong frames for
 HEVC with open GOP / B-frames and cannot open AV1 (measured, see the team's ecosystem notes §9), so
 this backend refuses those streams with a one-line :class:`VideoError`, and checks decord's frame
-count and per-frame timestamps against the packet index before use.
+count and per-frame timestamps against the packet index before use. It refuses rotated videos (a
+display matrix) too: decord 0.6 turns them itself at the native size but returns scrambled frames
+when asked to resize a 90-degree one (measured); ``wtours prepare`` writes an upright proxy.
 """
 
 from __future__ import annotations
@@ -46,9 +51,12 @@ from wtours.video.index import (
     VideoIndex,
     _ff_reason,
     check_video_path,
+    coded_size,
     first_video_stream,
+    frame_orientation,
     index_video,
     open_container,
+    orient,
 )
 
 log = logging.getLogger(__name__)
@@ -263,10 +271,12 @@ class PyAVVideo(VideoFile):
 
     # frames
     def _convert(self, frame, geom: Geometry) -> np.ndarray:
+        o = self.index.orientation
         if geom.native:
-            arr = frame.to_ndarray(format="rgb24")
+            arr = orient(frame.to_ndarray(format="rgb24"), o)
         else:
-            arr = frame.reformat(width=geom.scale_w, height=geom.scale_h, format="rgb24", interpolation=SCALER).to_ndarray()
+            sw, sh = coded_size(geom.scale_w, geom.scale_h, o)  # scale before turning upright
+            arr = orient(frame.reformat(width=sw, height=sh, format="rgb24", interpolation=SCALER).to_ndarray(), o)
             if geom.crop_x or geom.crop_y or geom.scale_w != geom.out_w or geom.scale_h != geom.out_h:
                 arr = arr[geom.crop_y: geom.crop_y + geom.out_h, geom.crop_x: geom.crop_x + geom.out_w]
         self.stats["converted_frames"] += 1
@@ -403,6 +413,9 @@ class DecordVideo(VideoFile):
                              "use the pyav backend", path=self.path)
         if i.codec in ("vp8",):
             raise VideoError("the decord backend seeks VP8 wrongly; use the pyav backend", path=self.path)
+        if i.orientation:
+            raise VideoError(f"the decord backend mishandles rotated videos (display matrix: '{i.orientation}'); "
+                             "use the pyav backend, or make an upright proxy with 'wtours prepare'", path=self.path)
         try:
             import decord  # noqa: F401
         except ImportError:
@@ -486,16 +499,20 @@ def open_video(path: str | Path, backend: str = "pyav", *, index: VideoIndex | N
 
 
 def read_all_frames(path: str | Path, short_side: int | None = None) -> Iterable[np.ndarray]:
-    """Reference: every frame of a plain sequential PyAV decode, as ``uint8[H, W, 3]``."""
+    """Reference: every frame of a plain sequential PyAV decode, as ``uint8[H, W, 3]``, turned
+    upright by each frame's own display matrix (as a player shows it)."""
     c = open_container(path)
     try:
         s = first_video_stream(c, path)
         s.thread_type = "AUTO"
         for fr in c.decode(s):
+            o = frame_orientation(fr)
             if short_side is None:
-                yield fr.to_ndarray(format="rgb24")
+                yield orient(fr.to_ndarray(format="rgb24"), o)
             else:
-                g = make_geometry(fr.width, fr.height, short_side)
-                yield fr.reformat(width=g.scale_w, height=g.scale_h, format="rgb24", interpolation=SCALER).to_ndarray()
+                w, h = coded_size(fr.width, fr.height, o)  # displayed size
+                g = make_geometry(w, h, short_side)
+                sw, sh = coded_size(g.scale_w, g.scale_h, o)
+                yield orient(fr.reformat(width=sw, height=sh, format="rgb24", interpolation=SCALER).to_ndarray(), o)
     finally:
         c.close()

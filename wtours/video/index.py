@@ -16,6 +16,16 @@ writable, else ``~/.cache/wtours/index/`` (``$WTOURS_CACHE/index/`` when the env
 delta-encoded, zlib-compressed and base64'd: a two-hour 60 fps video (432k frames, constant frame
 rate) takes a few kB. The cache is keyed by absolute path, size and mtime and rebuilt when the
 file changes.
+
+Orientation: phone footage is usually stored sideways with a *display matrix* (the old ``rotate``
+tag) telling players to turn it. The index records the transform a player applies
+(``orientation``, named after FFmpeg's filters: ``clock``, ``cclock``, ``rotate180``, ``hflip``,
+``vflip``, ``clock_flip``, ``cclock_flip``; ``""`` for none), chosen from the matrix exactly as
+``ffmpeg``'s autorotate does, and ``width`` / ``height`` are the *displayed* size (the coded one is
+``coded_width`` / ``coded_height``). The matrix is read from the first decoded frame's side data
+(this PyAV exposes it there, not on the stream), so building an index decodes one frame. Every
+decoder applies the transform, so frames come out upright. A rotation that is not a multiple of
+90 degrees is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ import json
 import logging
 import math
 import os
+import stat
+import struct
 import sys
 import zlib
 from fractions import Fraction
@@ -39,7 +51,7 @@ from wtours.errors import UserError, VideoError
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: displayed size + orientation (display matrix)
 
 
 @dataclasses.dataclass
@@ -70,6 +82,9 @@ class VideoIndex:
     has_b_frames: bool = False  # decode order differs from presentation order
     max_reorder: int = 0  # largest |decode position - presentation position| over packets
     corrupt_packets: int = 0
+    orientation: str = ""  # transform from decoded to displayed frames (see the module doc)
+    coded_width: int = 0  # size of the decoded frames (before ``orientation``); 0: same as displayed
+    coded_height: int = 0
     version: int = INDEX_VERSION
 
     # -- lookups ---------------------------------------------------------------------------------
@@ -113,6 +128,9 @@ class VideoIndex:
             "pix_fmt": self.pix_fmt,
             "bit_rate": self.bit_rate,
             "time_base": str(self.time_base),
+            "orientation": self.orientation or None,
+            "coded_width": self.coded_width or self.width,
+            "coded_height": self.coded_height or self.height,
         }
 
     # -- (de)serialisation -----------------------------------------------------------------------
@@ -156,13 +174,44 @@ def _unpack_int64(d: dict[str, Any]) -> np.ndarray:
 # -- opening files --------------------------------------------------------------------------------
 
 
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular, non-directory ``st_mode`` is, in words ("a FIFO", ...)."""
+    for test, name in _FILE_KINDS:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_regular_file(path: str | Path, what: str = "file", error: type = UserError) -> Path:
+    """``path`` if it is an existing regular file (links followed), else a one-line ``error``
+    saying what it is instead. Only ``stat`` is called: a FIFO is never opened, so never blocks."""
+    p = Path(path).expanduser()
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise error(f"{what} not found (no such file)", path=p) from None
+    except OSError as e:
+        raise error(f"cannot access {what} ({e.strerror or e})", path=p) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"is a directory, not a {what}", path=p)
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"not a regular file ({file_kind(st.st_mode)}); expected a {what}", path=p)
+    return p
+
+
 def check_video_path(path: str | Path) -> Path:
-    """A readable regular file, or a one-line :class:`VideoError` naming it."""
+    """A readable regular file, or a one-line :class:`VideoError` naming it (a FIFO, a device,
+    a socket are named as such and never opened)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise VideoError("no such file", path=p)
     if p.is_dir():
         raise VideoError("is a directory, not a video file", path=p)
+    check_regular_file(p, "video file", VideoError)
     if not os.access(p, os.R_OK):
         raise VideoError("file is not readable (permission denied)", path=p)
     if p.stat().st_size == 0:
@@ -192,6 +241,96 @@ def first_video_stream(container, path):
 def _ff_reason(e: Exception) -> str:
     s = getattr(e, "strerror", None) or str(e)
     return str(s).split("\n")[0].strip() or type(e).__name__
+
+
+# -- orientation ----------------------------------------------------------------------------------
+
+# transform name -> (swaps width and height, function on an [..., H, W, C] array)
+ORIENTATIONS = {
+    "": (False, lambda a: a),
+    "clock": (True, lambda a: np.rot90(a, -1, axes=(-3, -2))),
+    "cclock": (True, lambda a: np.rot90(a, 1, axes=(-3, -2))),
+    "rotate180": (False, lambda a: a[..., ::-1, ::-1, :]),
+    "hflip": (False, lambda a: a[..., :, ::-1, :]),
+    "vflip": (False, lambda a: a[..., ::-1, :, :]),
+    "cclock_flip": (True, lambda a: np.swapaxes(a, -3, -2)),  # transpose
+    "clock_flip": (True, lambda a: np.swapaxes(a[..., ::-1, ::-1, :], -3, -2)),  # anti-transpose
+}
+
+
+def orientation_from_matrix(m: tuple[int, ...] | list[int] | None) -> str:
+    """The transform a player applies for a display matrix (9 int32, FFmpeg's layout) -> a name of
+    :data:`ORIENTATIONS`; the same choice as ffmpeg's autorotate (``fftools``). Raises
+    ``ValueError`` for a rotation that is not a multiple of 90 degrees."""
+    if m is None:
+        return ""
+    s0, s1 = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
+    if s0 == 0 or s1 == 0:
+        return ""  # degenerate matrix: players ignore it
+    rotation = -math.degrees(math.atan2(m[1] / s1, m[0] / s0))  # av_display_rotation_get
+    theta = -round(rotation)
+    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
+    if abs(theta - 90) < 1:
+        return "cclock_flip" if m[3] > 0 else "clock"
+    if abs(theta - 180) < 1:
+        name = ("h" if m[0] < 0 else "") + ("v" if m[4] < 0 else "")
+        return {"hv": "rotate180", "h": "hflip", "v": "vflip"}.get(name, "")
+    if abs(theta - 270) < 1:
+        return "clock_flip" if m[3] < 0 else "cclock"
+    if abs(theta) > 1:
+        raise ValueError(f"display matrix turns the picture {theta:g} degrees clockwise; only multiples of 90 are supported")
+    return "vflip" if m[4] < 0 else ""
+
+
+def frame_display_matrix(frame) -> tuple[int, ...] | None:
+    """The display matrix of a decoded PyAV frame (its ``DISPLAYMATRIX`` side data), if any."""
+    try:
+        for sd in frame.side_data.keys():
+            if "DISPLAYMATRIX" in str(getattr(sd, "type", "")):
+                raw = bytes(sd)
+                if len(raw) >= 36:
+                    return struct.unpack("<9i" if sys.byteorder == "little" else ">9i", raw[:36])
+    except Exception:  # noqa: BLE001 - side data this PyAV cannot read: no rotation known
+        return None
+    return None
+
+
+def frame_orientation(frame) -> str:
+    """:func:`orientation_from_matrix` of a decoded PyAV frame."""
+    return orientation_from_matrix(frame_display_matrix(frame))
+
+
+def orient(arr: np.ndarray, orientation: str) -> np.ndarray:
+    """Apply a transform of :data:`ORIENTATIONS` to ``[..., H, W, C]`` (a view, no copy)."""
+    return ORIENTATIONS[orientation][1](arr) if orientation else arr
+
+
+def coded_size(width: int, height: int, orientation: str) -> tuple[int, int]:
+    """Decoded (coded) ``(width, height)`` that shows as ``width x height`` after ``orientation``."""
+    return (height, width) if orientation and ORIENTATIONS[orientation][0] else (width, height)
+
+
+def _probe_orientation(path: Path) -> str:
+    """Orientation of the first video stream, from its first decoded frame ("" if none decodes)."""
+    import av
+
+    try:
+        container = open_container(path)
+    except VideoError:
+        return ""
+    try:
+        stream = first_video_stream(container, path)
+        for frame in container.decode(stream):
+            m = frame_display_matrix(frame)
+            try:
+                return orientation_from_matrix(m)
+            except ValueError as e:
+                raise VideoError(str(e), path=path) from None
+    except av.error.FFmpegError:
+        return ""
+    finally:
+        container.close()
+    return ""
 
 
 # -- building -------------------------------------------------------------------------------------
@@ -264,6 +403,8 @@ def build_index(path: str | Path) -> VideoIndex:
             fps = 0.0
         if not fps or not math.isfinite(fps):
             fps = n / duration if duration > 0 else 25.0
+        orientation = _probe_orientation(p)
+        width, height = coded_size(int(ctx.width), int(ctx.height), orientation)  # displayed size
         return VideoIndex(
             path=str(p.resolve()),
             size_bytes=int(st.st_size),
@@ -271,8 +412,8 @@ def build_index(path: str | Path) -> VideoIndex:
             mtime_ns=int(st.st_mtime_ns),
             container=container.format.name,
             codec=_CODEC_NAMES.get(ctx.name, ctx.name),
-            width=int(ctx.width),
-            height=int(ctx.height),
+            width=width,
+            height=height,
             fps=fps,
             num_frames=n,
             duration=duration,
@@ -285,6 +426,9 @@ def build_index(path: str | Path) -> VideoIndex:
             has_b_frames=bool(max_reorder > 0),
             max_reorder=max_reorder,
             corrupt_packets=corrupt,
+            orientation=orientation,
+            coded_width=int(ctx.width),
+            coded_height=int(ctx.height),
         )
     finally:
         container.close()
@@ -391,10 +535,13 @@ def _human_duration(s: float) -> str:
 
 def format_summary(idx: VideoIndex) -> str:
     s = idx.summary()
+    rotated = (f"  display matrix: coded {s['coded_width']}x{s['coded_height']}, turned upright by "
+               f"'{idx.orientation}' when decoding\n") if idx.orientation else ""
     return (
         f"{idx.path}\n"
         f"  container {idx.container}, codec {idx.codec} ({idx.pix_fmt}), {idx.width}x{idx.height}, "
         f"{_human_bytes(idx.size_bytes)}\n"
+        f"{rotated}"
         f"  {idx.fps:.3f} fps, {idx.num_frames} frames, duration {_human_duration(idx.duration)}"
         f"{', B-frames' if idx.has_b_frames else ''}\n"
         f"  {s['keyframes']} keyframes, mean spacing {s['mean_keyframe_spacing']:.1f} frames "

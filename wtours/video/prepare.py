@@ -6,6 +6,10 @@ frames (default: one per second; scene-cut keyframes off, so the spacing is exac
 (see the cost model in :mod:`wtours.video.clips`). The frames are resized in the decoder's scaler,
 never as full-resolution RGB. Audio is dropped. The output is written to a temporary file and
 renamed when complete; the input is never modified and cannot be the output.
+
+Rotated input (phone footage with a display matrix) is written upright: the frames are scaled in
+their coded orientation, turned (via RGB) and encoded at the displayed size, and the proxy carries
+no display matrix, so every decoder reads it the right way up.
 """
 
 from __future__ import annotations
@@ -19,7 +23,15 @@ from pathlib import Path
 from wtours.errors import UserError, VideoError
 from wtours.fsutil import atomic_open
 from wtours.video.decode import make_geometry
-from wtours.video.index import _ff_reason, check_video_path, first_video_stream, index_video, open_container
+from wtours.video.index import (
+    _ff_reason,
+    check_video_path,
+    coded_size,
+    first_video_stream,
+    index_video,
+    open_container,
+    orient,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +73,9 @@ def prepare_video(video: str | Path, short_side: int = 480, out: str | Path | No
         raise UserError(f"unknown x264 preset {preset!r}")
 
     idx = index_video(src)
+    if fps is not None and fps > idx.fps * 1.01:
+        raise UserError(f"--fps {fps:g} is above the video's {idx.fps:.3f} fps: a proxy can only drop frames "
+                        "(repeating them adds nothing to train on)", path=src)
     geom = make_geometry(idx.width, idx.height, short_side)
     w, h = geom.scale_w, geom.scale_h
     if min(idx.width, idx.height) <= short_side:
@@ -91,9 +106,17 @@ def prepare_video(video: str | Path, short_side: int = 480, out: str | Path | No
                            disable=not progress, dynamic_ncols=True)
                 n_out = 0
 
+                turn = idx.orientation
+                cw, ch = coded_size(w, h, turn)
+
                 def emit(frame, k):
                     nonlocal n_out
-                    nf = frame.reformat(width=w, height=h, format="yuv420p")
+                    if turn:  # upright pixels; the new stream has no display matrix
+                        rgb = frame.reformat(width=cw, height=ch, format="rgb24").to_ndarray()
+                        nf = av.VideoFrame.from_ndarray(np.ascontiguousarray(orient(rgb, turn)), format="rgb24")
+                        nf = nf.reformat(format="yuv420p")
+                    else:
+                        nf = frame.reformat(width=w, height=h, format="yuv420p")
                     nf.pts = k
                     nf.time_base = Fraction(1) / rate
                     for p in os_.encode(nf):
@@ -136,7 +159,6 @@ def prepare_video(video: str | Path, short_side: int = 480, out: str | Path | No
         raise VideoError(f"transcode failed ({_ff_reason(e)})", path=src) from None
     finally:
         container.close()
-    _ = np  # numpy is imported for av's ndarray paths
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(out, 0o666 & ~umask)  # the temp file was private (0600)
