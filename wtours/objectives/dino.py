@@ -65,12 +65,34 @@ class DINOLoss(nn.Module):
 
     center: torch.Tensor
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 centering: str = "center", sinkhorn_iters: int = 3) -> None:
         super().__init__()
+        if centering not in ("center", "sinkhorn"):
+            raise ValueError(f"centering must be 'center' or 'sinkhorn', got {centering!r}")
         self.out_dim = out_dim
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        self.centering = centering
+        self.sinkhorn_iters = sinkhorn_iters
         self.register_buffer("center", torch.zeros(1, out_dim))
+
+    @torch.no_grad()
+    def targets(self, teacher_logits: torch.Tensor, teacher_temp: float | torch.Tensor) -> torch.Tensor:
+        """Teacher targets ``q [..., C]`` (fp32, rows sum to 1) for logits ``[..., C]``.
+
+        ``centering="center"`` (DINO, DoRA): ``softmax((t - center) / tau_t)``.
+        ``centering="sinkhorn"`` (SwAV / DINOv2): Sinkhorn-Knopp over all rows of the batch with
+        ``eps = tau_t`` and ``sinkhorn_iters`` rounds, so the batch uses every prototype equally
+        (a batch whose rows are alike can then not get uniform targets); no centre is needed.
+        """
+        if self.centering == "center":
+            return teacher_probs(teacher_logits, self.center, teacher_temp)
+        from wtours.objectives.sinkhorn import sinkhorn_knopp
+
+        flat = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+        q = sinkhorn_knopp(flat.float(), eps=float(teacher_temp), iters=self.sinkhorn_iters)
+        return q.reshape(teacher_logits.shape)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 teacher_temp: float | torch.Tensor) -> torch.Tensor:

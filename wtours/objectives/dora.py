@@ -206,7 +206,8 @@ def compat_object_weights(k: int, T: int, device: torch.device | str | None = No
 
 def dora_loss(student_local: torch.Tensor, student_masked: torch.Tensor, teacher: torch.Tensor,
               center: torch.Tensor, student_temp: float = 0.1,
-              teacher_temp: float | torch.Tensor = 0.04, compat_reference: bool = False) -> torch.Tensor:
+              teacher_temp: float | torch.Tensor = 0.04, compat_reference: bool = False,
+              targets: torch.Tensor | None = None) -> torch.Tensor:
     """DoRA loss (scalar, fp32) between per-frame teacher targets and student views.
 
     Args:
@@ -216,6 +217,8 @@ def dora_loss(student_local: torch.Tensor, student_masked: torch.Tensor, teacher
         center: ``[1, C]`` DINO centre (see :class:`wtours.objectives.dino.DINOLoss`).
         student_temp, teacher_temp: ``tau_s``, ``tau_t``.
         compat_reference: reproduce the reference formula with its two bugs (module docstring).
+        targets: ``[B, T, C]`` teacher targets computed elsewhere (e.g. Sinkhorn-Knopp centring,
+            :meth:`wtours.objectives.dino.DINOLoss.targets`); ``center`` and ``teacher_temp`` are then unused.
     """
     B, T, C = teacher.shape
     if student_local.dim() != 4 or student_local.shape[:2] != (B, T) or student_local.shape[-1] != C:
@@ -223,7 +226,7 @@ def dora_loss(student_local: torch.Tensor, student_masked: torch.Tensor, teacher
     if student_masked.dim() != 4 or student_masked.shape[:2] != (B, T) or student_masked.shape[-1] != C:
         raise ValueError(f"student_masked {tuple(student_masked.shape)} must be [B, T, k, C] = [{B}, {T}, k, {C}]")
     V, k = student_local.shape[2], student_masked.shape[2]
-    q = teacher_probs(teacher, center, teacher_temp).unsqueeze(2)            # [B, T, 1, C]
+    q = (teacher_probs(teacher, center, teacher_temp) if targets is None else targets).unsqueeze(2)  # [B, T, 1, C]
     h_mask = cross_entropy(q, student_masked, student_temp).mean(0)          # [T, k]
     h_loc = cross_entropy(q, student_local, student_temp).mean(0)            # [T, V]
     if not compat_reference:

@@ -168,9 +168,16 @@ class LossConfig:
     warmup_teacher_temp_epochs: float = 30
     center_momentum: float = 0.9
     compat_reference: bool = False
+    # departures for small data (DINOv2): "sinkhorn" replaces the centre by Sinkhorn-Knopp targets
+    centering: Literal["center", "sinkhorn"] = "center"
+    sinkhorn_iters: int = 3
+    koleo_weight: float = 0.0  # KoLeo on the student's [CLS] of the masked views (DINOv2: 0.1)
 
     def validate(self) -> None:
         _positive(self, "student_temp", "teacher_temp", "warmup_teacher_temp")
+        _at_least(self, 1, "sinkhorn_iters")
+        if self.koleo_weight < 0:
+            raise ValueError(f"koleo_weight: must be >= 0, got {self.koleo_weight}")
         _check_prob("center_momentum", self.center_momentum)
 
 

@@ -38,7 +38,9 @@ from wtours.config import to_dict
 from wtours.models.ema import ema_update_
 from wtours.models.heads import DINOHead
 from wtours.models.vit import TrackingViT
-from wtours.objectives.dino import DINOLoss, teacher_probs
+from wtours.objectives.collapse import collapse_stats
+from wtours.objectives.dino import DINOLoss
+from wtours.objectives.koleo import koleo_loss
 from wtours.objectives.dora import (
     binarise_maps,
     clip_keys,
@@ -68,6 +70,11 @@ class DoRANet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[M, 3, H, W]`` -> head logits ``[M, C]``."""
         return self.head(self.backbone(x))
+
+    def forward_with_cls(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[M, 3, H, W]`` -> (head logits ``[M, C]``, backbone [CLS] ``[M, D]``)."""
+        cls = self.backbone(x)
+        return self.head(cls), cls
 
 
 def native_img_size(arch: str) -> int:
@@ -108,7 +115,8 @@ class DoRAModule(pl.LightningModule):
         self.teacher = DoRANet(cfg, 0.0)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
-        self.dino = DINOLoss(cfg.model.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum)
+        self.dino = DINOLoss(cfg.model.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum,
+                             centering=cfg.loss.centering, sinkhorn_iters=cfg.loss.sinkhorn_iters)
         self.augment = ClipAugment(cfg.crops, seed=cfg.seed)
         self.head_generator = torch.Generator(device="cpu")
         self.schedules: Schedules | None = None
@@ -182,19 +190,23 @@ class DoRAModule(pl.LightningModule):
             masks = binarise_maps(maps, cfg.tracking.threshold)  # [B, T, k, N]
             masked = mask_views(g, masks, vit.patch_size)  # [B, T, k, 3, G, G]
         k, v = masked.shape[2], views.local_views.shape[2]
-        s_masked = self.student(masked.flatten(0, 2)).unflatten(0, (b, t, k))  # [B, T, k, C]
+        s_masked, s_cls = self.student.forward_with_cls(masked.flatten(0, 2))
+        s_masked = s_masked.unflatten(0, (b, t, k))  # [B, T, k, C]
         s_local = self.student(views.local_views.flatten(0, 2)).unflatten(0, (b, t, v))  # [B, T, V, C]
         t_logits = t_logits.unflatten(0, (b, t))  # [B, T, C]
-        loss = dora_loss(s_local, s_masked, t_logits, self.dino.center, cfg.loss.student_temp, teacher_temp,
-                         compat_reference=cfg.loss.compat_reference)
+        q = self.dino.targets(t_logits, teacher_temp)  # [B, T, C]
+        ce = dora_loss(s_local, s_masked, t_logits, self.dino.center, cfg.loss.student_temp, teacher_temp,
+                       compat_reference=cfg.loss.compat_reference, targets=q)
+        stats = collapse_stats(q, out.cls, self.dino.center)
+        stats["mask_coverage"] = masks.float().mean().detach()
+        # cross-entropy = teacher entropy + KL(teacher || student): the KL is the part the student controls
+        stats["kl"] = ce.detach() - stats["teacher_entropy"]
+        loss = ce
+        if cfg.loss.koleo_weight > 0:  # per object: the B*T masked views of object j form one group
+            reg = koleo_loss(s_cls.unflatten(0, (b * t, k)).transpose(0, 1))
+            stats["koleo"] = reg.detach()
+            loss = ce + cfg.loss.koleo_weight * reg
         self._center_acc.append(t_logits.detach().float().mean(dim=(0, 1)).unsqueeze(0))
-        with torch.no_grad():  # collapse monitors: entropy of the targets, and of their batch mean
-            q = teacher_probs(t_logits.flatten(0, 1), self.dino.center, teacher_temp)
-            ent = -(q * q.clamp_min(1e-12).log()).sum(-1).mean()
-            qm = q.mean(0)
-            ent_mean = -(qm * qm.clamp_min(1e-12).log()).sum()
-        stats = {"mask_coverage": masks.float().mean().detach(), "teacher_entropy": ent,
-                 "teacher_batch_entropy": ent_mean}
         return loss, stats
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -204,11 +216,8 @@ class DoRAModule(pl.LightningModule):
         loss, stats = self.forward_step(batch["clip"], s["teacher_temp"])
         bs = batch["clip"].shape[0]
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
-        # cross-entropy = teacher entropy + KL(teacher || student): the KL is the part the student controls;
-        # on small data the teacher's entropy can rise (centring outweighs sharpening) while the KL falls
-        self.log("train/kl", loss.detach() - stats["teacher_entropy"], batch_size=bs)
-        for key in ("mask_coverage", "teacher_entropy", "teacher_batch_entropy"):
-            self.log(f"train/{key}", stats[key], batch_size=bs)
+        for key, value in stats.items():  # collapse monitors (wtours.objectives.collapse), KL, mask coverage
+            self.log(f"train/{key}", value, batch_size=bs)
         for key in ("lr", "wd", "momentum", "teacher_temp"):
             self.log(f"train/{key}", s[key], batch_size=bs)
         return loss
