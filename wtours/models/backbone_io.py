@@ -30,7 +30,7 @@ import torch
 
 from wtours.errors import UserError
 from wtours.fsutil import torch_save
-from wtours.integrity import load_verified, seal
+from wtours.integrity import CHECKSUM_KEY, load_verified, seal
 
 # Prefixes stripped from foreign state dicts, tried in this order.
 _PREFIXES = ("module.", "backbone.", "student.backbone.", "teacher.backbone.", "model.", "encoder.")
@@ -115,11 +115,17 @@ def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def read_state_dict(path: str | Path, trust: bool = False) -> tuple[dict[str, torch.Tensor], str | None, dict]:
-    """Read a checkpoint file -> (ViT state dict, arch if recorded, meta).
+    """Read a checkpoint file -> (ViT state dict, arch if recorded, meta without the checksum).
 
-    ``meta["verified"]`` says whether the file carried a checksum (checked: a damaged file raises a
-    one-line :class:`UserError`); foreign files carry none. ``trust`` allows files that need pickle.
+    A file that carries a checksum is verified (a damaged one raises a one-line :class:`UserError`);
+    foreign files carry none. ``trust`` allows files that need pickle.
     """
+    sd, arch, meta, _ = _read_checked(path, trust)
+    return sd, arch, meta
+
+
+def _read_checked(path: str | Path, trust: bool) -> tuple[dict[str, torch.Tensor], str | None, dict, bool]:
+    """:func:`read_state_dict` + whether the file's checksum was verified."""
     p = Path(path)
     obj, verified = load_verified(p, trust=trust, hint="restore it from a copy, or export it again (re-running "
                                   "'wtours pretrain' on its run re-exports it from last.ckpt)")
@@ -138,8 +144,8 @@ def read_state_dict(path: str | Path, trust: bool = False) -> tuple[dict[str, to
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError("not a state dict of tensors", path=p)
-    meta = {**meta, "verified": verified} if isinstance(meta, dict) else {"verified": verified}
-    return _strip(obj), arch, meta
+    meta = {k: v for k, v in meta.items() if k != CHECKSUM_KEY} if isinstance(meta, dict) else {}
+    return _strip(obj), arch, meta, verified
 
 
 def load_backbone(spec: str, arch: str | None = None, trust: bool = False) -> tuple[torch.nn.Module, dict]:
@@ -155,7 +161,7 @@ def load_backbone(spec: str, arch: str | None = None, trust: bool = False) -> tu
         torch.manual_seed(0)
         model = create_vit(name, num_classes=0, dynamic_img_size=True)
         return model.eval(), {"kind": "random", "arch": name, "spec": spec}
-    sd, recorded, meta = read_state_dict(spec, trust=trust)
+    sd, recorded, meta, verified = _read_checked(spec, trust)
     if arch is None:
         arch = recorded
     if arch is None:
@@ -187,4 +193,4 @@ def load_backbone(spec: str, arch: str | None = None, trust: bool = False) -> tu
         sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], list(grid), num_prefix_tokens=n_prefix)
     model.load_state_dict(sd)
     return model.eval(), {"kind": "checkpoint", "arch": arch, "spec": str(spec), "meta": meta,
-                          "verified": bool(meta.get("verified"))}
+                          "verified": verified}
