@@ -19,8 +19,9 @@ def model():
 
 def test_export_loads_strictly_into_timm_and_keeps_the_weights(model, tmp_path):
     path = export_backbone(model, ARCH, tmp_path / "backbone.pt", meta={"steps": 3})
-    ckpt = torch.load(path, map_location="cpu")
-    assert ckpt["arch"] == ARCH and ckpt["meta"] == {"steps": 3}
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert list(ckpt) == ["arch", "state_dict", "meta"]
+    assert ckpt["arch"] == ARCH and ckpt["meta"]["steps"] == 3 and ckpt["meta"]["wtours_checksum"].startswith("sha256:")
     fresh = timm.create_model(ckpt["arch"])
     fresh.load_state_dict(ckpt["state_dict"])  # strict
     x = torch.randn(2, 3, 224, 224)
@@ -32,10 +33,11 @@ def test_export_loads_strictly_into_timm_and_keeps_the_weights(model, tmp_path):
 def test_load_backbone_round_trip_and_prefixed_foreign_dicts(model, tmp_path):
     export_backbone(model, ARCH, tmp_path / "b.pt")
     loaded, info = load_backbone(str(tmp_path / "b.pt"))
-    assert info["arch"] == ARCH
+    assert info["arch"] == ARCH and info["verified"] is True
     torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp_path / "ddp.pth")
     loaded2, info2 = load_backbone(str(tmp_path / "ddp.pth"))
     assert info2["arch"] == ARCH  # inferred from shapes
+    assert info2["verified"] is False  # a foreign file: no checksum, accepted unverified
     for (k, a), b in zip(loaded.state_dict().items(), loaded2.state_dict().values()):
         assert torch.equal(a, b), k
 
@@ -65,6 +67,17 @@ def test_errors_name_the_file_and_problem(model, tmp_path):
         load_backbone(str(tmp_path / "tiny.pt"), arch="vit_small_patch16_224")
     with pytest.raises(UserError, match="unknown or unsupported timm architecture 'vit_nonsense'"):
         load_backbone("random:vit_nonsense")
+    with pytest.raises(UserError, match="'resnet18' is a ResNet, not a ViT"):
+        load_backbone("random:resnet18")
+
+
+def test_non_finite_weights_are_never_exported(tmp_path):
+    bad = timm.create_model(ARCH, num_classes=0)
+    with torch.no_grad():
+        bad.blocks[1].mlp.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match=r"backbone.pt: refusing to export non-finite weights \(blocks.1.mlp.fc1.weight"):
+        export_backbone(bad, ARCH, tmp_path / "backbone.pt")
+    assert not list(tmp_path.iterdir())
 
 
 def test_atomic_writes_get_ordinary_permissions(tmp_path):

@@ -95,3 +95,29 @@ def test_parse_overrides_builds_a_tree():
 def test_int_is_accepted_for_float_and_integral_float_for_int():
     cfg = from_dict(Cfg, {"optim": {"lr": 1}, "steps": 10.0})
     assert isinstance(cfg.optim.lr, float) and cfg.steps == 10 and isinstance(cfg.steps, int)
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "nan", "'inf'"])
+def test_float_fields_reject_non_finite_numbers(value):
+    # nan passes every `<= 0` check, so it has to be refused where the number is read
+    with pytest.raises(ConfigError) as e:
+        load_config(Cfg, None, [f"optim.lr={value}"])
+    assert str(e.value).startswith("optim.lr: must be a finite number, got ")
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("optim.lr=.nan", "optim.lr: must be a finite number, got nan"),
+        ("loss.teacher_temp=.nan", "loss.teacher_temp: must be a finite number"),
+        ("data.prefetch_factor=0", "data.prefetch_factor: must be >= 1, got 0"),
+        ("model.arch=resnet18", "model.arch: 'resnet18' is a ResNet, not a ViT"),
+        ("model.arch=vit_nonsense_patch16", "model.arch: unknown or unsupported timm architecture 'vit_nonsense_"),
+    ],
+)
+def test_pretrain_config_values_checked_at_load(override, fragment):
+    from wtours.train.video_config import VideoPretrainConfig
+
+    with pytest.raises(ConfigError) as e:
+        load_config(VideoPretrainConfig, "video/tiny", [override])
+    assert fragment in str(e.value) and "\n" not in str(e.value)

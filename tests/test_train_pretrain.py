@@ -34,7 +34,7 @@ def video(tmp_path_factory):
 
 
 def _weights(run_dir):
-    ck = torch.load(run_dir / "stage1" / "last.ckpt", map_location="cpu", weights_only=False)
+    ck = torch.load(run_dir / "stage1" / "last.ckpt", map_location="cpu", weights_only=True)
     return ck["state_dict"], ck["global_step"]
 
 
@@ -49,7 +49,7 @@ def test_cli_run_writes_artefacts_and_a_timm_loadable_backbone(tmp_path, video, 
         assert (out / rel).is_file(), rel
     import timm
 
-    ck = torch.load(out / "stage1" / "backbone.pt", map_location="cpu", weights_only=False)
+    ck = torch.load(out / "stage1" / "backbone.pt", map_location="cpu", weights_only=True)
     assert ck["arch"] == "vit_tiny_patch16_224" and ck["meta"]["steps"] == 4
     model = timm.create_model(ck["arch"])
     model.load_state_dict(ck["state_dict"], strict=True)
@@ -121,7 +121,19 @@ def test_kill_and_resume_reaches_the_uninterrupted_state(tmp_path, video, accumu
                      extra_callbacks=[_killer(2)])  # mid-epoch (3 or 6 steps per epoch)
     assert not (killed / "stage1" / "backbone.pt").exists()
     assert _weights(killed)[1] == 2
-    summary = run_pretrain(load_pretrain_config(None, ov, videos=[video]), killed, resume="last", progress=False)
+    loads = []  # every torch.load of the resume (ours and Lightning's, through AtomicCheckpointIO) is weights_only
+    real_load = torch.load
+
+    def recording_load(*a, **k):
+        loads.append(k.get("weights_only"))
+        return real_load(*a, **k)
+
+    torch.load = recording_load
+    try:
+        summary = run_pretrain(load_pretrain_config(None, ov, videos=[video]), killed, resume="last", progress=False)
+    finally:
+        torch.load = real_load
+    assert len(loads) >= 2 and all(w is True for w in loads), loads
     assert summary["steps"] == 4
     a, sa = _weights(straight)
     b, sb = _weights(killed)
@@ -191,5 +203,8 @@ def test_ddp_on_two_cpu_processes(tmp_path, video):
            *sum((["--set", s] for s in MICRO), []), "--set", "trainer.accelerator=cpu"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
-    meta = torch.load(out / "stage1" / "backbone.pt", map_location="cpu", weights_only=False)["meta"]
+    lines = [ln for ln in r.stderr.splitlines() if "CPU processes" in ln]
+    assert lines == ["pretrain: running 2 CPU processes (DDP, gloo); the learning rate scales with the 2x larger "
+                     "total batch: peak lr 0.004 (optim.lr 0.002 x 4 clips/step / optim.lr_batch_reference 2)"]
+    meta = torch.load(out / "stage1" / "backbone.pt", map_location="cpu", weights_only=True)["meta"]
     assert meta["steps"] == 4 and meta["clips_seen"] == 4 * 2 * 2  # steps x world x batch

@@ -42,6 +42,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="also read a checkpoint that contains pickled Python objects (they can run code while "
+                        "loading; only for files from a source you trust)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wtours",
@@ -110,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", default=None, help="GPUs per node (int or 'auto')")
     p.add_argument("--num-nodes", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None, help="shortcut for --set trainer.max_steps=N")
+    _add_trust_arg(p)
 
     p = groups["eval"] = _sub(subs, "eval", "wtours.eval.cli", "evaluate an encoder",
              "wtours eval clustering --dataset davis --root DAVIS --checkpoint runs/venice/backbone.pt")
@@ -130,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repeat k-means with N seeds and report mean ± std (default: 1)")
     q.add_argument("--out", metavar="DIR", help="output folder (default: runs/eval/<dataset>)")
     q.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    _add_trust_arg(q)
     _add_config_args(q)
 
     p = groups["bench"] = _sub(subs, "bench", "wtours.bench.cli", "benchmarks (decode, train, eval)",

@@ -2,13 +2,18 @@
 
 Every writer goes to a temporary file in the destination folder, flushes and fsyncs it, then
 renames it over the destination (``os.replace`` is atomic on POSIX within one filesystem).
+Temp files are named ``.<name>.<8 random characters>.tmp``; a write killed with ``kill -9`` leaves
+one behind, which :func:`remove_stale_temps` deletes at the next start. An ``OSError`` raised while
+writing (disk full, ...) names the destination file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -42,15 +47,41 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
         raise UserError(f"cannot write here ({e.strerror or e})", path=path) from None
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, mode, **kwargs) as f:
+        with _fdopen(fd, mode, **kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not e.filename and e.errno is not None:
+            # writes to an open file raise without a file name ("No space left on device"): name it
+            raise type(e)(e.errno, e.strerror or str(e), str(path)) from None
         raise
+
+
+_fdopen = os.fdopen  # the file object atomic_open writes to (tests replace it to simulate a full disk)
+_TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temps(directory: str | Path) -> tuple[int, int]:
+    """Delete the temp files :func:`atomic_open` left in ``directory`` (not recursive) when a write was
+    killed -> ``(files, bytes)`` removed. Only names of its own pattern are touched. Call it only while
+    nothing else writes into ``directory`` (the start of a run)."""
+    n = size = 0
+    d = Path(directory)
+    if not d.is_dir():
+        return 0, 0
+    for p in d.iterdir():
+        if _TEMP_RE.match(p.name) and p.is_file() and not p.is_symlink():
+            try:
+                sz = p.stat().st_size
+                p.unlink()
+            except OSError:
+                continue
+            n, size = n + 1, size + sz
+    return n, size
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -67,12 +98,23 @@ def write_json(path: str | Path, obj: Any, indent: int = 2) -> Path:
 
 
 def torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` through a temp file + rename."""
+    """``torch.save`` through a temp file + rename.
+
+    The object is serialised to memory first, then written: an error of the write itself (disk full,
+    Ctrl-C) then surfaces as itself, not hidden in torch's ``RuntimeError: enforce fail``.
+    """
     import torch
 
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getbuffer()
     with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
+        for i in range(0, len(data), _CHUNK):
+            f.write(data[i:i + _CHUNK])
     return Path(path)
+
+
+_CHUNK = 64 << 20
 
 
 def _json_default(o: Any) -> Any:

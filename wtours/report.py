@@ -3,7 +3,10 @@
 Reads ``config.yaml``, ``stage1/metrics.csv`` (loss, schedules, throughput), ``stage1/pictures/*.png``,
 ``stage1/backbone.pt`` (its meta), ``stage2/metrics.csv`` and ``eval/metrics.json`` when present,
 draws ``stage1/loss.png`` (PIL, no matplotlib) and writes ``report.md`` atomically. Missing parts
-are skipped, so it works on a run that is still going or was stopped.
+are skipped, so it works on a run that is still going or was stopped; a directory with none of
+``config.yaml``, ``stage1/``, ``stage2/``, ``eval/metrics.json`` is not a run and is refused (nothing
+written). ``backbone.pt`` is read with ``weights_only=True`` and its checksum verified; a damaged or
+unreadable one is reported as such.
 """
 
 from __future__ import annotations
@@ -103,15 +106,20 @@ def _stage_section(run: Path, stage: str, lines: list[str]) -> None:
             lines.append(f"- {label}: first {vals[0]:.4g}, last {vals[-1]:.4g}, mean {sum(vals) / len(vals):.4g}")
     bb = sdir / "backbone.pt"
     if bb.is_file():
-        meta = {}
+        meta: dict = {}
+        problem = ""
         try:
-            import torch
+            from wtours.integrity import CHECKSUM_KEY, load_verified
 
-            meta = torch.load(bb, map_location="cpu", weights_only=False).get("meta", {})
-        except Exception:  # noqa: BLE001 - a report never fails on a bad file
-            pass
+            obj, _ = load_verified(bb)
+            meta = {k: v for k, v in (obj.get("meta") or {}).items() if k != CHECKSUM_KEY}
+        except UserError as e:  # a report never fails on a bad file: it says so
+            problem = str(e).removeprefix(f"{bb}: ")
+        except Exception as e:  # noqa: BLE001
+            problem = f"unreadable ({type(e).__name__})"
+        details = ", ".join(f"{k}={_fmt(v)}" for k, v in meta.items() if k != "videos")
         lines.append(f"- backbone: `{bb.relative_to(run).as_posix()}`"
-                     + (f" ({', '.join(f'{k}={_fmt(v)}' for k, v in meta.items() if k != 'videos')})" if meta else ""))
+                     + (f" ({details})" if details else "") + (f" **{problem}**" if problem else ""))
     pics = sorted((sdir / "pictures").glob("*.png")) if (sdir / "pictures").is_dir() else []
     if pics:
         lines += ["", f"Tracked objects (teacher) on a fixed clip, frames left to right; "
@@ -126,7 +134,11 @@ def write_report(run_dir: str | Path) -> Path:
     """Write ``<run_dir>/report.md``; returns its path."""
     run = Path(run_dir)
     if not run.is_dir():
-        raise UserError("run directory not found", path=run)
+        raise UserError("run directory not found" if not run.exists() else "not a directory", path=run)
+    markers = (run / "config.yaml", run / "stage1", run / "stage2", run / "eval" / "metrics.json")
+    if not any(p.exists() for p in markers):
+        raise UserError("not a run directory (no config.yaml, stage1/, stage2/ or eval/metrics.json): "
+                        "nothing to report", path=run)
     lines = [f"# Run report: {run.name}", ""]
     cfg_path = run / "config.yaml"
     if cfg_path.is_file():

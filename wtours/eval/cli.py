@@ -123,6 +123,7 @@ def evaluate_clustering(
     videos: str | Path | None = None,
     device: str = "auto",
     verbose: bool = True,
+    trust: bool = False,
 ) -> dict:
     """Run the whole evaluation and write its outputs -> the metrics dict (also in metrics.json)."""
     from wtours.models.backbone_io import load_backbone
@@ -136,7 +137,7 @@ def evaluate_clustering(
     dev = resolve_device(device)
     data: Dataset = read_dataset(dataset, root, videos, cfg.frames_per_clip, cfg.max_instance_id, cfg.split_seed,
                                  cfg.missing_annotations)
-    model, info = load_backbone(checkpoint, arch)
+    model, info = load_backbone(checkpoint, arch, trust=trust)
     patch = tuple(model.patch_embed.patch_size)
     if cfg.input_size[0] % patch[0] or cfg.input_size[1] % patch[1]:
         raise UserError(f"input_size {cfg.input_size} is not a multiple of the patch size {patch[0]}")
@@ -228,5 +229,6 @@ def cli_main(args) -> int:
         if args.repeats < 1:
             raise UserError(f"--repeats {args.repeats}: must be >= 1")
         cfg.repeats = args.repeats
-    evaluate_clustering(args.dataset, args.root, args.checkpoint, args.out, cfg, args.arch, args.videos, args.device)
+    evaluate_clustering(args.dataset, args.root, args.checkpoint, args.out, cfg, args.arch, args.videos, args.device,
+                        trust=getattr(args, "trust_checkpoint", False))
     return 0

@@ -4,17 +4,24 @@
 dict loads strictly into ``timm.create_model(arch)``: it carries a zero classifier head (no
 classifier is trained) so that timm's default 1000-class head finds its keys::
 
-    ckpt = torch.load("runs/venice/backbone.pt", map_location="cpu")
+    ckpt = torch.load("runs/venice/backbone.pt", map_location="cpu", weights_only=True)
     model = timm.create_model(ckpt["arch"])
     model.load_state_dict(ckpt["state_dict"])
 
+``meta["wtours_checksum"]`` is a checksum of the file's content (:mod:`wtours.integrity`), verified
+by :func:`read_state_dict`: a damaged file is refused with one line naming it. Non-finite weights
+are never exported.
+
 :func:`load_backbone` accepts a ``backbone.pt``, a bare timm ViT state dict file (DINO's released
-``dino_deitsmall16_pretrain.pth`` has exactly timm's key names), a Lightning checkpoint of ours,
-or ``random:<timm arch>`` for the untrained baseline.
+``dino_deitsmall16_pretrain.pth`` has exactly timm's key names; such foreign files carry no
+checksum and load as unverified), a Lightning checkpoint of ours, or ``random:<timm arch>`` for the
+untrained baseline. Files are read with ``weights_only=True``; one that needs pickle is refused
+unless ``trust`` (``--trust-checkpoint``).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -23,6 +30,7 @@ import torch
 
 from wtours.errors import UserError
 from wtours.fsutil import torch_save
+from wtours.integrity import CHECKSUM_KEY, load_verified, seal
 
 # Prefixes stripped from foreign state dicts, tried in this order.
 _PREFIXES = ("module.", "backbone.", "student.backbone.", "teacher.backbone.", "model.", "encoder.")
@@ -30,13 +38,35 @@ _HEADS_BY_DIM = {192: 3, 384: 6, 768: 12, 1024: 16}
 _SIZE_BY_DIM = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
 
 
-def create_vit(arch: str, **kwargs: Any) -> torch.nn.Module:
-    """``timm.create_model(arch)`` with a one-line error for an unknown name."""
+@functools.lru_cache(maxsize=64)
+def vit_arch_problem(arch: str) -> str | None:
+    """Why ``arch`` is not a timm VisionTransformer name (None when it is); builds nothing real."""
     import timm
 
+    if not timm.is_model(arch):
+        return (f"unknown or unsupported timm architecture '{arch}' (not a timm model name; "
+                "e.g. vit_small_patch16_224, vit_tiny_patch16_224)")
+    try:
+        with torch.device("meta"):  # no memory, no init cost
+            model = timm.create_model(arch, pretrained=False)
+    except Exception as e:  # noqa: BLE001 - whatever timm raises for a name it cannot build
+        return f"unsupported timm architecture '{arch}' ({type(e).__name__}: {str(e)[:120]})"
+    if not isinstance(model, timm.models.VisionTransformer):
+        return (f"'{arch}' is a {type(model).__name__}, not a ViT: wtours trains and evaluates timm "
+                "VisionTransformer models (e.g. vit_small_patch16_224)")
+    return None
+
+
+def create_vit(arch: str, **kwargs: Any) -> torch.nn.Module:
+    """``timm.create_model(arch)`` of a ViT, with a one-line error for an unknown or non-ViT name."""
+    import timm
+
+    problem = vit_arch_problem(arch)
+    if problem:
+        raise UserError(problem)
     try:
         return timm.create_model(arch, pretrained=False, **kwargs)
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"unknown or unsupported timm architecture '{arch}' ({e})") from None
 
 
@@ -52,7 +82,11 @@ def export_backbone(model: torch.nn.Module, arch: str, path: str | Path, meta: d
     missing = sorted(set(ref) - set(sd))
     if missing:
         raise ValueError(f"state dict does not fit timm '{arch}': missing {missing[:5]}")
-    return torch_save({"arch": arch, "state_dict": sd, "meta": dict(meta or {})}, path)
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"refusing to export non-finite weights ({bad[0]}"
+                        + (f" and {len(bad) - 1} more)" if len(bad) > 1 else ")"), path=path)
+    return torch_save(seal({"arch": arch, "state_dict": sd, "meta": dict(meta or {})}, in_meta=True), path)
 
 
 def infer_arch(sd: dict[str, torch.Tensor]) -> str:
@@ -80,17 +114,21 @@ def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return sd
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None, dict]:
-    """Read a checkpoint file -> (ViT state dict, arch if recorded, meta)."""
+def read_state_dict(path: str | Path, trust: bool = False) -> tuple[dict[str, torch.Tensor], str | None, dict]:
+    """Read a checkpoint file -> (ViT state dict, arch if recorded, meta without the checksum).
+
+    A file that carries a checksum is verified (a damaged one raises a one-line :class:`UserError`);
+    foreign files carry none. ``trust`` allows files that need pickle.
+    """
+    sd, arch, meta, _ = _read_checked(path, trust)
+    return sd, arch, meta
+
+
+def _read_checked(path: str | Path, trust: bool) -> tuple[dict[str, torch.Tensor], str | None, dict, bool]:
+    """:func:`read_state_dict` + whether the file's checksum was verified."""
     p = Path(path)
-    if not p.exists():
-        raise UserError("checkpoint not found", path=p)
-    if p.is_dir():
-        raise UserError("is a directory, expected a checkpoint file", path=p)
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise UserError(f"cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})", path=p) from None
+    obj, verified = load_verified(p, trust=trust, hint="restore it from a copy, or export it again (re-running "
+                                  "'wtours pretrain' on its run re-exports it from last.ckpt)")
     arch, meta = None, {}
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         arch = obj.get("arch") if isinstance(obj.get("arch"), str) else None
@@ -106,11 +144,16 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str | No
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError("not a state dict of tensors", path=p)
-    return _strip(obj), arch, meta
+    meta = {k: v for k, v in meta.items() if k != CHECKSUM_KEY} if isinstance(meta, dict) else {}
+    return _strip(obj), arch, meta, verified
 
 
-def load_backbone(spec: str, arch: str | None = None) -> tuple[torch.nn.Module, dict]:
-    """Build a timm ViT from ``spec`` -> (model in eval mode on CPU, identity info)."""
+def load_backbone(spec: str, arch: str | None = None, trust: bool = False) -> tuple[torch.nn.Module, dict]:
+    """Build a timm ViT from ``spec`` -> (model in eval mode on CPU, identity info).
+
+    ``info["verified"]``: the file's checksum was checked (False for foreign files without one).
+    ``trust`` allows files that need pickle (see :func:`wtours.integrity.safe_load`).
+    """
     if spec.startswith("random:"):
         name = spec.split(":", 1)[1] or arch
         if not name:
@@ -118,7 +161,7 @@ def load_backbone(spec: str, arch: str | None = None) -> tuple[torch.nn.Module, 
         torch.manual_seed(0)
         model = create_vit(name, num_classes=0, dynamic_img_size=True)
         return model.eval(), {"kind": "random", "arch": name, "spec": spec}
-    sd, recorded, meta = read_state_dict(spec)
+    sd, recorded, meta, verified = _read_checked(spec, trust)
     if arch is None:
         arch = recorded
     if arch is None:
@@ -149,4 +192,5 @@ def load_backbone(spec: str, arch: str | None = None) -> tuple[torch.nn.Module, 
         grid = model.patch_embed.grid_size
         sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], list(grid), num_prefix_tokens=n_prefix)
     model.load_state_dict(sd)
-    return model.eval(), {"kind": "checkpoint", "arch": arch, "spec": str(spec), "meta": meta}
+    return model.eval(), {"kind": "checkpoint", "arch": arch, "spec": str(spec), "meta": meta,
+                          "verified": verified}

@@ -1,27 +1,32 @@
-"""Checkpoints that survive a kill: atomic writes, config checks on resume.
+"""Checkpoints that survive a kill and are verified before use.
 
 Lightning's ``TorchCheckpointIO`` serialises to memory and writes through an fsspec transaction;
 whether that is a rename depends on the fsspec version, and it never fsyncs. For local paths
 :class:`AtomicCheckpointIO` writes a temp file beside the target, fsyncs it and ``os.replace``-s
 it over the old checkpoint (:func:`wtours.fsutil.torch_save`), so ``last.ckpt`` is always either
-the previous or the new complete file.
+the previous or the new complete file. Every checkpoint carries a checksum of its content
+(:mod:`wtours.integrity`), verified whenever it is read; files are read with ``weights_only=True``
+(files that need pickle only with ``trust=True``, i.e. ``--trust-checkpoint``).
 
-:func:`check_resume` opens a checkpoint before ``trainer.fit(ckpt_path=...)`` and compares the
-config hash it was written with (``checkpoint["wtours"]["config_hash"]``) with the current one,
-naming the keys that differ.
+:func:`check_resume` (= :func:`read_checkpoint_meta` + :func:`check_config`) opens a checkpoint
+before ``trainer.fit(ckpt_path=...)`` and compares the config hash it was written with
+(``checkpoint["wtours"]["config_hash"]``) with the current one, naming the keys that differ.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from wtours.errors import UserError
 from wtours.fsutil import torch_save
+from wtours.integrity import load_verified, seal
 from wtours.train.video_config import training_view
+
+
+RESUME_HINT = "restore it from a copy, or start over with --fresh"
 
 
 def _is_local(path: Any) -> bool:
@@ -30,13 +35,33 @@ def _is_local(path: Any) -> bool:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose local saves are temp file + fsync + ``os.replace``."""
+    """``TorchCheckpointIO`` whose local saves are temp file + fsync + ``os.replace``, sealed with a
+    checksum, and whose loads are ``weights_only`` (unless ``trust``) and verified.
+
+    ``on_saved(path, global_step)`` is called after each completed local save (the run uses it to
+    drop the directory a ``--fresh`` start moved aside, and to name the last good checkpoint).
+    """
+
+    def __init__(self, trust: bool = False, on_saved: Callable[[Path, int], None] | None = None) -> None:
+        super().__init__()
+        self.trust = trust
+        self.on_saved = on_saved
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        sealed = seal(checkpoint)
         if storage_options is not None or not _is_local(path):
-            return super().save_checkpoint(checkpoint, path, storage_options)
+            return super().save_checkpoint(sealed, path, storage_options)
         p = Path(str(path).removeprefix("file://"))
-        torch_save(checkpoint, p)
+        torch_save(sealed, p)
+        if self.on_saved is not None:
+            self.on_saved(p, int(checkpoint.get("global_step", 0)))
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+                        ) -> dict[str, Any]:
+        if not _is_local(path):
+            raise UserError("only local checkpoints can be resumed", path=path)
+        ckpt, _ = load_verified(Path(str(path).removeprefix("file://")), trust=self.trust, hint=RESUME_HINT)
+        return ckpt
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -48,26 +73,25 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
-    """The ``wtours`` block of a training checkpoint (config hash, config, arch, ...)."""
+def read_checkpoint_meta(path: str | Path, trust: bool = False) -> dict[str, Any]:
+    """The ``wtours`` block of a training checkpoint (config hash, config, arch, ...), its
+    ``global_step`` and ``verified`` (False: written without a checksum, by an older wtours).
+    A damaged file raises a one-line :class:`UserError`."""
     p = Path(path)
     if not p.is_file():
         raise UserError("checkpoint to resume from not found" if not p.exists() else "not a checkpoint file", path=p)
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        msg = str(e).splitlines()[0][:200] if str(e) else ""
-        raise UserError(f"cannot read checkpoint ({type(e).__name__}: {msg})", path=p) from None
-    if not isinstance(ckpt, dict) or "wtours" not in ckpt or "state_dict" not in ckpt:
+    ckpt, verified = load_verified(p, trust=trust, hint=RESUME_HINT)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("wtours"), dict) or "state_dict" not in ckpt:
         raise UserError("not a 'wtours pretrain' training checkpoint", path=p)
     meta = dict(ckpt["wtours"])
     meta["global_step"] = int(ckpt.get("global_step", 0))
+    meta["verified"] = verified
     return meta
 
 
-def check_resume(path: str | Path, config_hash: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Raise a one-line :class:`UserError` unless ``path`` was written by this config."""
-    meta = read_checkpoint_meta(path)
+def check_config(meta: dict[str, Any], config_hash: str, config: dict[str, Any], path: str | Path) -> None:
+    """Raise a one-line :class:`UserError` unless the checkpoint ``meta`` (:func:`read_checkpoint_meta`)
+    of ``path`` was written by this config."""
     if meta.get("config_hash") != config_hash:
         old, new = _flatten(training_view(meta.get("config", {}))), _flatten(training_view(config))
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -75,4 +99,10 @@ def check_resume(path: str | Path, config_hash: str, config: dict[str, Any]) -> 
         more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
         raise UserError(f"checkpoint was written with another config ({detail or 'hash differs'}{more}); "
                         "resume with the same config, or start over with --fresh or another --out", path=path)
+
+
+def check_resume(path: str | Path, config_hash: str, config: dict[str, Any], trust: bool = False) -> dict[str, Any]:
+    """Raise a one-line :class:`UserError` unless ``path`` is intact and was written by this config."""
+    meta = read_checkpoint_meta(path, trust)
+    check_config(meta, config_hash, config, path)
     return meta

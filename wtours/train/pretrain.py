@@ -15,6 +15,12 @@ Writes into the run directory ``--out`` (default ``runs/<config name>``)::
 
 ``--resume`` continues a killed run from ``stage1/last.ckpt`` (or a given checkpoint) exactly:
 weights, optimizer, schedules, teacher, centre, position in the clip stream, random streams.
+Checkpoints are verified (checksum) and read with ``weights_only=True``; a foreign checkpoint that
+needs pickle is read only with ``--trust-checkpoint``. ``--fresh`` moves an existing ``stage1/``
+aside (``stage1.old-<time>``) and deletes it once the new run has saved its first checkpoint, so a
+killed ``--fresh`` never lets a later re-run continue the old run. Temp files of killed writes are
+removed at start-up. A loss or weights that become non-finite stop the run (:mod:`wtours.train.guard`):
+the last good checkpoint stays, nothing is exported, exit status 2.
 Multi-GPU / multi-node: ``--devices N --num-nodes M`` (DDP; SLURM ``srun`` and ``torchrun`` are
 detected by Lightning).
 """
@@ -25,14 +31,16 @@ import csv
 import json
 import math
 import os
+import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 from wtours.config import load_config, to_dict, to_yaml
 from wtours.errors import ConfigError, UserError
-from wtours.fsutil import ensure_dir, write_text
+from wtours.fsutil import ensure_dir, remove_stale_temps, write_text
 from wtours.train.video_config import VideoPretrainConfig, training_hash
 
 OOM_HINT = ("lower data.batch_size (e.g. --set data.batch_size=8, with trainer.accumulate_grad_batches=2 to keep "
@@ -103,6 +111,43 @@ def synth_videos(cfg: VideoPretrainConfig, run_dir: Path, progress: bool = True)
     return [str(res.video)]
 
 
+def launch_rank_zero() -> bool:
+    """True in the process that starts a run (not in ranks > 0 of torchrun / srun / Lightning's DDP
+    launcher): the one that prepares the run directory."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "JSM_NAMESPACE_RANK"):
+        v = os.environ.get(var, "").strip()
+        if v not in ("", "0"):
+            return False
+    return True
+
+
+def set_stage_aside(stage: Path) -> Path | None:
+    """``--fresh``: rename ``stage`` to ``<stage>.old-<time>`` (atomic) -> the new name, None if absent."""
+    if not stage.exists():
+        return None
+    old = stage.with_name(f"{stage.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    try:
+        os.replace(stage, old)
+    except OSError as e:
+        raise UserError(f"--fresh: cannot move the previous run aside ({e.strerror or e})", path=stage) from None
+    return old
+
+
+def drop_set_aside(stage: Path) -> None:
+    """Delete the ``<stage>.old-*`` directories left by ``--fresh`` (once the new run has a checkpoint)."""
+    for old in stage.parent.glob(f"{stage.name}.old-*"):
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def divergence_hint(cfg: VideoPretrainConfig) -> str:
+    o = cfg.optim
+    hint = f"lower optim.lr (now {o.lr:g})"
+    if o.clip_grad == 0:
+        return hint + " and keep gradient clipping on (optim.clip_grad, now 0; default 3.0)"
+    return hint + f" or optim.clip_grad (now {o.clip_grad:g})"
+
+
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     if resume is None:
         return None
@@ -137,12 +182,24 @@ def _devices(spec: Any) -> Any:
     return n
 
 
+def _make_trainer(trainer_cls: Any, misconfiguration: type, **kwargs: Any) -> Any:
+    """``Trainer(**kwargs)``; Lightning's complaints about devices / nodes / accelerator -> one line."""
+    try:
+        return trainer_cls(**kwargs)
+    except (misconfiguration, TypeError, ValueError) as e:
+        where = ", ".join(f"{k}={kwargs[k]!r}" for k in ("accelerator", "devices", "num_nodes"))
+        msg = " ".join(str(e).split())[:300]
+        raise UserError(f"cannot set up training ({where}; see --devices, --num-nodes, trainer.accelerator): "
+                        f"{msg}") from None
+
+
 def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | None = None,
                  devices: Any = None, num_nodes: int | None = None, extra_callbacks: Sequence[Any] = (),
-                 progress: bool | None = None) -> dict[str, Any]:
+                 progress: bool | None = None, fresh: bool = False, trust: bool = False) -> dict[str, Any]:
     """Run stage 1 into ``run_dir`` (see the module docstring). Returns a summary dict.
 
-    ``extra_callbacks`` are added to the Trainer (tests use one to simulate a kill).
+    ``fresh`` sets an existing ``stage1/`` aside first; ``trust`` reads a ``resume`` checkpoint that
+    needs pickle. ``extra_callbacks`` are added to the Trainer (tests use one to simulate a kill).
     """
     import lightning.pytorch as pl
     import torch
@@ -151,7 +208,8 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
 
     from wtours.models.backbone_io import export_backbone
     from wtours.train.callbacks import MaskPictures, ResumableCSVLogger, StepProgressBar, ThroughputMonitor
-    from wtours.train.checkpointing import AtomicCheckpointIO, check_resume
+    from wtours.train.checkpointing import AtomicCheckpointIO, check_config, read_checkpoint_meta
+    from wtours.train.guard import FiniteGuard
     from wtours.train.schedules import clips_per_step
     from wtours.train.video_data import DataEpochCallback, VideoDataModule, make_clip_dataset
     from wtours.train.video_module import DoRAModule
@@ -160,24 +218,47 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
 
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)  # no "GPU available: ..." banners
+    if fresh and resume is not None:
+        raise UserError("--fresh and --resume contradict each other")
+    if num_nodes is not None and num_nodes < 1:
+        raise UserError(f"--num-nodes: must be >= 1, got {num_nodes}")
+    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator: '{cfg.trainer.accelerator}' needs a CUDA GPU, and torch finds none "
+                          "here; use trainer.accelerator=auto or cpu")
+    dev = _devices(devices if devices is not None else cfg.trainer.devices)
+    main_process = launch_rank_zero()
+    # the checkpoint to resume from is read (verified, weights_only) before anything is written
+    ckpt_path = resolve_resume(resume, Path(run_dir))
+    resumed = read_checkpoint_meta(ckpt_path, trust) if ckpt_path is not None else None
+    resumed_step = resumed["global_step"] if resumed is not None else None
+    if resumed is not None and not resumed["verified"] and main_process:
+        print(f"wtours pretrain: {ckpt_path} carries no checksum (written by an older wtours): not verified",
+              file=sys.stderr)
     run_dir = ensure_dir(run_dir)
-    stage = ensure_dir(run_dir / "stage1")
     show = cfg.log.progress if progress is None else progress
-    ckpt_path = resolve_resume(resume, run_dir)
-    resumed_step = None
+    if fresh and main_process:
+        old = set_stage_aside(run_dir / "stage1")
+        if old is not None:
+            print(f"wtours pretrain: --fresh: moved the previous run's stage1/ aside to {old.name}/ (deleted once "
+                  "the new run saves its first checkpoint)", file=sys.stderr)
+    stage = ensure_dir(run_dir / "stage1")
+    if main_process:
+        n_tmp, size = remove_stale_temps(stage)
+        if n_tmp:
+            print(f"wtours pretrain: removed {n_tmp} temp file(s) ({size / 2**20:.1f} MiB) left by killed writes "
+                  f"in {stage}", file=sys.stderr)
     if not cfg.videos:
         cfg.videos = synth_videos(cfg, run_dir, progress=show)
     for v in cfg.videos:
         if not Path(v).is_file():
             raise UserError("video not found" if not Path(v).exists() else "not a file", path=v)
     cfg_hash = training_hash(cfg)
-    if ckpt_path is not None:
-        resumed_step = check_resume(ckpt_path, cfg_hash, to_dict(cfg))["global_step"]
+    if resumed is not None:
+        check_config(resumed, cfg_hash, to_dict(cfg), ckpt_path)
     dataset = make_clip_dataset(cfg, cfg.videos)  # indexes the videos; too-short ones fail here
     write_text(run_dir / "config.yaml", to_yaml(cfg))
     on_gpu = cfg.trainer.accelerator != "cpu" and torch.cuda.is_available()
     accelerator = cfg.trainer.accelerator if cfg.trainer.accelerator != "cuda" else "gpu"
-    dev = _devices(devices if devices is not None else cfg.trainer.devices)
     if not on_gpu and accelerator == "auto":
         accelerator = "cpu"
     loggers: list[Any] = [ResumableCSVLogger(run_dir, "stage1", keep_until_step=resumed_step)]
@@ -190,15 +271,26 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
     pictures = MaskPictures(stage / "pictures", cfg.log.picture_every)
     throughput = ThroughputMonitor(0, cfg.data.frames_per_clip, cfg.trainer.log_every)
     data_epochs = DataEpochCallback(None)
-    callbacks = [bar, throughput, pictures, data_epochs, ckpt_cb, *extra_callbacks]
+    guard = FiniteGuard(cfg.trainer.log_every, divergence_hint(cfg), stage / "last.ckpt",
+                        saved_step=resumed_step if ckpt_path == stage / "last.ckpt" else None)
+
+    def saved(path: Path, step: int) -> None:
+        guard.saved(step)
+        drop_set_aside(stage)  # a --fresh start is now safe: the new run has a checkpoint
+
+    callbacks = [bar, throughput, pictures, data_epochs, guard, ckpt_cb, *extra_callbacks]
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(GPU available but not used).*")
-        trainer = pl.Trainer(
+        trainer = _make_trainer(
+            pl.Trainer, MisconfigurationException,
             accelerator=accelerator, devices=dev, num_nodes=num_nodes or cfg.trainer.num_nodes,
             precision=_precision(cfg, on_gpu), max_epochs=-1, max_steps=1, callbacks=callbacks,
             accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, log_every_n_steps=cfg.trainer.log_every,
-            logger=loggers, plugins=[AtomicCheckpointIO()], limit_val_batches=0, num_sanity_val_steps=0,
-            enable_model_summary=False, default_root_dir=str(run_dir), deterministic=cfg.trainer.deterministic or None,
+            logger=loggers, plugins=[AtomicCheckpointIO(trust=trust, on_saved=saved)], limit_val_batches=0,
+            num_sanity_val_steps=0, enable_model_summary=False, default_root_dir=str(run_dir),
+            deterministic=cfg.trainer.deterministic or None,
             benchmark=on_gpu or None)
     # the world size is known once the Trainer resolved devices and nodes
     world = trainer.world_size
@@ -209,6 +301,11 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
     data_epochs.dm = dm
     throughput.clips_per_step = clips_per_step(cfg, world)
 
+    if trainer.is_global_zero and main_process and world > 1 and not on_gpu:
+        print(f"pretrain: running {world} CPU processes (DDP, gloo); the learning rate scales with the {world}x "
+              f"larger total batch: peak lr {sched.peak_lr:.3g} (optim.lr {cfg.optim.lr:g} x "
+              f"{clips_per_step(cfg, world)} clips/step / optim.lr_batch_reference {cfg.optim.lr_batch_reference})",
+              file=sys.stderr)
     if trainer.is_global_zero and show:
         print(f"pretrain: {cfg.model.arch}, {sched.total_steps} steps ({sched.steps_per_epoch}/epoch), "
               f"{clips_per_step(cfg, world)} clips/step x {cfg.data.frames_per_clip} frames on {world} "
@@ -227,7 +324,8 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
     if trainer.interrupted or trainer.global_step < sched.total_steps:
         raise KeyboardInterrupt
     summary: dict[str, Any] = {"steps": trainer.global_step, "run_dir": str(run_dir)}
-    trainer.save_checkpoint(str(stage / "last.ckpt"))
+    trainer.save_checkpoint(str(stage / "last.ckpt"))  # the guard checks the weights first
+    guard.check(trainer, module)
     if trainer.is_global_zero:
         meta = {"stage": "dora", "steps": trainer.global_step, "config_hash": cfg_hash,
                 "videos": [str(v) for v in cfg.videos], "arch": cfg.model.arch,
@@ -267,7 +365,8 @@ def cli_main(args: Any) -> int:
     import torch
 
     resume = args.resume
-    if getattr(args, "fresh", False):
+    fresh = getattr(args, "fresh", False)
+    if fresh:
         if resume is not None:
             raise UserError("--fresh and --resume contradict each other")
     elif resume is None and (run_dir / "stage1" / "last.ckpt").is_file():
@@ -276,7 +375,8 @@ def cli_main(args: Any) -> int:
         print(f"wtours pretrain: {run_dir} holds a run: continuing it (--fresh starts over)", file=sys.stderr)
         resume = "last"
     try:
-        summary = run_pretrain(cfg, run_dir, resume=resume, devices=args.devices, num_nodes=args.num_nodes)
+        summary = run_pretrain(cfg, run_dir, resume=resume, devices=args.devices, num_nodes=args.num_nodes,
+                               fresh=fresh, trust=getattr(args, "trust_checkpoint", False))
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"CUDA out of memory (data.batch_size={cfg.data.batch_size}, crops.local_number="
                         f"{cfg.crops.local_number}, tracking.objects={cfg.tracking.objects}, model.arch="

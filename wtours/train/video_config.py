@@ -71,7 +71,7 @@ class DataConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
 
     def validate(self) -> None:
-        _at_least(self, 1, "frames_per_clip", "batch_size")
+        _at_least(self, 1, "frames_per_clip", "batch_size", "prefetch_factor")
         _positive(self, "stride")
         _at_least(self, 0, "num_workers")
         _at_least(self, 16, "short_side")
@@ -135,6 +135,11 @@ class ModelConfig:
     norm_last_layer: bool = False
 
     def validate(self) -> None:
+        from wtours.models.backbone_io import vit_arch_problem
+
+        problem = vit_arch_problem(self.arch)
+        if problem:
+            raise ValueError(f"arch: {problem}")
         if self.out_dim < 2:
             raise ValueError(f"out_dim: must be >= 2, got {self.out_dim}")
         if not 0 <= self.drop_path_rate < 1:
