@@ -10,7 +10,7 @@ classifier is trained) so that timm's default 1000-class head finds its keys::
 
 :func:`load_backbone` accepts a ``backbone.pt``, a bare timm ViT state dict file (DINO's released
 ``dino_deitsmall16_pretrain.pth`` has exactly timm's key names), a Lightning checkpoint of ours,
-or ``random:<timm arch>`` for the untrained baseline.
+or ``random:<timm arch>[@<seed>]`` for the untrained baseline (init seed 0 unless given).
 """
 
 from __future__ import annotations
@@ -112,10 +112,15 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str | No
 def load_backbone(spec: str, arch: str | None = None) -> tuple[torch.nn.Module, dict]:
     """Build a timm ViT from ``spec`` -> (model in eval mode on CPU, identity info)."""
     if spec.startswith("random:"):
-        name = spec.split(":", 1)[1] or arch
+        name, _, seed_txt = spec.split(":", 1)[1].partition("@")  # random:<arch>[@<init seed>]
+        name = name or arch
         if not name:
             raise UserError("random:<timm arch> needs an architecture name, e.g. random:vit_small_patch16_224")
-        torch.manual_seed(0)
+        try:
+            seed = int(seed_txt) if seed_txt else 0
+        except ValueError:
+            raise UserError(f"{spec}: the init seed after '@' must be an integer, e.g. random:{name}@1") from None
+        torch.manual_seed(seed)
         model = create_vit(name, num_classes=0, dynamic_img_size=True)
         return model.eval(), {"kind": "random", "arch": name, "spec": spec}
     sd, recorded, meta = read_state_dict(spec)
