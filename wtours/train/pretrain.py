@@ -11,7 +11,8 @@ Writes into the run directory ``--out`` (default ``runs/<config name>``)::
     stage1/pictures/*.png       tracked object masks on a fixed clip, every log.picture_every steps
     stage1/backbone.pt          the teacher backbone, loadable by timm (written when the run completes)
     report.md                   summary (``wtours report RUN_DIR`` rewrites it)
-    data/synth/                 the synthetic walking tour, when no --video is given
+    data/synth/                 the synthetic walking tour, when no --video is given (with DAVIS- and
+                                YTVOS-layout evaluation sets of data.synth.sequences x seq_frames frames)
 
 ``--resume`` continues a killed run from ``stage1/last.ckpt`` (or a given checkpoint) exactly:
 weights, optimizer, schedules, teacher, centre, position in the clip stream, random streams.
@@ -74,7 +75,8 @@ def synth_videos(cfg: VideoPretrainConfig, run_dir: Path, progress: bool = True)
 
     s = cfg.data.synth
     out = run_dir / "data" / "synth"
-    want = {"width": s.width, "height": s.height, "fps": s.fps, "seconds": s.seconds, "seed": s.seed}
+    want = {"width": s.width, "height": s.height, "fps": s.fps, "seconds": s.seconds, "seed": s.seed,
+            "sequences": s.sequences, "seq_frames": s.seq_frames}
     meta = out / "synth.json"
     def ready() -> bool:
         if not (meta.is_file() and (out / "tour.mp4").is_file()):
@@ -99,7 +101,7 @@ def synth_videos(cfg: VideoPretrainConfig, run_dir: Path, progress: bool = True)
     if progress:
         print(f"no --video given: writing a synthetic walking tour to {out}", file=sys.stderr)
     res = synthesize(out_dir=out, width=s.width, height=s.height, fps=s.fps, seconds=s.seconds, seed=s.seed,
-                     progress=progress)
+                     sequences=s.sequences, seq_frames=s.seq_frames, progress=progress)
     return [str(res.video)]
 
 
