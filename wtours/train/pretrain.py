@@ -152,7 +152,8 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from wtours.models.backbone_io import export_backbone
-    from wtours.train.callbacks import MaskPictures, ResumableCSVLogger, StepProgressBar, ThroughputMonitor
+    from wtours.train.callbacks import (CollapseWarning, MaskPictures, ResumableCSVLogger, StepProgressBar,
+                                        ThroughputMonitor)
     from wtours.train.checkpointing import AtomicCheckpointIO, check_resume
     from wtours.train.schedules import clips_per_step
     from wtours.train.video_data import DataEpochCallback, VideoDataModule, make_clip_dataset
@@ -192,7 +193,8 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
     pictures = MaskPictures(stage / "pictures", cfg.log.picture_every)
     throughput = ThroughputMonitor(0, cfg.data.frames_per_clip, cfg.trainer.log_every)
     data_epochs = DataEpochCallback(None)
-    callbacks = [bar, throughput, pictures, data_epochs, ckpt_cb, *extra_callbacks]
+    collapse = CollapseWarning(cfg.model.out_dim, cfg.trainer.log_every, run_dir / "report.md")
+    callbacks = [bar, throughput, pictures, data_epochs, collapse, ckpt_cb, *extra_callbacks]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(GPU available but not used).*")
         trainer = pl.Trainer(
@@ -239,7 +241,8 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
         for lg in loggers:
             lg.save()
         first, last = loss_endpoints(stage / "metrics.csv")
-        summary.update(first_loss=first, last_loss=last, pictures=[str(p) for p in pictures.written])
+        summary.update(first_loss=first, last_loss=last, pictures=[str(p) for p in pictures.written],
+                       collapse_warnings=list(collapse.warnings))
         from wtours.report import write_report
 
         summary["report"] = str(write_report(run_dir))
