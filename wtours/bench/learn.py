@@ -466,7 +466,7 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
     caption = (f"Stage 1 (`{args.config}`, {', '.join(map(str, steps))} steps, {resolved['model']['arch']}) vs "
                f"random initialisation (same arch, init seed = seed) on the synthetic tour's DAVIS- and "
                f"YTVOS-layout sets ({eval_sets['davis']['sequences']} unseen scenes each, eval `{args.eval_config}`); "
-               f"mIoU %, mean ± {STD_KIND} over seeds {' '.join(map(str, seeds))}; "
+               f"mIoU %, mean ± sample standard deviation (ddof=1) over seeds {' '.join(map(str, seeds))}; "
                f"separation = {SEPARATION_DEF}.")
     result: dict[str, Any] = {
         "goal": GOAL_TEXT,
@@ -525,7 +525,7 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
     if args.readme:
         body = "\n".join([
             table, "", *gl, "",
-            f"Command: `{result['command']}` (`make proof`), {result['date'][:10]}, wall time {wall} on "
+            f"Command: `{result['command']}`, {result['date'][:10]}, wall time {wall} on "
             f"{machine['cpu_count']} CPU cores ({machine['device']}, torch {machine['torch']}). Settings, "
             f"per-seed scores and the bar chart: `{_rel(out, Path(args.readme).parent)}/` "
             "(`proof.md`, `proof.json`, `proof.png`).",
