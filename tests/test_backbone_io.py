@@ -49,6 +49,21 @@ def test_random_spec_is_seeded():
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_random_spec_takes_an_init_seed():
+    def weights(spec):
+        return list(load_backbone(spec)[0].state_dict().values())
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a, b))
+
+    s0, s0_again, s1, plain = (weights(f"random:{ARCH}{suffix}") for suffix in ("@0", "@0", "@1", ""))
+    assert same(s0, s0_again) and same(s0, plain)  # no '@': seed 0, as before
+    assert not same(s0, s1)
+    assert not torch.equal(s0[2], s1[2])  # e.g. the patch embedding differs, not just one tensor somewhere
+    with pytest.raises(UserError, match=r"random:vit_tiny_patch16_224@x: the init seed after '@' must be an integer"):
+        load_backbone(f"random:{ARCH}@x")
+
+
 def test_infer_arch_from_shapes(model):
     assert infer_arch(model.state_dict()) == ARCH
     small = timm.create_model("vit_small_patch16_224", num_classes=0)

@@ -9,7 +9,7 @@ from wtours.cli import build_parser, main
 
 LEAVES = [
     ["download"], ["index"], ["prepare"], ["synth"], ["pretrain"], ["eval", "clustering"],
-    ["bench", "decode"], ["bench", "train"], ["bench", "eval"], ["report"],
+    ["bench", "decode"], ["bench", "train"], ["bench", "eval"], ["bench", "learn"], ["report"],
 ]
 
 

@@ -6,6 +6,7 @@ import csv
 import io
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -61,3 +62,80 @@ def test_atomic_checkpoint_io_replaces_the_file_and_leaves_no_temp(tmp_path):
     io_.save_checkpoint({"a": torch.zeros(2)}, p)
     assert torch.equal(torch.load(p)["a"], torch.zeros(2))
     assert sorted(x.name for x in p.parent.iterdir()) == ["last.ckpt"]
+
+
+# ----------------------------------------------------------------------------- collapse signals a user sees
+
+
+def _drive_collapse_warning(seq: list[dict], log_every: int = 2, out_dim: int = 256, rank0: bool = True,
+                            repeat: int = 1):
+    """Feed ``seq[i]`` as the metrics logged at optimizer step ``i + 1`` (each ``repeat`` micro-batches)."""
+    from types import SimpleNamespace
+
+    from wtours.train.callbacks import CollapseWarning
+
+    cb = CollapseWarning(out_dim, log_every, "runs/x/report.md")
+    trainer = SimpleNamespace(global_step=0, is_global_zero=rank0, callback_metrics={})
+    for step, m in enumerate(seq, start=1):
+        trainer.global_step = step
+        trainer.callback_metrics = {f"train/{k}": torch.tensor(float(v)) for k, v in m.items()}
+        for _ in range(repeat):  # gradient accumulation: several batch ends per optimizer step
+            cb.on_train_batch_end(trainer, None, None, None, 0)
+    return cb
+
+
+HEALTHY = {"teacher_entropy": 2.0, "teacher_batch_entropy": 5.0, "feature_std": 0.8, "prototypes_used": 40}
+UNIFORM = {**HEALTHY, "teacher_entropy": 0.95 * np.log(256)}
+
+
+def test_collapse_warning_one_line_for_a_collapsing_run_none_for_a_healthy_one(capsys):
+    cb = _drive_collapse_warning([HEALTHY] * 60)
+    assert cb.warnings == [] and capsys.readouterr().err == ""
+    # collapses at step 11; logged (every 2 steps) from step 12 to 30: 10 logging intervals -> one warning
+    cb = _drive_collapse_warning([HEALTHY] * 10 + [UNIFORM] * 20, repeat=2)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and len(cb.warnings) == 1, err
+    line = err.strip()
+    assert line.startswith("warning: step 12:") and "train/teacher_entropy 5.268" in line
+    assert "0.9*log C = 4.991" in line and "runs/x/report.md" in line
+    # and not more often than once per 10 logging intervals
+    cb = _drive_collapse_warning([HEALTHY] * 10 + [UNIFORM] * 50)
+    assert [w.split(":")[0] + ":" + w.split(":")[1] for w in cb.warnings] == \
+        ["warning: step 12", "warning: step 32", "warning: step 52"]
+    capsys.readouterr()
+    assert _drive_collapse_warning([UNIFORM] * 10, rank0=False).warnings == []  # rank 0 only
+
+
+@pytest.mark.parametrize("signal, value, needle", [
+    ("feature_std", 0.01, "train/feature_std 0.0100 < 0.05"),
+    ("prototypes_used", 1, "train/prototypes_used 1 <= 1"),
+])
+def test_collapse_warning_other_signals(capsys, signal, value, needle):
+    cb = _drive_collapse_warning([{**HEALTHY, signal: value}] * 4)
+    assert len(cb.warnings) == 1 and needle in cb.warnings[0]
+    assert capsys.readouterr().err.strip() == cb.warnings[0]
+
+
+def test_report_has_a_collapse_section_and_picture(tmp_path):
+    from wtours.report import write_report
+
+    run = tmp_path / "run"
+    (run / "stage1").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: t\nmodel:\n  arch: vit_tiny_patch16_224\n  out_dim: 64\n")
+    keys = ["teacher_entropy", "teacher_batch_entropy", "kl", "prototypes_used", "center_norm", "feature_std",
+            "mask_coverage"]
+    with open(run / "stage1" / "metrics.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "train/loss", *(f"train/{k}" for k in keys)])
+        for s in range(10):
+            w.writerow([s, 4.0 - 0.1 * s, 1.0 + 0.3 * s, 3.0, 1.0 / (s + 1), 10 - s, 0.1 * s, 0.9 - 0.08 * s, 0.5])
+    text = write_report(run).read_text()
+    assert "### Collapse signals" in text and "log C = 4.159 nats (C = model.out_dim = 64)" in text
+    assert "| `train/teacher_entropy` | 1 | 3.7 | 1 | 3.7 |" in text
+    assert "| `train/feature_std` | 0.9 | 0.18 | 0.18 | 0.9 |" in text
+    assert "![collapse signals](stage1/collapse.png)" in text
+    im = Image.open(run / "stage1" / "collapse.png").convert("RGB")
+    assert im.size == (2 * 400, 4 * 200)  # 7 panels, 2 a row
+    colours = {im.getpixel((x, y)) for x in range(0, 400) for y in range(0, 200)}
+    assert (200, 40, 40) in colours  # the log C line on the teacher-entropy panel
+    assert (200, 40, 40) not in {im.getpixel((x, y)) for x in range(400, 800) for y in range(0, 200)}

@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_arg(q)
     _add_config_args(q)
 
-    p = groups["bench"] = _sub(subs, "bench", "wtours.bench.cli", "benchmarks (decode, train, eval)",
+    p = groups["bench"] = _sub(subs, "bench", "wtours.bench.cli", "benchmarks (decode, train, eval, learn)",
                                "wtours bench decode venice.mp4")
     bsubs = p.add_subparsers(dest="bench_command", metavar="<what>")
     q = _sub(bsubs, "decode", "wtours.bench.decode", "decode throughput per backend vs the PyAV ceiling",
@@ -169,6 +169,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data", metavar="DIR", default=None,
                    help="where to write / reuse the synthetic set (default: the wtours cache)")
     q.add_argument("--json", metavar="FILE", default=None)
+
+    q = _sub(bsubs, "learn", "wtours.bench.learn",
+             "proof that training learns: stage 1 vs random init over seeds on the synthetic tour's ground truth",
+             "wtours bench learn --config video/proof --eval-config eval/proof --seeds 0 1 2 --readme README.md")
+    q.add_argument("--config", default="video/proof", metavar="FILE",
+                   help="stage-1 config (a path, or a name under configs/; default: video/proof)")
+    q.add_argument("--eval-config", default="eval/proof", metavar="FILE",
+                   help="clustering eval config (default: eval/proof)")
+    q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="S",
+                   help="training seeds = random-init seeds (default: 0 1 2)")
+    q.add_argument("--out", default="runs/proof", metavar="DIR", help="output folder (default: runs/proof)")
+    q.add_argument("--max-steps", type=int, default=None, help="shortcut for --set trainer.max_steps=N")
+    q.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                   help="override one stage-1 config key (dotted, value parsed as YAML); repeatable")
+    q.add_argument("--eval-set", dest="eval_overrides", metavar="KEY=VALUE", action="append", default=[],
+                   help="override one eval config key; repeatable")
+    q.add_argument("--readme", metavar="FILE", default=None,
+                   help="replace the block between <!-- proof:begin --> and <!-- proof:end --> in FILE")
+    q.add_argument("--json", metavar="FILE", default=None, help="also write proof.json here")
+    q.add_argument("--quiet", action="store_true", help="no progress output")
 
     p = _sub(subs, "report", "wtours.report", "(re)write a run directory's report.md from its metrics and pictures",
              "wtours report runs/venice")

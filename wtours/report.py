@@ -2,11 +2,11 @@
 
 Reads ``config.yaml``, ``stage1/metrics.csv`` (loss, schedules, throughput), ``stage1/pictures/*.png``,
 ``stage1/backbone.pt`` (its meta), ``stage2/metrics.csv`` and ``eval/metrics.json`` when present,
-draws ``stage1/loss.png`` (PIL, no matplotlib) and writes ``report.md`` atomically. Missing parts
-are skipped, so it works on a run that is still going or was stopped; a directory with none of
-``config.yaml``, ``stage1/``, ``stage2/``, ``eval/metrics.json`` is not a run and is refused (nothing
-written). ``backbone.pt`` is read with ``weights_only=True`` and its checksum verified; a damaged or
-unreadable one is reported as such.
+draws ``stage1/loss.png`` and ``stage1/collapse.png`` (the collapse signals, one panel each; PIL, no
+matplotlib) and writes ``report.md`` atomically. Missing parts are skipped, so it works on a run that
+is still going or was stopped; a directory with none of ``config.yaml``, ``stage1/``, ``stage2/``,
+``eval/metrics.json`` is not a run and is refused (nothing written). ``backbone.pt`` is read with
+``weights_only=True`` and its checksum verified; a damaged or unreadable one is reported as such.
 """
 
 from __future__ import annotations
@@ -45,35 +45,113 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def plot_curve(points: list[tuple[int, float]], title: str, size: tuple[int, int] = (640, 320)) -> bytes:
-    """A minimal PNG line plot of ``(step, value)`` points."""
-    from PIL import Image, ImageDraw
-
-    w, h = size
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
+def _draw_panel(d: Any, box: tuple[int, int, int, int], points: list[tuple[int, float]], title: str,
+                hline: tuple[float, str] | None = None) -> None:
+    """Draw a line plot of ``(step, value)`` points into ``box = (x0, y0, x1, y1)`` of an ImageDraw;
+    ``hline = (value, label)`` adds a dashed reference line (kept inside the value range)."""
+    x0, y0, x1, y1 = box
     pts = [(s, v) for s, v in points if math.isfinite(v)]
-    left, right, top, bottom = 60, w - 15, 25, h - 30
+    left, right, top, bottom = x0 + 60, x1 - 15, y0 + 25, y1 - 30
     d.rectangle([left, top, right, bottom], outline=(160, 160, 160))
-    d.text((left, 5), title, fill=(0, 0, 0))
+    d.text((left, y0 + 5), title, fill=(0, 0, 0))
     if len(pts) >= 1:
         s0, s1 = pts[0][0], max(pts[-1][0], pts[0][0] + 1)
         vmin, vmax = min(v for _, v in pts), max(v for _, v in pts)
+        if hline is not None and math.isfinite(hline[0]):
+            vmin, vmax = min(vmin, hline[0]), max(vmax, hline[0])
         if vmax - vmin < 1e-12:
             vmin, vmax = vmin - 0.5, vmax + 0.5
-        xy = [(left + (s - s0) / (s1 - s0) * (right - left), bottom - (v - vmin) / (vmax - vmin) * (bottom - top))
-              for s, v in pts]
+
+        def y_of(v: float) -> float:
+            return bottom - (v - vmin) / (vmax - vmin) * (bottom - top)
+
+        if hline is not None and math.isfinite(hline[0]):
+            yh = y_of(hline[0])
+            for xa in range(left, right, 8):  # dashed
+                d.line([(xa, yh), (min(xa + 4, right), yh)], fill=(200, 40, 40), width=1)
+            d.text((right - 6 * len(hline[1]) - 4, yh - 12 if yh - 12 > top else yh + 2), hline[1],
+                   fill=(200, 40, 40))
+        xy = [(left + (s - s0) / (s1 - s0) * (right - left), y_of(v)) for s, v in pts]
         if len(xy) > 1:
             d.line(xy, fill=(0, 90, 200), width=2)
         else:
             d.ellipse([xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2], fill=(0, 90, 200))
-        d.text((5, top), f"{vmax:.3g}", fill=(0, 0, 0))
-        d.text((5, bottom - 10), f"{vmin:.3g}", fill=(0, 0, 0))
+        d.text((x0 + 5, top), f"{vmax:.3g}", fill=(0, 0, 0))
+        d.text((x0 + 5, bottom - 10), f"{vmin:.3g}", fill=(0, 0, 0))
         d.text((left, bottom + 8), f"step {s0}", fill=(0, 0, 0))
         d.text((right - 70, bottom + 8), f"step {s1}", fill=(0, 0, 0))
+
+
+def _png(img: Any) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def plot_curve(points: list[tuple[int, float]], title: str, size: tuple[int, int] = (640, 320),
+               hline: tuple[float, str] | None = None) -> bytes:
+    """A minimal PNG line plot of ``(step, value)`` points."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", size, "white")
+    _draw_panel(ImageDraw.Draw(img), (0, 0, size[0], size[1]), points, title, hline)
+    return _png(img)
+
+
+def plot_panels(panels: list[tuple[str, list[tuple[int, float]], tuple[float, str] | None]], cols: int = 2,
+                panel_size: tuple[int, int] = (400, 200)) -> bytes:
+    """Small multiples: one :func:`plot_curve`-style panel per ``(title, points, hline)``, ``cols`` a row."""
+    from PIL import Image, ImageDraw
+
+    cols = max(1, min(cols, len(panels)))
+    rows = max(1, -(-len(panels) // cols))
+    pw, ph = panel_size
+    img = Image.new("RGB", (cols * pw, rows * ph), "white")
+    d = ImageDraw.Draw(img)
+    for i, (title, pts, hline) in enumerate(panels):
+        r, c = divmod(i, cols)
+        _draw_panel(d, (c * pw, r * ph, (c + 1) * pw, (r + 1) * ph), pts, title, hline)
+    return _png(img)
+
+
+#: collapse monitors logged by the stage-1 step (``train/<key>``), with how they move when a run collapses
+COLLAPSE_SIGNALS: tuple[tuple[str, str], ...] = (
+    ("train/teacher_entropy", "teacher target entropy, nats (rises to log C: uniform targets)"),
+    ("train/teacher_batch_entropy", "entropy of the batch-mean target (falls to the above: rows alike)"),
+    ("train/kl", "student-teacher KL (-> 0 when there is nothing left to learn)"),
+    ("train/prototypes_used", "distinct argmax prototypes in the batch (-> 1)"),
+    ("train/center_norm", "norm of the DINO centre (grows when one direction dominates)"),
+    ("train/feature_std", "spread of the teacher [CLS] over the batch (~1 healthy, -> 0 collapsed)"),
+    ("train/mask_coverage", "fraction of patches inside tracked-object masks"),
+    ("train/koleo", "KoLeo regulariser (when loss.koleo_weight > 0)"),
+)
+
+
+def _collapse_section(run: Path, sdir: Path, m: dict[str, list[tuple[int, float]]], out_dim: int | None,
+                      lines: list[str]) -> None:
+    """Table of first/last/min/max per collapse signal and ``<stage>/collapse.png`` (one panel each)."""
+    present = [(k, label) for k, label in COLLAPSE_SIGNALS if m.get(k)]
+    if not present:
+        return
+    log_c = math.log(out_dim) if isinstance(out_dim, int) and out_dim > 1 else None
+    lines += ["### Collapse signals", ""]
+    if log_c is not None:
+        lines.append(f"Uniform targets have entropy log C = {log_c:.3f} nats (C = model.out_dim = {out_dim}); "
+                     f"training warns when the teacher entropy exceeds 0.9 log C = {0.9 * log_c:.3f}, the "
+                     "feature std falls below 0.05 or a single prototype is used.")
+        lines.append("")
+    lines += ["| signal | first | last | min | max | meaning |", "|---|---|---|---|---|---|"]
+    panels = []
+    for key, label in present:
+        pts = m[key]
+        vals = [v for _, v in pts if math.isfinite(v)] or [float("nan")]
+        lines.append(f"| `{key}` | {pts[0][1]:.4g} | {pts[-1][1]:.4g} | {min(vals):.4g} | {max(vals):.4g} | {label} |")
+        hline = (log_c, "log C") if key == "train/teacher_entropy" and log_c is not None else None
+        panels.append((key, pts, hline))
+    png = sdir / "collapse.png"
+    with atomic_open(png, "wb") as f:
+        f.write(plot_panels(panels))
+    lines += ["", f"![collapse signals]({png.relative_to(run).as_posix()})", ""]
 
 
 def _fmt(v: Any) -> str:
@@ -82,7 +160,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _stage_section(run: Path, stage: str, lines: list[str]) -> None:
+def _stage_section(run: Path, stage: str, lines: list[str], out_dim: int | None = None) -> None:
     sdir = run / stage
     m = read_metrics(sdir / "metrics.csv")
     if not m and not sdir.is_dir():
@@ -105,6 +183,8 @@ def _stage_section(run: Path, stage: str, lines: list[str]) -> None:
             vals = [v for _, v in m[key]]
             lines.append(f"- {label}: first {vals[0]:.4g}, last {vals[-1]:.4g}, mean {sum(vals) / len(vals):.4g}")
     bb = sdir / "backbone.pt"
+    collapse: list[str] = []
+    _collapse_section(run, sdir, m, out_dim, collapse)
     if bb.is_file():
         meta: dict = {}
         problem = ""
@@ -127,6 +207,8 @@ def _stage_section(run: Path, stage: str, lines: list[str]) -> None:
         for p in ([pics[0], pics[-1]] if len(pics) > 1 else pics):
             lines.append(f"![{p.stem}]({p.relative_to(run).as_posix()})")
             lines.append("")
+    if collapse:
+        lines += ["", *collapse]
     lines.append("")
 
 
@@ -141,6 +223,7 @@ def write_report(run_dir: str | Path) -> Path:
                         "nothing to report", path=run)
     lines = [f"# Run report: {run.name}", ""]
     cfg_path = run / "config.yaml"
+    out_dim = None
     if cfg_path.is_file():
         import yaml
 
@@ -149,6 +232,7 @@ def write_report(run_dir: str | Path) -> Path:
         except yaml.YAMLError:
             cfg = {}
         model, data, trainer = cfg.get("model", {}), cfg.get("data", {}), cfg.get("trainer", {})
+        out_dim = model.get("out_dim") if isinstance(model.get("out_dim"), int) else None
         lines += [f"- config: `config.yaml` (name `{cfg.get('name', '?')}`, seed {cfg.get('seed', '?')})",
                   f"- model: {model.get('arch', '?')}, head {model.get('out_dim', '?')} prototypes",
                   f"- clips: {data.get('frames_per_clip', '?')} frames, stride {data.get('stride', '?')} "
@@ -156,7 +240,7 @@ def write_report(run_dir: str | Path) -> Path:
                   f"max_steps {trainer.get('max_steps')}",
                   f"- videos: {', '.join(f'`{v}`' for v in cfg.get('videos', [])) or '(none recorded)'}", ""]
     for stage in ("stage1", "stage2"):
-        _stage_section(run, stage, lines)
+        _stage_section(run, stage, lines, out_dim)
     ev = run / "eval" / "metrics.json"
     if ev.is_file():
         try:

@@ -14,9 +14,9 @@ are never exported.
 
 :func:`load_backbone` accepts a ``backbone.pt``, a bare timm ViT state dict file (DINO's released
 ``dino_deitsmall16_pretrain.pth`` has exactly timm's key names; such foreign files carry no
-checksum and load as unverified), a Lightning checkpoint of ours, or ``random:<timm arch>`` for the
-untrained baseline. Files are read with ``weights_only=True``; one that needs pickle is refused
-unless ``trust`` (``--trust-checkpoint``).
+checksum and load as unverified), a Lightning checkpoint of ours, or ``random:<timm arch>[@<seed>]``
+for the untrained baseline (init seed 0 unless given). Files are read with ``weights_only=True``; one
+that needs pickle is refused unless ``trust`` (``--trust-checkpoint``).
 """
 
 from __future__ import annotations
@@ -155,10 +155,15 @@ def load_backbone(spec: str, arch: str | None = None, trust: bool = False) -> tu
     ``trust`` allows files that need pickle (see :func:`wtours.integrity.safe_load`).
     """
     if spec.startswith("random:"):
-        name = spec.split(":", 1)[1] or arch
+        name, _, seed_txt = spec.split(":", 1)[1].partition("@")  # random:<arch>[@<init seed>]
+        name = name or arch
         if not name:
             raise UserError("random:<timm arch> needs an architecture name, e.g. random:vit_small_patch16_224")
-        torch.manual_seed(0)
+        try:
+            seed = int(seed_txt) if seed_txt else 0
+        except ValueError:
+            raise UserError(f"{spec}: the init seed after '@' must be an integer, e.g. random:{name}@1") from None
+        torch.manual_seed(seed)
         model = create_vit(name, num_classes=0, dynamic_img_size=True)
         return model.eval(), {"kind": "random", "arch": name, "spec": spec}
     sd, recorded, meta, verified = _read_checked(spec, trust)

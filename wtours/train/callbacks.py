@@ -8,11 +8,14 @@
 * :class:`MaskPictures`: every ``every`` steps, the teacher's tracked object masks on a fixed clip
   (the first clip the run sees, kept in the checkpoint) as ``pictures/masks_step{N:06d}.png``:
   row 1 the frames, row 2 the ``k`` objects as coloured overlays.
+* :class:`CollapseWarning`: one warning line on stderr when the logged collapse monitors
+  (:mod:`wtours.objectives.collapse`) say the run has collapsed, at most once per 10 logging intervals.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import sys
 import time
 from pathlib import Path
@@ -195,6 +198,78 @@ class MaskPictures(Callback):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.every > 0:
             self.write(trainer, pl_module)
+
+
+class CollapseWarning(Callback):
+    """Warn (one line on stderr, global rank 0) when the run looks collapsed.
+
+    Read on logging steps only (``global_step % log_every == 0``) from ``trainer.callback_metrics``,
+    i.e. the values the step just logged, so it adds no device sync beyond what logging does.
+    Collapsed means any of (DINO §5.3; :mod:`wtours.objectives.collapse`):
+
+    - ``train/teacher_entropy > 0.9 * log C`` (targets close to uniform, ``C = model.out_dim``),
+    - ``train/feature_std < 0.05`` (every input maps to nearly the same [CLS]),
+    - ``train/prototypes_used <= 1`` (one prototype wins for every input).
+
+    After a warning the next one comes ``quiet_intervals`` logging intervals later at the earliest.
+    """
+
+    def __init__(self, out_dim: int, log_every: int, report: str | Path | None = None,
+                 quiet_intervals: int = 10, entropy_frac: float = 0.9, min_feature_std: float = 0.05) -> None:
+        self.log_c = math.log(out_dim)
+        self.log_every = max(1, int(log_every))
+        self.report = report
+        self.quiet_steps = quiet_intervals * self.log_every
+        self.entropy_frac = entropy_frac
+        self.min_feature_std = min_feature_std
+        self._last_step = -1
+        self._last_warned: int | None = None
+        self.warnings: list[str] = []
+
+    def check(self, metrics: dict[str, Any]) -> list[str]:
+        """The collapse reasons in ``metrics`` (``{"train/<key>": value}``), as short texts."""
+        def get(key: str) -> float | None:
+            v = metrics.get(f"train/{key}")
+            if v is None:
+                return None
+            v = float(v.item() if hasattr(v, "item") else v)
+            return v if math.isfinite(v) else None
+
+        reasons = []
+        ent, std, used = get("teacher_entropy"), get("feature_std"), get("prototypes_used")
+        if ent is not None and ent > self.entropy_frac * self.log_c:
+            reasons.append(f"train/teacher_entropy {ent:.3f} > {self.entropy_frac:g}*log C = "
+                           f"{self.entropy_frac * self.log_c:.3f} (targets nearly uniform)")
+        if std is not None and std < self.min_feature_std:
+            reasons.append(f"train/feature_std {std:.4f} < {self.min_feature_std:g} (features alike)")
+        if used is not None and used <= 1:
+            reasons.append(f"train/prototypes_used {used:.0f} <= 1 (one prototype for every input)")
+        return reasons
+
+    def observe(self, step: int, metrics: dict[str, Any]) -> str | None:
+        """Check the metrics logged at optimizer step ``step``; returns the warning printed, if any."""
+        if step % self.log_every:
+            return None
+        if self._last_warned is not None and step - self._last_warned < self.quiet_steps:
+            return None
+        reasons = self.check(metrics)
+        if not reasons:
+            return None
+        self._last_warned = step
+        where = f"; see 'Collapse signals' in {self.report}" if self.report else ""
+        line = f"warning: step {step}: training looks collapsed: {'; '.join(reasons)}{where}"
+        self.warnings.append(line)
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)  # above a progress bar, if one is shown
+        return line
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._last_step or not trainer.is_global_zero:
+            return  # an accumulation micro-batch, or another rank
+        self._last_step = step
+        self.observe(step, trainer.callback_metrics)
 
 
 # ----------------------------------------------------------------------------- CSV metrics that survive a resume

@@ -11,7 +11,8 @@ Writes into the run directory ``--out`` (default ``runs/<config name>``)::
     stage1/pictures/*.png       tracked object masks on a fixed clip, every log.picture_every steps
     stage1/backbone.pt          the teacher backbone, loadable by timm (written when the run completes)
     report.md                   summary (``wtours report RUN_DIR`` rewrites it)
-    data/synth/                 the synthetic walking tour, when no --video is given
+    data/synth/                 the synthetic walking tour, when no --video is given (with DAVIS- and
+                                YTVOS-layout evaluation sets of data.synth.sequences x seq_frames frames)
 
 ``--resume`` continues a killed run from ``stage1/last.ckpt`` (or a given checkpoint) exactly:
 weights, optimizer, schedules, teacher, centre, position in the clip stream, random streams.
@@ -82,7 +83,8 @@ def synth_videos(cfg: VideoPretrainConfig, run_dir: Path, progress: bool = True)
 
     s = cfg.data.synth
     out = run_dir / "data" / "synth"
-    want = {"width": s.width, "height": s.height, "fps": s.fps, "seconds": s.seconds, "seed": s.seed}
+    want = {"width": s.width, "height": s.height, "fps": s.fps, "seconds": s.seconds, "seed": s.seed,
+            "sequences": s.sequences, "seq_frames": s.seq_frames}
     meta = out / "synth.json"
     def ready() -> bool:
         if not (meta.is_file() and (out / "tour.mp4").is_file()):
@@ -107,7 +109,7 @@ def synth_videos(cfg: VideoPretrainConfig, run_dir: Path, progress: bool = True)
     if progress:
         print(f"no --video given: writing a synthetic walking tour to {out}", file=sys.stderr)
     res = synthesize(out_dir=out, width=s.width, height=s.height, fps=s.fps, seconds=s.seconds, seed=s.seed,
-                     progress=progress)
+                     sequences=s.sequences, seq_frames=s.seq_frames, progress=progress)
     return [str(res.video)]
 
 
@@ -207,7 +209,8 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from wtours.models.backbone_io import export_backbone
-    from wtours.train.callbacks import MaskPictures, ResumableCSVLogger, StepProgressBar, ThroughputMonitor
+    from wtours.train.callbacks import (CollapseWarning, MaskPictures, ResumableCSVLogger, StepProgressBar,
+                                        ThroughputMonitor)
     from wtours.train.checkpointing import AtomicCheckpointIO, check_config, read_checkpoint_meta
     from wtours.train.guard import FiniteGuard
     from wtours.train.schedules import clips_per_step
@@ -278,7 +281,8 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
         guard.saved(step)
         drop_set_aside(stage)  # a --fresh start is now safe: the new run has a checkpoint
 
-    callbacks = [bar, throughput, pictures, data_epochs, guard, ckpt_cb, *extra_callbacks]
+    collapse = CollapseWarning(cfg.model.out_dim, cfg.trainer.log_every, run_dir / "report.md")
+    callbacks = [bar, throughput, pictures, data_epochs, collapse, guard, ckpt_cb, *extra_callbacks]
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     with warnings.catch_warnings():
@@ -335,7 +339,8 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
         for lg in loggers:
             lg.save()
         first, last = loss_endpoints(stage / "metrics.csv")
-        summary.update(first_loss=first, last_loss=last, pictures=[str(p) for p in pictures.written])
+        summary.update(first_loss=first, last_loss=last, pictures=[str(p) for p in pictures.written],
+                       collapse_warnings=list(collapse.warnings))
         from wtours.report import write_report
 
         summary["report"] = str(write_report(run_dir))

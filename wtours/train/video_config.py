@@ -52,6 +52,13 @@ class SynthConfig:
     fps: float = 30.0
     seconds: float = 10.0
     seed: int = 0
+    # evaluation sets written beside the tour (davis/ and ytvos/ layouts, different scenes from the tour)
+    sequences: int = 3
+    seq_frames: int = 12
+
+    def validate(self) -> None:
+        _at_least(self, 0, "sequences")
+        _at_least(self, 1, "seq_frames")
 
 
 @dataclass
@@ -272,6 +279,8 @@ def training_view(d: dict) -> dict:
     d["trainer"] = {k: v for k, v in d.get("trainer", {}).items()
                     if k in ("accumulate_grad_batches", "precision", "epochs", "max_steps")}
     d["data"] = {k: v for k, v in d.get("data", {}).items() if k not in ("num_workers", "prefetch_factor")}
+    if isinstance(d["data"].get("synth"), dict):  # the evaluation sets beside the tour do not change training
+        d["data"]["synth"] = {k: v for k, v in d["data"]["synth"].items() if k not in ("sequences", "seq_frames")}
     return d
 
 

@@ -1,0 +1,550 @@
+"""``wtours bench learn``: proof that training learns (stage 1 vs random initialisation).
+
+    wtours bench learn                              # configs video/proof + eval/proof, seeds 0 1 2, runs/proof
+    wtours bench learn --readme README.md           # also rewrite README's proof block (make proof)
+
+1. Synthesizes the walking tour once, in ``<out>/data/synth`` (``data.synth``: the video plus the
+   DAVIS- and YTVOS-layout evaluation sets, ``data.synth.sequences`` x ``seq_frames`` frames of
+   *other* random scenes than the tour: never seen in training).
+2. For each seed ``s``: stage 1 (:func:`wtours.train.pretrain.run_pretrain`, ``seed=s``) into
+   ``<out>/seed<s>/``, then :func:`wtours.eval.cli.evaluate_clustering` of its
+   ``stage1/backbone.pt`` on both sets into ``<out>/seed<s>/eval/{davis,ytvos}/``.
+3. The baseline: ``random:<same arch>@<s>`` (init seed ``s``) on the same sets, into
+   ``<out>/random<s>/eval/{davis,ytvos}/``.
+4. Per dataset and metric (F, C, D, overclustering ``K=<k>`` of the eval config): mean ± *sample*
+   standard deviation (ddof = 1) over the seeds of the per-seed scores (each a mean over the eval
+   config's k-means ``repeats``), the difference trained - random and the separation in standard
+   deviations ``(mean_t - mean_r) / sqrt((std_t^2 + std_r^2) / 2)`` (Cohen's d with the two stds
+   pooled; undefined with one seed or when both stds are 0).
+   Goal per dataset: C and F above random by >= 10 points and > 3 std apart.
+
+Writes ``<out>/proof.json`` (settings, machine, wall time per phase, per-seed scores, aggregates,
+goal verdicts), ``<out>/proof.md`` and ``<out>/proof.png`` (grouped bars with ± std error bars),
+prints the table, and with ``--readme FILE`` replaces the block between ``<!-- proof:begin -->``
+and ``<!-- proof:end -->`` in FILE.
+
+Running it again continues: a seed whose ``backbone.pt`` was written by the same training config
+and whose evaluations (same eval config, same backbone checksum) exist is not recomputed; a seed
+killed during training continues from its ``last.ckpt`` (as ``wtours pretrain`` does).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from wtours.errors import ConfigError, UserError
+from wtours.fsutil import atomic_open, ensure_dir, write_json, write_text
+
+DATASETS = ("davis", "ytvos")
+BEGIN, END = "<!-- proof:begin -->", "<!-- proof:end -->"
+GOAL_POINTS = 10.0
+GOAL_SEPARATION = 3.0
+GOAL_METRICS = ("C", "F")
+STD_KIND = "sample standard deviation over seeds (ddof=1)"
+SEPARATION_DEF = "(mean_t - mean_r) / sqrt((std_t^2 + std_r^2) / 2)"
+GOAL_TEXT = (f"C and F above random by >= {GOAL_POINTS:g} points and > {GOAL_SEPARATION:g} std apart")
+# eval settings that change no score (a finished evaluation is reused across them)
+_COSMETIC_EVAL_KEYS = ("progress", "overlays", "gif", "workers")
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof=1; None for fewer than 2 values)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values")
+    m = sum(values) / n
+    if n < 2:
+        return m, None
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+
+
+def separation(mean_t: float, std_t: float | None, mean_r: float, std_r: float | None) -> float | None:
+    """``(mean_t - mean_r) / sqrt((std_t^2 + std_r^2) / 2)``; None when a std is undefined or both are 0."""
+    if std_t is None or std_r is None:
+        return None
+    pooled = math.sqrt((std_t ** 2 + std_r ** 2) / 2)
+    if pooled == 0:
+        return None
+    return (mean_t - mean_r) / pooled
+
+
+def scores_of(metrics: dict, ks: Sequence[int]) -> dict[str, float]:
+    """The per-evaluation scores the proof compares: F, C, D and ``K=<k>`` (overclustering mIoU)."""
+    out = {k: float(metrics[k]) for k in ("F", "C", "D")}
+    for k in ks:
+        out[f"K={k}"] = float(metrics["overclustering"][str(k)]["miou"])
+    return out
+
+
+def aggregate(per_seed: dict[str, dict[str, dict[str, dict[str, float]]]], seeds: Sequence[int],
+              metric_names: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``per_seed[encoder][seed][dataset][metric]`` -> ``agg[dataset][metric]`` with mean/std per encoder,
+    the difference trained - random and the separation."""
+    agg: dict[str, dict[str, dict[str, Any]]] = {}
+    for ds in DATASETS:
+        agg[ds] = {}
+        for name in metric_names:
+            row: dict[str, Any] = {}
+            for enc in ("random", "trained"):
+                vals = [per_seed[enc][str(s)][ds][name] for s in seeds]
+                m, sd = mean_std(vals)
+                row[enc] = {"mean": m, "std": sd, "n": len(vals), "values": vals}
+            row["diff"] = row["trained"]["mean"] - row["random"]["mean"]
+            row["separation"] = separation(row["trained"]["mean"], row["trained"]["std"],
+                                           row["random"]["mean"], row["random"]["std"])
+            agg[ds][name] = row
+    return agg
+
+
+def goals(agg: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per dataset: C and F above random by >= GOAL_POINTS points and > GOAL_SEPARATION std apart."""
+    out = {}
+    for ds in DATASETS:
+        checks = {}
+        for name in GOAL_METRICS:
+            r = agg[ds][name]
+            sep = r["separation"]
+            checks[name] = {"diff": r["diff"], "separation": sep, "points_ok": r["diff"] >= GOAL_POINTS,
+                            "separation_ok": sep is not None and sep > GOAL_SEPARATION}
+        met = all(c["points_ok"] and c["separation_ok"] for c in checks.values())
+        detail = "; ".join(f"{n}: {c['diff']:+.2f} points, {_sep_txt(c['separation'])} std" for n, c in checks.items())
+        out[ds] = {"met": met, "checks": checks,
+                   "text": f"{ds}: {GOAL_TEXT}: {'met' if met else 'not met'} ({detail})"}
+    return out
+
+
+def _sep_txt(sep: float | None) -> str:
+    return "n/a" if sep is None else f"{sep:.1f}"
+
+
+def _ms_txt(d: dict) -> str:
+    return f"{d['mean']:.2f} ± {d['std']:.2f}" if d["std"] is not None else f"{d['mean']:.2f}"
+
+
+def table_markdown(agg: dict, seeds: Sequence[int], metric_names: Sequence[str], caption: str) -> str:
+    """The proof table (markdown) with its caption and the goal lines."""
+    lines = [caption, "",
+             "| dataset | metric | random init | trained (stage 1) | trained − random | separation (std) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for ds in DATASETS:
+        for name in metric_names:
+            r = agg[ds][name]
+            lines.append(f"| {ds} | {name} | {_ms_txt(r['random'])} | {_ms_txt(r['trained'])} | "
+                         f"{r['diff']:+.2f} | {_sep_txt(r['separation'])} |")
+    return "\n".join(lines)
+
+
+def goal_lines(verdicts: dict) -> list[str]:
+    return [f"- {v['text'].replace(': met', ': **met**').replace(': not met', ': **not met**')}"
+            for v in verdicts.values()]
+
+
+# ----------------------------------------------------------------------------------------------- picture
+
+
+def plot_bars(agg: dict, metric_names: Sequence[str] = ("F", "C", "D"), title: str = "") -> bytes:
+    """PNG: per dataset a panel of grouped bars (random vs trained) with ± std error bars (PIL only)."""
+    from PIL import Image, ImageDraw
+
+    pw, ph = 440, 360
+    img = Image.new("RGB", (pw * len(DATASETS), ph + 30), "white")
+    d = ImageDraw.Draw(img)
+    colours = {"random": (150, 150, 150), "trained": (0, 90, 200)}
+    d.text((10, 8), title or "mIoU %, mean ± std over seeds", fill=(0, 0, 0))
+    lx = pw * len(DATASETS) - 200
+    for i, enc in enumerate(("random", "trained")):
+        d.rectangle([lx + i * 95, 8, lx + i * 95 + 12, 20], fill=colours[enc])
+        d.text((lx + i * 95 + 16, 8), "random init" if enc == "random" else "trained", fill=(0, 0, 0))
+    top_all = max([agg[ds][n][e]["mean"] + (agg[ds][n][e]["std"] or 0.0)
+                   for ds in DATASETS for n in metric_names for e in ("random", "trained")] + [1.0])
+    ymax = max(10.0, math.ceil(top_all / 10.0) * 10.0)
+    for p, ds in enumerate(DATASETS):
+        x0, y0 = p * pw, 30
+        left, right, top, bottom = x0 + 50, x0 + pw - 15, y0 + 30, y0 + ph - 35
+        d.text((left, y0 + 8), ds, fill=(0, 0, 0))
+        step = 10.0 if ymax <= 60 else 20.0
+        v = 0.0
+        while v <= ymax + 1e-9:
+            y = bottom - v / ymax * (bottom - top)
+            d.line([(left, y), (right, y)], fill=(225, 225, 225))
+            d.text((x0 + 12, y - 6), f"{v:g}", fill=(0, 0, 0))
+            v += step
+        d.rectangle([left, top, right, bottom], outline=(160, 160, 160))
+        group = (right - left) / len(metric_names)
+        bw = group * 0.3
+        for g, name in enumerate(metric_names):
+            cx = left + (g + 0.5) * group
+            for j, enc in enumerate(("random", "trained")):
+                r = agg[ds][name][enc]
+                xa = cx + (j - 1) * bw - 2 + 4 * j
+                xb = xa + bw
+                yv = bottom - max(0.0, r["mean"]) / ymax * (bottom - top)
+                d.rectangle([xa, yv, xb, bottom], fill=colours[enc])
+                if r["std"]:
+                    xm = (xa + xb) / 2
+                    ya = bottom - min(ymax, r["mean"] + r["std"]) / ymax * (bottom - top)
+                    yb = bottom - max(0.0, r["mean"] - r["std"]) / ymax * (bottom - top)
+                    d.line([(xm, ya), (xm, yb)], fill=(0, 0, 0), width=2)
+                    d.line([(xm - 5, ya), (xm + 5, ya)], fill=(0, 0, 0), width=2)
+                    d.line([(xm - 5, yb), (xm + 5, yb)], fill=(0, 0, 0), width=2)
+                d.text((xa, max(top, min(yv, ya if r["std"] else yv) - 12)), f"{r['mean']:.1f}", fill=(0, 0, 0))
+            d.text((cx - 4, bottom + 8), name, fill=(0, 0, 0))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------- README block
+
+
+def check_readme(path: str | Path) -> str:
+    """The text of ``path``; a one-line :class:`UserError` unless it holds one proof block."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError("--readme: file not found" if not p.exists() else "--readme: not a file", path=p)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--readme: cannot read ({e})", path=p) from None
+    nb, ne = text.count(BEGIN), text.count(END)
+    if nb != 1 or ne != 1 or text.index(BEGIN) > text.index(END):
+        raise UserError(f"--readme: needs exactly one '{BEGIN}' line followed by one '{END}' line "
+                        f"(found {nb} and {ne}); the proof block is written between them", path=p)
+    return text
+
+
+def replace_block(text: str, body: str) -> str:
+    """``text`` with what lies between the proof markers replaced by ``body`` (markers kept)."""
+    i = text.index(BEGIN) + len(BEGIN)
+    j = text.index(END)
+    return text[:i] + "\n" + body.strip("\n") + "\n" + text[j:]
+
+
+def write_readme(path: str | Path, body: str) -> Path:
+    text = check_readme(path)
+    return write_text(path, replace_block(text, body))
+
+
+# ----------------------------------------------------------------------------------------------- phases
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _eval_key(cfg_dict: dict) -> dict:
+    return {k: v for k, v in json.loads(json.dumps(cfg_dict)).items() if k not in _COSMETIC_EVAL_KEYS}
+
+
+class _Times:
+    """Seconds per phase, kept in ``<out>/phase_times.json`` so a re-run reports what reused phases cost."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        old = _read_json(path)
+        self.saved: dict[str, float] = old if isinstance(old, dict) else {}
+        self.phases: dict[str, dict[str, Any]] = {}
+
+    def done(self, name: str, seconds: float) -> None:
+        self.saved[name] = seconds
+        self.phases[name] = {"seconds": seconds, "reused": False}
+        write_json(self.path, self.saved)
+
+    def reused(self, name: str, fallback: float | None = None) -> None:
+        self.phases[name] = {"seconds": self.saved.get(name, fallback), "reused": True}
+
+
+def _say(quiet: bool, msg: str) -> None:
+    if not quiet:
+        print(f"bench learn: {msg}", file=sys.stderr, flush=True)
+
+
+def _train_seed(cfg: Any, run_dir: Path, times: _Times, phase: str, quiet: bool) -> dict[str, Any]:
+    """Stage 1 of one seed (reused when its backbone.pt was written by this training config)."""
+    import torch
+
+    from wtours.config import to_dict
+    from wtours.train.checkpointing import check_resume
+    from wtours.train.pretrain import run_pretrain
+    from wtours.train.video_config import training_hash
+
+    bb = run_dir / "stage1" / "backbone.pt"
+    want = training_hash(cfg)
+    if bb.is_file():
+        try:
+            meta = torch.load(bb, map_location="cpu", weights_only=False).get("meta", {})
+        except Exception:  # noqa: BLE001 - an unreadable export is recomputed
+            meta = {}
+        if meta.get("config_hash") == want:
+            times.reused(phase)
+            _say(quiet, f"{phase}: {bb} exists (same training config): reused")
+            return {"steps": meta.get("steps"), "backbone": bb, "reused": True, "collapse_warnings": None}
+    last = run_dir / "stage1" / "last.ckpt"
+    resume = None
+    if last.is_file():
+        try:
+            check_resume(last, want, to_dict(cfg))
+        except UserError as e:
+            raise UserError(str(e).replace("start over with --fresh or another --out",
+                                           f"use another --out, or delete {run_dir} to start this seed over")) from None
+        resume = "last"
+    _say(quiet, f"{phase}: stage 1, seed {cfg.seed}, into {run_dir}" + (" (continuing)" if resume else ""))
+    t0 = time.perf_counter()
+    try:
+        summary = run_pretrain(cfg, run_dir, resume=resume, progress=False if quiet else None)
+    except KeyboardInterrupt:
+        print(f"wtours bench learn: stopped during {phase}; run the same command again to continue "
+              f"(finished seeds are kept)", file=sys.stderr)
+        raise
+    times.done(phase, time.perf_counter() - t0)
+    return {"steps": summary.get("steps"), "backbone": bb, "reused": False,
+            "collapse_warnings": len(summary.get("collapse_warnings") or [])}
+
+
+def _evaluate(dataset: str, root: Path, spec: str, out_dir: Path, ecfg: Any, times: _Times, phase: str,
+              quiet: bool, sha256: str | None = None) -> dict:
+    """One clustering evaluation (reused when its metrics.json matches spec, data, config and checksum)."""
+    from wtours.config import to_dict
+    from wtours.eval.cli import evaluate_clustering
+
+    m = _read_json(out_dir / "metrics.json")
+    if isinstance(m, dict):
+        try:
+            same = (m["encoder"]["spec"] == spec and m["settings"]["dataset"] == dataset
+                    and Path(m["settings"]["root"]).resolve() == root.resolve()
+                    and _eval_key(m["settings"]["config"]) == _eval_key(to_dict(ecfg))
+                    and (sha256 is None or m["encoder"].get("sha256") == sha256))
+        except (KeyError, TypeError):
+            same = False
+        if same:
+            times.reused(phase, (m.get("timing") or {}).get("total"))
+            return m
+    _say(quiet, f"{phase}: clustering {spec} on {dataset}")
+    t0 = time.perf_counter()
+    m = evaluate_clustering(dataset, root, spec, out_dir, copy.deepcopy(ecfg), verbose=False)
+    times.done(phase, time.perf_counter() - t0)
+    return m
+
+
+def _machine() -> dict[str, Any]:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(0) if cuda else "cpu", "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def _command(args: Any) -> str:
+    parts = ["wtours", "bench", "learn", "--config", str(args.config), "--eval-config", str(args.eval_config),
+             "--seeds", *map(str, args.seeds), "--out", str(args.out)]
+    if args.max_steps is not None:
+        parts += ["--max-steps", str(args.max_steps)]
+    for o in args.overrides:
+        parts += ["--set", o]
+    for o in args.eval_overrides:
+        parts += ["--eval-set", o]
+    return shlex.join(parts)
+
+
+def _fmt_s(s: float | None) -> str:
+    if s is None:
+        return "?"
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+# ----------------------------------------------------------------------------------------------- the bench
+
+
+def run_learn(args: Any) -> tuple[dict[str, Any], str]:
+    """The whole proof (see the module docstring) -> (the proof.json dict, the table as printed)."""
+    from wtours.config import load_config, to_dict
+    from wtours.eval.config import EvalConfig
+    from wtours.train.pretrain import load_pretrain_config, synth_videos
+
+    t_start = time.perf_counter()
+    quiet = bool(args.quiet)
+    seeds = [int(s) for s in args.seeds]
+    if not seeds:
+        raise UserError("--seeds: give at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds: each seed once, got {' '.join(map(str, seeds))}")
+    if min(seeds) < 0:
+        raise UserError(f"--seeds: seeds must be >= 0, got {min(seeds)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UserError(f"--max-steps: must be >= 1, got {args.max_steps}")
+    if args.readme:
+        check_readme(args.readme)  # refuse before hours of work, not after
+    cfg = load_pretrain_config(args.config, args.overrides, args.max_steps)
+    if cfg.data.synth.sequences < 1:
+        raise ConfigError("data.synth.sequences: the proof needs at least 1 evaluation sequence, got 0")
+    ecfg = load_config(EvalConfig, args.eval_config, args.eval_overrides)
+    if quiet:
+        ecfg.progress = False
+    out = ensure_dir(args.out)
+    times = _Times(out / "phase_times.json")
+
+    # 1. the tour and its evaluation sets, once
+    synth_dir = out / "data" / "synth"
+    t0 = time.perf_counter()
+    before = _read_json(synth_dir / "synth.json")
+    if cfg.videos:
+        _say(quiet, f"the proof trains on the synthetic tour; the config's videos ({len(cfg.videos)}) are ignored")
+    cfg.videos = []
+    videos = synth_videos(cfg, out, progress=not quiet)
+    if _read_json(synth_dir / "synth.json") == before and before is not None:
+        times.reused("synth")
+    else:
+        times.done("synth", time.perf_counter() - t0)
+    roots = {"davis": synth_dir / "davis", "ytvos": synth_dir / "ytvos"}
+
+    # 2-3. per seed: stage 1 + its evaluations; the random init of the same seed
+    per_seed: dict[str, dict[str, dict]] = {"trained": {}, "random": {}}
+    raw: dict[str, dict[str, dict]] = {"trained": {}, "random": {}}
+    runs: dict[str, dict[str, Any]] = {}
+    resolved = None
+    for s in seeds:
+        cfg_s = load_pretrain_config(args.config, [*args.overrides, f"seed={s}"], args.max_steps, videos)
+        resolved = resolved or to_dict(cfg_s)
+        run_dir = out / f"seed{s}"
+        tr = _train_seed(cfg_s, run_dir, times, f"seed{s}/train", quiet)
+        sha = _sha256(tr["backbone"])
+        runs[str(s)] = {"run_dir": str(run_dir), "steps": tr["steps"], "backbone": str(tr["backbone"]),
+                        "backbone_sha256": sha, "collapse_warnings": tr["collapse_warnings"],
+                        "random_spec": f"random:{cfg_s.model.arch}@{s}"}
+        for enc, spec, base, digest in (("trained", str(tr["backbone"]), run_dir, sha),
+                                        ("random", f"random:{cfg_s.model.arch}@{s}", out / f"random{s}", None)):
+            per_seed[enc][str(s)], raw[enc][str(s)] = {}, {}
+            for ds in DATASETS:
+                phase = f"{'seed' if enc == 'trained' else 'random'}{s}/eval_{ds}"
+                m = _evaluate(ds, roots[ds], spec, base / "eval" / ds, ecfg, times, phase, quiet, digest)
+                per_seed[enc][str(s)][ds] = scores_of(m, ecfg.overcluster_k)
+                raw[enc][str(s)][ds] = {"metrics": str(base / "eval" / ds / "metrics.json"),
+                                        "n_sequences": m.get("n_sequences"), "n_frames": m.get("n_frames"),
+                                        **{k: m.get(k) for k in ("F", "C", "D", "F_std", "C_std", "D_std")},
+                                        "overclustering": {k: v.get("miou") for k, v in
+                                                           (m.get("overclustering") or {}).items()}}
+
+    # 4. the table
+    metric_names = ["F", "C", "D", *(f"K={k}" for k in ecfg.overcluster_k)]
+    agg = aggregate(per_seed, seeds, metric_names)
+    verdicts = goals(agg)
+    steps = sorted({r["steps"] for r in runs.values() if r["steps"] is not None})
+    invocation = time.perf_counter() - t_start
+    compute = sum(p["seconds"] or 0.0 for p in times.phases.values())
+    complete = all(p["seconds"] is not None for p in times.phases.values())
+    assert resolved is not None
+    resolved.pop("seed", None)
+    eval_sets = {ds: {"root": str(roots[ds]), "sequences": raw["trained"][str(seeds[0])][ds]["n_sequences"],
+                      "frames": raw["trained"][str(seeds[0])][ds]["n_frames"]} for ds in DATASETS}
+    caption = (f"Stage 1 (`{args.config}`, {', '.join(map(str, steps))} steps, {resolved['model']['arch']}) vs "
+               f"random initialisation (same arch, init seed = seed) on the synthetic tour's DAVIS- and "
+               f"YTVOS-layout sets ({eval_sets['davis']['sequences']} unseen scenes each, eval `{args.eval_config}`); "
+               f"mIoU %, mean ± sample standard deviation (ddof=1) over seeds {' '.join(map(str, seeds))}; "
+               f"separation = {SEPARATION_DEF}.")
+    result: dict[str, Any] = {
+        "goal": GOAL_TEXT,
+        "command": _command(args),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "settings": {
+            "config": str(args.config), "overrides": list(args.overrides), "max_steps": args.max_steps,
+            "pretrain_config": resolved, "seeds": seeds, "steps": steps[0] if len(steps) == 1 else steps,
+            "eval_config": str(args.eval_config), "eval_overrides": list(args.eval_overrides),
+            "eval_config_resolved": to_dict(ecfg), "eval_sets": eval_sets, "video": videos[0],
+            "std": STD_KIND, "separation": SEPARATION_DEF,
+            "scores": "per seed: the eval's mean over its k-means repeats; F/C/D/K=<k> mIoU %",
+            "baseline": "random:<arch>@<seed> (timm init after torch.manual_seed(seed))",
+            "seed_note": "pretrain_config.seed is each of seeds",
+        },
+        "machine": _machine(),
+        "wall_s": {"phases": times.phases, "total": compute, "total_complete": complete,
+                   "this_invocation": invocation},
+        "runs": runs,
+        "per_seed": per_seed,
+        "per_seed_raw": raw,
+        "aggregates": agg,
+        "goals": verdicts,
+        "caption": caption,
+    }
+
+    table = table_markdown(agg, seeds, metric_names, caption)
+    gl = goal_lines(verdicts)
+    wall = (f"{_fmt_s(compute)} of compute" + ("" if complete else " (some reused phases' times unknown)")
+            + f"; this invocation {_fmt_s(invocation)}")
+    machine = result["machine"]
+    md = [f"# Proof that training learns: {out.name}", "", table, "", *gl, "",
+          "## Settings", "",
+          f"- command: `{result['command']}`",
+          f"- date: {result['date']}",
+          f"- pretrain config: `{args.config}`" + (f" with {', '.join(f'`{o}`' for o in args.overrides)}"
+                                                   if args.overrides else "") + f"; seeds {seeds}; steps {steps}",
+          f"- eval config: `{args.eval_config}`" + (f" with {', '.join(f'`{o}`' for o in args.eval_overrides)}"
+                                                    if args.eval_overrides else ""),
+          "- evaluation sets: " + ", ".join(f"{ds} {v['sequences']} sequences / {v['frames']} frames"
+                                            for ds, v in eval_sets.items()) + " (scenes not in the training tour)",
+          f"- machine: {machine['cpu_count']} CPU cores, {machine['device']}, torch {machine['torch']}",
+          f"- wall time: {wall}", "",
+          "| phase | seconds | reused |", "|---|---:|---|"]
+    for k, v in times.phases.items():
+        secs = "?" if v["seconds"] is None else f"{v['seconds']:.1f}"
+        md.append(f"| {k} | {secs} | {'yes' if v['reused'] else ''} |")
+    md += ["", "![proof](proof.png)", ""]
+    write_json(out / "proof.json", result)
+    with atomic_open(out / "proof.png", "wb") as f:
+        f.write(plot_bars(agg, title=f"mIoU %, mean ± std over seeds {' '.join(map(str, seeds))} "
+                                     f"({', '.join(map(str, steps))} steps)"))
+    write_text(out / "proof.md", "\n".join(md))
+    if args.json:
+        write_json(args.json, result)
+    if args.readme:
+        body = "\n".join([
+            table, "", *gl, "",
+            f"Command: `{result['command']}`, {result['date'][:10]}, wall time {wall} on "
+            f"{machine['cpu_count']} CPU cores ({machine['device']}, torch {machine['torch']}). Settings, "
+            f"per-seed scores and the bar chart: `{_rel(out, Path(args.readme).parent)}/` "
+            "(`proof.md`, `proof.json`, `proof.png`).",
+        ])
+        write_readme(args.readme, body)
+    return result, "\n".join([table, "", *gl, "", f"wall time: {wall}"])
+
+
+def _rel(path: Path, base: Path) -> str:
+    try:
+        return Path(os.path.relpath(path, base)).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def cli_main(args: Any) -> int:
+    _, text = run_learn(args)
+    out = Path(args.out)
+    print(text)
+    print(f"wrote {out / 'proof.json'}, {out / 'proof.md'}, {out / 'proof.png'}"
+          + (f"; updated {args.readme}" if args.readme else ""))
+    return 0
