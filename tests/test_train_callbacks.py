@@ -91,17 +91,18 @@ UNIFORM = {**HEALTHY, "teacher_entropy": 0.95 * np.log(256)}
 def test_collapse_warning_one_line_for_a_collapsing_run_none_for_a_healthy_one(capsys):
     cb = _drive_collapse_warning([HEALTHY] * 60)
     assert cb.warnings == [] and capsys.readouterr().err == ""
-    # collapses at step 11; logged (every 2 steps) from step 12 to 30: 10 logging intervals -> one warning
+    # collapses at step 11; logged (every 2 steps) from step 12 to 30: 10 logging intervals -> one warning,
+    # at the second collapsed logging step (patience 2)
     cb = _drive_collapse_warning([HEALTHY] * 10 + [UNIFORM] * 20, repeat=2)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and len(cb.warnings) == 1, err
     line = err.strip()
-    assert line.startswith("warning: step 12:") and "train/teacher_entropy 5.268" in line
+    assert line.startswith("warning: step 14:") and "train/teacher_entropy 5.268" in line
     assert "0.9*log C = 4.991" in line and "runs/x/report.md" in line
     # and not more often than once per 10 logging intervals
     cb = _drive_collapse_warning([HEALTHY] * 10 + [UNIFORM] * 50)
     assert [w.split(":")[0] + ":" + w.split(":")[1] for w in cb.warnings] == \
-        ["warning: step 12", "warning: step 32", "warning: step 52"]
+        ["warning: step 14", "warning: step 34", "warning: step 54"]
     capsys.readouterr()
     assert _drive_collapse_warning([UNIFORM] * 10, rank0=False).warnings == []  # rank 0 only
 
@@ -139,3 +140,15 @@ def test_report_has_a_collapse_section_and_picture(tmp_path):
     colours = {im.getpixel((x, y)) for x in range(0, 400) for y in range(0, 200)}
     assert (200, 40, 40) in colours  # the log C line on the teacher-entropy panel
     assert (200, 40, 40) not in {im.getpixel((x, y)) for x in range(400, 800) for y in range(0, 200)}
+
+
+def test_collapse_warning_stays_quiet_when_the_run_diverged(capsys):
+    # a nan loss makes every target argmax prototype 0: that is divergence (FiniteGuard's line), not collapse
+    cb = _drive_collapse_warning([{**HEALTHY, "loss": float("nan"), "prototypes_used": 1,
+                                   "teacher_entropy": float("nan")}] * 12)
+    assert cb.warnings == [] and capsys.readouterr().err == ""
+
+
+def test_one_collapsed_looking_batch_is_not_a_warning(capsys):
+    cb = _drive_collapse_warning([HEALTHY] * 10 + [UNIFORM] * 2 + [HEALTHY] * 10)  # logged once collapsed
+    assert cb.warnings == [] and capsys.readouterr().err == ""

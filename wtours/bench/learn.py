@@ -290,6 +290,7 @@ def _train_seed(cfg: Any, run_dir: Path, times: _Times, phase: str, quiet: bool)
     import torch
 
     from wtours.config import to_dict
+    from wtours.integrity import load_verified
     from wtours.train.checkpointing import check_resume
     from wtours.train.pretrain import run_pretrain
     from wtours.train.video_config import training_hash
@@ -298,8 +299,8 @@ def _train_seed(cfg: Any, run_dir: Path, times: _Times, phase: str, quiet: bool)
     want = training_hash(cfg)
     if bb.is_file():
         try:
-            meta = torch.load(bb, map_location="cpu", weights_only=False).get("meta", {})
-        except Exception:  # noqa: BLE001 - an unreadable export is recomputed
+            meta = load_verified(bb)[0].get("meta", {})
+        except Exception:  # noqa: BLE001 - an unreadable or damaged export is recomputed
             meta = {}
         if meta.get("config_hash") == want:
             times.reused(phase)

@@ -211,17 +211,22 @@ class CollapseWarning(Callback):
     - ``train/feature_std < 0.05`` (every input maps to nearly the same [CLS]),
     - ``train/prototypes_used <= 1`` (one prototype wins for every input).
 
-    After a warning the next one comes ``quiet_intervals`` logging intervals later at the earliest.
+    A warning needs the signal on ``patience`` consecutive logging steps (one noisy batch is not a
+    collapse; a diverging run is stopped by :class:`wtours.train.guard.FiniteGuard` first). After a
+    warning the next one comes ``quiet_intervals`` logging intervals later at the earliest.
     """
 
     def __init__(self, out_dim: int, log_every: int, report: str | Path | None = None,
-                 quiet_intervals: int = 10, entropy_frac: float = 0.9, min_feature_std: float = 0.05) -> None:
+                 quiet_intervals: int = 10, entropy_frac: float = 0.9, min_feature_std: float = 0.05,
+                 patience: int = 2) -> None:
         self.log_c = math.log(out_dim)
         self.log_every = max(1, int(log_every))
         self.report = report
         self.quiet_steps = quiet_intervals * self.log_every
         self.entropy_frac = entropy_frac
         self.min_feature_std = min_feature_std
+        self.patience = max(1, int(patience))
+        self._streak = 0
         self._last_step = -1
         self._last_warned: int | None = None
         self.warnings: list[str] = []
@@ -235,8 +240,13 @@ class CollapseWarning(Callback):
             v = float(v.item() if hasattr(v, "item") else v)
             return v if math.isfinite(v) else None
 
-        reasons = []
+        reasons: list[str] = []
+        loss = metrics.get("train/loss")
+        if loss is not None and not math.isfinite(float(loss.item() if hasattr(loss, "item") else loss)):
+            return reasons  # diverged, not collapsed: FiniteGuard stops the run and says so
         ent, std, used = get("teacher_entropy"), get("feature_std"), get("prototypes_used")
+        if ent is None:
+            return reasons
         if ent is not None and ent > self.entropy_frac * self.log_c:
             reasons.append(f"train/teacher_entropy {ent:.3f} > {self.entropy_frac:g}*log C = "
                            f"{self.entropy_frac * self.log_c:.3f} (targets nearly uniform)")
@@ -250,10 +260,11 @@ class CollapseWarning(Callback):
         """Check the metrics logged at optimizer step ``step``; returns the warning printed, if any."""
         if step % self.log_every:
             return None
-        if self._last_warned is not None and step - self._last_warned < self.quiet_steps:
-            return None
         reasons = self.check(metrics)
-        if not reasons:
+        self._streak = self._streak + 1 if reasons else 0
+        if self._streak < self.patience:
+            return None
+        if self._last_warned is not None and step - self._last_warned < self.quiet_steps:
             return None
         self._last_warned = step
         where = f"; see 'Collapse signals' in {self.report}" if self.report else ""
