@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+import wtours.models.small_vits  # noqa: F401 - registers the CPU-scale ViTs with timm
 from wtours.errors import UserError
 from wtours.fsutil import torch_save
 from wtours.integrity import CHECKSUM_KEY, load_verified, seal
