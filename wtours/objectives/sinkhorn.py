@@ -60,13 +60,17 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x, hi)  # +inf and NaN
 
 
-def sinkhorn_knopp(scores: torch.Tensor, eps: float = 0.05, iters: int = 30) -> torch.Tensor:
+def sinkhorn_knopp(scores: torch.Tensor, eps: float = 0.05, iters: int = 30,
+                   across_ranks: bool = False) -> torch.Tensor:
     """Equipartition assignment of ``N`` rows (patches) to ``K`` columns (objects).
 
     Args:
         scores: ``[..., N, K]`` similarities (higher = more likely assigned); any float dtype.
         eps: entropic regularisation (temperature of ``exp(scores / eps)``).
         iters: number of (column, row) normalisation rounds, fixed.
+        across_ranks: the rows of all ranks form one problem (SwAV / TimeT: each rank holds a
+            shard of the batch's patches); the column sums and ``N`` are all-reduced (two
+            collectives per round, on the device). A no-op in a single process.
 
     Returns:
         ``[..., N, K]`` float32, no grad history needed (callers use it as a hard target);
@@ -76,13 +80,30 @@ def sinkhorn_knopp(scores: torch.Tensor, eps: float = 0.05, iters: int = 30) -> 
         raise ValueError(f"scores must be [..., N, K], got shape {tuple(scores.shape)}")
     if eps <= 0 or iters < 1:
         raise ValueError(f"need eps > 0 and iters >= 1, got eps={eps}, iters={iters}")
+    from wtours.objectives.distributed import world_size
+
+    shared = across_ranks and world_size() > 1
     n, k = scores.shape[-2], scores.shape[-1]
-    log_n, log_k = math.log(n), math.log(k)
+    log_n, log_k = math.log(n * (world_size() if shared else 1)), math.log(k)
     with torch.autocast(device_type=scores.device.type, enabled=False):
         x = _finite(scores.float())
         x = x - x.amax(dim=(-2, -1), keepdim=True)  # <= 0, may overflow to -inf for huge spreads
         logq = torch.nan_to_num(x / eps, nan=_FLOOR, neginf=_FLOOR).clamp_min(_FLOOR)
         for _ in range(iters):
-            logq = logq - (torch.logsumexp(logq, dim=-2, keepdim=True) + log_k)  # columns -> 1/K
+            col = torch.logsumexp(logq, dim=-2, keepdim=True)
+            if shared:
+                col = _logsumexp_over_ranks(col)
+            logq = logq - (col + log_k)  # columns -> 1/K
             logq = logq - (torch.logsumexp(logq, dim=-1, keepdim=True) + log_n)  # rows -> 1/N
         return torch.exp(logq + log_n)
+
+
+def _logsumexp_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """``log(sum over ranks of exp(x))``, elementwise, without overflow (max + sum all-reduce)."""
+    import torch.distributed as dist
+
+    m = x.detach().clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    s = torch.exp(x - m)
+    dist.all_reduce(s, op=dist.ReduceOp.SUM)
+    return m + torch.log(s)
