@@ -6,6 +6,7 @@ downloader or the synthetic generator):
 * :func:`open_video` / :class:`VideoFile` (:mod:`wtours.video.decode`)
 * :func:`index_video` / :class:`VideoIndex` (:mod:`wtours.video.index`)
 * :class:`ClipDataset`, :func:`clip_span_frames` (:mod:`wtours.video.clips`)
+* :class:`FrameFolderClips` (:mod:`wtours.video.frames`): the same clips from folders of frames
 * :func:`prepare_video` (:mod:`wtours.video.prepare`)
 """
 
@@ -20,6 +21,7 @@ _EXPORTS = {
     "VideoIndex": "wtours.video.index",
     "ClipDataset": "wtours.video.clips",
     "clip_span_frames": "wtours.video.clips",
+    "FrameFolderClips": "wtours.video.frames",
     "prepare_video": "wtours.video.prepare",
 }
 
