@@ -54,27 +54,10 @@ def load_pretrain_config(config: str | None, overrides: Sequence[str], max_steps
     ov = list(overrides or [])
     if max_steps is not None:
         ov.append(f"trainer.max_steps={int(max_steps)}")
-    cfg = load_config(VideoPretrainConfig, config, ov)
+    cfg = load_config(VideoPretrainConfig, config, ov)  # validated, cross-section checks included
     if videos:
         cfg.videos = [str(v) for v in videos]
-    c = cfg.crops
-    for name, size in (("crops.global_size", c.global_size), ("crops.local_size", c.local_size)):
-        patch = _patch_size(cfg.model.arch)
-        if patch and size % patch:
-            raise ConfigError(f"{name}: {size} is not a multiple of the patch size {patch} of '{cfg.model.arch}'")
-    if c.local_number < 1:
-        raise ConfigError("crops.local_number: DoRA needs at least 1 local crop")
-    if cfg.loss.compat_reference and c.local_number < 2:
-        raise ConfigError("crops.local_number: loss.compat_reference needs at least 2 local crops "
-                          "(the reference skips local crop 0)")
     return cfg
-
-
-def _patch_size(arch: str) -> int | None:
-    import re
-
-    m = re.search(r"patch(\d+)", arch)
-    return int(m.group(1)) if m else None
 
 
 def synth_videos(cfg: VideoPretrainConfig, run_dir: Path, progress: bool = True) -> list[str]:
