@@ -175,3 +175,15 @@ def test_one_collapsed_looking_batch_is_not_a_warning(capsys):
     cb = _drive_collapse_warning([HEALTHY] * 10 + [UNIFORM] * 2 + [HEALTHY] * 10)  # logged once collapsed
     assert cb.warnings == [] and capsys.readouterr().err == ""
 
+
+def test_a_checkpoint_of_another_layout_is_refused_with_one_line(tmp_path):
+    from wtours.errors import UserError
+    from wtours.train.checkpointing import CHECKPOINT_LAYOUT, check_config
+
+    path = tmp_path / "last.ckpt"
+    check_config({"config_hash": "h", "layout": CHECKPOINT_LAYOUT}, "h", {}, path)  # this layout: fine
+    with pytest.raises(UserError) as e:  # no layout: written before the objective owned its heads and centre
+        check_config({"config_hash": "h", "config": {}}, "h", {}, path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: checkpoint was written by an older wtours (checkpoint layout 1")
+    assert "--fresh" in msg and "\n" not in msg

@@ -98,12 +98,12 @@ def bench_step(cfg: Any, clips: Any, steps: int) -> dict[str, Any]:
 
     def step() -> torch.Tensor:
         with amp:
-            loss, _ = module.forward_step(clips, float(sched.teacher_temp[0]))
+            loss, _ = module.forward_step(clips, sched.at(0))
         loss.backward()
-        clip_per_parameter_(module.student.parameters(), cfg.optim.clip_grad)
+        clip_per_parameter_(module.trainable_parameters(), cfg.optim.clip_grad)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        module.after_optimizer_step(float(sched.momentum[0]))
+        module.after_optimizer_step(sched.at(0))
         return loss.detach()
 
     for _ in range(2):  # warm-up (allocations, cuDNN/compile)

@@ -34,7 +34,8 @@ from wtours.fsutil import torch_save
 from wtours.integrity import CHECKSUM_KEY, load_verified, seal
 
 # Prefixes stripped from foreign state dicts, tried in this order.
-_PREFIXES = ("module.", "backbone.", "student.backbone.", "teacher.backbone.", "model.", "encoder.")
+_PREFIXES = ("module.", "backbone.", "student.backbone.", "teacher.backbone.", "student.vit.", "teacher.vit.",
+             "model.", "encoder.")
 _HEADS_BY_DIM = {192: 3, 384: 6, 768: 12, 1024: 16}
 _SIZE_BY_DIM = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
 

@@ -273,7 +273,7 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
         meta = {"stage": "dora", "steps": trainer.global_step, "config_hash": cfg_hash,
                 "videos": [str(v) for v in cfg.videos], "arch": cfg.model.arch,
                 "clips_seen": trainer.global_step * clips_per_step(cfg, world)}
-        export_backbone(module.teacher.backbone.vit, cfg.model.arch, stage / "backbone.pt", meta)
+        export_backbone(module.teacher.vit, cfg.model.arch, stage / "backbone.pt", meta)
         summary["backbone"] = str(stage / "backbone.pt")
         for lg in loggers:
             lg.save()
