@@ -121,3 +121,46 @@ def test_pretrain_config_values_checked_at_load(override, fragment):
     with pytest.raises(ConfigError) as e:
         load_config(VideoPretrainConfig, "video/tiny", [override])
     assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- stage-1 cross-section checks
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["crops.local_number=0"], "crops.local_number: DoRA needs at least 1 local crop, got 0"),
+        (["loss.compat_reference=true", "crops.local_number=1"],
+         "crops.local_number: loss.compat_reference needs at least 2 local crops"),
+        (["model.arch=vit_nano_patch8_64", "crops.global_size=60"],
+         "crops.global_size: 60 is not a multiple of the patch size 8 of 'vit_nano_patch8_64'"),
+        (["model.arch=vit_nano_patch8_64", "crops.local_size=20"],
+         "crops.local_size: 20 is not a multiple of the patch size 8 of 'vit_nano_patch8_64'"),
+        (["model.arch=vit_tiny_patch16_224", "crops.global_size=40"],
+         "crops.global_size: 40 is not a multiple of the patch size 16 of 'vit_tiny_patch16_224'"),
+        (["model.arch=vit_tiny_patch16_224", "tracking.objects=4"],
+         "tracking.objects: 4 objects need as many attention heads, 'vit_tiny_patch16_224' has 3"),
+    ],
+)
+def test_pretrain_cross_section_checks_happen_at_load(overrides, message):
+    """Every stage-1 check runs in the config's validate(), i.e. in load_config / from_dict: one line naming the key."""
+    from wtours.train.video_config import VideoPretrainConfig
+
+    with pytest.raises(ConfigError) as e:
+        load_config(VideoPretrainConfig, "video/tiny", overrides)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    data = parse_overrides(overrides)
+    with pytest.raises(ConfigError, match="^" + message.split(":")[0]):  # from_dict validates the root as well
+        from_dict(VideoPretrainConfig, data)
+
+
+def test_patch_size_comes_from_the_model_not_its_name():
+    from wtours.models.backbone_io import vit_geometry
+    from wtours.train.video_config import VideoPretrainConfig
+
+    assert vit_geometry("vit_nano_patch8_64") == (8, 4, 128)
+    assert vit_geometry("vit_tiny_patch16_224") == (16, 3, 192)
+    # a patch-8 ViT takes sizes that are multiples of 8 (not of 16)
+    cfg = load_config(VideoPretrainConfig, "video/tiny",
+                      ["model.arch=vit_nano_patch8_64", "crops.global_size=56", "crops.local_size=24"])
+    assert cfg.crops.global_size == 56

@@ -1,10 +1,10 @@
-"""DINOLoss: value equals the hand-written formula; centre EMA; fp32 under autocast."""
+"""DINOLoss: targets x cross-entropy equal the hand-written formula; the centre (queue per micro-batch,
+apply per optimizer step) is an EMA; fp32 under autocast."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 
-from wtours.objectives.dino import DINOLoss
+from wtours.objectives.dino import DINOLoss, cross_entropy
 
 
 def _hand(student, teacher, center, tau_s, tau_t):
@@ -16,46 +16,70 @@ def _hand(student, teacher, center, tau_s, tau_t):
     return total / (student.shape[0] * teacher.shape[0])
 
 
+def _loss(crit, student, teacher, teacher_temp, student_temp=0.1):
+    """What training computes per view (dora_loss): H(targets, student) averaged over views and rows."""
+    return cross_entropy(crit.targets(teacher, teacher_temp).unsqueeze(0), student, student_temp).mean()
+
+
 def test_equals_hand_formula_with_nonzero_center():
     g = torch.Generator().manual_seed(0)
-    crit = DINOLoss(out_dim=11, student_temp=0.1)
+    crit = DINOLoss(out_dim=11)
     crit.center.copy_(torch.randn(1, 11, generator=g))
     s, t = torch.randn(3, 4, 11, generator=g), torch.randn(4, 11, generator=g)
-    got = crit(s, t, teacher_temp=0.04)
-    torch.testing.assert_close(got, _hand(s, t, crit.center, 0.1, 0.04), atol=1e-5, rtol=1e-5)
-    got_t = crit(s, t, teacher_temp=torch.tensor(0.07))
+    torch.testing.assert_close(_loss(crit, s, t, 0.04), _hand(s, t, crit.center, 0.1, 0.04), atol=1e-5, rtol=1e-5)
+    got_t = _loss(crit, s, t, torch.tensor(0.07))
     torch.testing.assert_close(got_t, _hand(s, t, crit.center, 0.1, 0.07), atol=1e-5, rtol=1e-5)
-    # a 2-D student input means one view
-    torch.testing.assert_close(crit(s[0], t, 0.04), _hand(s[:1], t, crit.center, 0.1, 0.04), atol=1e-5, rtol=1e-5)
+    # one view
+    torch.testing.assert_close(_loss(crit, s[:1], t, 0.04), _hand(s[:1], t, crit.center, 0.1, 0.04),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_gradient_reaches_student_only():
     crit = DINOLoss(out_dim=6)
     s = torch.randn(2, 3, 6, requires_grad=True)
     t = torch.randn(3, 6, requires_grad=True)
-    crit(s, t, 0.04).backward()
+    _loss(crit, s, t, 0.04).backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
     assert t.grad is None
 
 
 def test_center_update_momentum_values():
     crit = DINOLoss(out_dim=3, center_momentum=0.9)
+    crit.apply_center_update()  # nothing queued: nothing changes
+    torch.testing.assert_close(crit.center, torch.zeros(1, 3))
     t1 = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])   # mean [2, 2, 2]
-    crit.update_center(t1)
+    crit.queue_center(t1)
+    torch.testing.assert_close(crit.center, torch.zeros(1, 3))  # queued, not applied yet
+    crit.apply_center_update()
     torch.testing.assert_close(crit.center, torch.tensor([[0.2, 0.2, 0.2]]))
     t2 = torch.tensor([[10.0, 0.0, -10.0]])
-    crit.update_center(t2)
+    crit.queue_center(t2)
+    crit.apply_center_update()
     torch.testing.assert_close(crit.center, torch.tensor([[0.9 * 0.2 + 1.0, 0.18, 0.18 - 1.0]]))
-    crit.update_center(torch.zeros(2, 5, 3))  # any leading dims
+    crit.queue_center(torch.zeros(2, 5, 3))  # any leading dims
+    crit.apply_center_update()
+    torch.testing.assert_close(crit.center, 0.9 * torch.tensor([[1.18, 0.18, -0.82]]))
+    crit.apply_center_update()  # the queue was emptied: a second apply changes nothing
     torch.testing.assert_close(crit.center, 0.9 * torch.tensor([[1.18, 0.18, -0.82]]))
 
 
-def test_fp32_under_bf16_autocast_and_shape_errors():
+def test_accumulated_micro_batches_move_the_centre_once_by_their_mean():
+    crit = DINOLoss(out_dim=2, center_momentum=0.5)
+    crit.queue_center(torch.tensor([[2.0, 0.0], [4.0, 0.0]]))  # micro-batch 1: mean [3, 0]
+    crit.queue_center(torch.tensor([[1.0, 6.0]]))              # micro-batch 2: mean [1, 6]
+    crit.apply_center_update()                                  # one EMA step towards [2, 3]
+    torch.testing.assert_close(crit.center, torch.tensor([[1.0, 1.5]]))
+    assert list(crit.state_dict()) == ["center"]  # the centre is state (checkpointed); the queue is not
+
+
+def test_fp32_under_bf16_autocast():
     crit = DINOLoss(out_dim=8)
     s, t = torch.randn(2, 4, 8).bfloat16(), torch.randn(4, 8).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = crit(s, t, 0.04)
+        loss = _loss(crit, s, t, 0.04)
+        crit.queue_center(t)
     assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, crit(s.float(), t.float(), 0.04))
-    with pytest.raises(ValueError):
-        crit(torch.randn(2, 5, 8), torch.randn(4, 8), 0.04)
+    torch.testing.assert_close(loss, _loss(crit, s.float(), t.float(), 0.04))
+    crit.apply_center_update()
+    assert crit.center.dtype == torch.float32
+    torch.testing.assert_close(crit.center, 0.1 * t.float().mean(0, keepdim=True))

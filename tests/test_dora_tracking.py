@@ -191,7 +191,8 @@ def test_cuda_hot_path_has_no_host_syncs():
         tgt = torch.randn(B, T, C, device=dev)
         loss = dora_loss(s_loc, s_msk, tgt, crit.center, compat_reference=False)
         loss_c = dora_loss(s_loc, s_msk, tgt, crit.center, compat_reference=True)
-        crit.update_center(tgt)
+        crit.queue_center(tgt)
+        crit.apply_center_update()
         ema_update_(teacher, teacher, momentum)
     finally:
         torch.cuda.set_sync_debug_mode(0)

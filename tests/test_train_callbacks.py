@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from wtours.train.callbacks import PALETTE, ResumableCSVLogger, render_masks_png
+from wtours.train.callbacks import PALETTE, render_masks_png
+from wtours.train.csv_logger import ResumableCSVLogger
 from wtours.train.checkpointing import AtomicCheckpointIO
 
 
@@ -53,6 +54,27 @@ def test_csv_metrics_keep_rows_before_the_resumed_step(tmp_path):
     fresh.log_metrics({"train/loss": 2.0}, step=0)
     fresh.save()
     assert len(path.read_text().strip().splitlines()) == 2
+
+
+def test_csv_metrics_new_columns_widen_the_header_and_cut_rows_are_dropped_on_resume(tmp_path):
+    log = ResumableCSVLogger(tmp_path, "stage1")
+    log.log_metrics({"train/loss": 1.0, "epoch": 0}, step=0)
+    log.save()
+    log.log_metrics({"train/loss": 0.9, "perf/clips_per_s": 3.0, "epoch": 0}, step=1)  # a new column
+    log.save()
+    log.log_metrics({"train/loss": 0.8, "epoch": 0}, step=2)
+    log.finalize("success")
+    path = tmp_path / "stage1" / "metrics.csv"
+    rows = list(csv.DictReader(open(path)))
+    assert list(rows[0]) == ["epoch", "perf/clips_per_s", "step", "train/loss"]  # Lightning's format: sorted
+    assert [(r["step"], r["perf/clips_per_s"]) for r in rows] == [("0", ""), ("1", "3.0"), ("2", "")]
+    with open(path, "a") as f:
+        f.write("0,")  # a row cut short by a kill
+    resumed = ResumableCSVLogger(tmp_path, "stage1", keep_until_step=5)
+    resumed.log_metrics({"train/loss": 0.7, "epoch": 1}, step=5)
+    resumed.save()
+    assert [r["step"] for r in csv.DictReader(open(path))] == ["0", "1", "2", "5"]
+    assert not list(path.parent.glob(".*.tmp"))
 
 
 def test_atomic_checkpoint_io_replaces_the_file_and_leaves_no_temp(tmp_path):
@@ -152,3 +174,16 @@ def test_collapse_warning_stays_quiet_when_the_run_diverged(capsys):
 def test_one_collapsed_looking_batch_is_not_a_warning(capsys):
     cb = _drive_collapse_warning([HEALTHY] * 10 + [UNIFORM] * 2 + [HEALTHY] * 10)  # logged once collapsed
     assert cb.warnings == [] and capsys.readouterr().err == ""
+
+
+def test_a_checkpoint_of_another_layout_is_refused_with_one_line(tmp_path):
+    from wtours.errors import UserError
+    from wtours.train.checkpointing import CHECKPOINT_LAYOUT, check_config
+
+    path = tmp_path / "last.ckpt"
+    check_config({"config_hash": "h", "layout": CHECKPOINT_LAYOUT}, "h", {}, path)  # this layout: fine
+    with pytest.raises(UserError) as e:  # no layout: written before the objective owned its heads and centre
+        check_config({"config_hash": "h", "config": {}}, "h", {}, path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: checkpoint was written by an older wtours (checkpoint layout 1")
+    assert "--fresh" in msg and "\n" not in msg

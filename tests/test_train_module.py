@@ -52,10 +52,14 @@ def fixed_loss(module: DoRAModule) -> float:
     batch = FixedClips()
     clips = torch.stack([batch[0]["clip"], batch[1]["clip"]])
     module.augment.generator.manual_seed(123)
-    module.head_generator.manual_seed(123)
+    module.generator.manual_seed(123)
+    centre = module.objective.dino.center.clone()
+    module.eval()  # an objective in eval mode changes no state (nothing queued for the centre)
     with torch.no_grad():
-        loss, _ = module.forward_step(clips, 0.04)
-    module._center_acc.clear()
+        loss, _ = module.forward_step(clips, module.ensure_schedules(1).at(0))
+    module.train()
+    module.objective.dino.apply_center_update()
+    assert torch.equal(centre, module.objective.dino.center)
     return float(loss)
 
 
@@ -79,22 +83,32 @@ def test_ema_and_centre_once_per_optimizer_step_with_accumulation(monkeypatch):
 
     monkeypatch.setattr(vm, "ema_update_", counting_ema)
     m = DoRAModule(make_cfg("trainer.accumulate_grad_batches=2"))
-    real_center = m.dino.update_center
-    seen_rows = []
+    dino = m.objective.dino  # the objective owns the centre and its queue of micro-batch means
+    real_queue, real_apply = dino.queue_center, dino.apply_center_update
+    queued = []
 
-    def counting_center(t):
+    def counting_queue(t):
+        queued.append(t.shape)
+        return real_queue(t)
+
+    def counting_apply():
         calls["center"] += 1
-        seen_rows.append(t.shape[0])
-        return real_center(t)
+        seen_rows.append(len(queued))
+        queued.clear()
+        return real_apply()
 
-    m.dino.update_center = counting_center
-    t0 = m.teacher.head.mlp[0].weight.detach().clone()
+    seen_rows = []
+    dino.queue_center, dino.apply_center_update = counting_queue, counting_apply
+    t0 = m.objective.teacher_head.mlp[0].weight.detach().clone()
+    c0 = dino.center.clone()
     trainer = fit(m, 3, accumulate=2)
     assert trainer.global_step == 3
     assert calls == {"ema": 3, "center": 3}
     assert seen_rows == [2, 2, 2]  # the centre sees both micro-batches of its step
     assert m.ema_updates == 3
-    assert not torch.equal(t0, m.teacher.head.mlp[0].weight)
+    assert not torch.equal(t0, m.objective.teacher_head.mlp[0].weight)
+    assert not torch.equal(c0, dino.center)
+    assert "objective.dino.center" in m.state_dict()  # the centre is checkpointed with the objective
 
 
 def test_per_parameter_clipping_scales_each_gradient_on_its_own():
@@ -115,14 +129,14 @@ def test_last_layer_is_frozen_for_the_first_epoch_only():
     # 8 clips / batch 2 = 4 steps per epoch; frozen for 0.5 epoch = 2 steps
     m = DoRAModule(make_cfg("optim.freeze_last_layer_epochs=0.5"))
     assert m.ensure_schedules(1).freeze_last_layer_steps == 2
-    last0 = [p.detach().clone() for p in m.student.head.last_layer.parameters()]
-    mlp0 = m.student.head.mlp[0].weight.detach().clone()
+    last0 = [p.detach().clone() for p in m.objective.student_head.last_layer.parameters()]
+    mlp0 = m.objective.student_head.mlp[0].weight.detach().clone()
     fit(m, 2)
-    assert all(torch.equal(p0, p) for p0, p in zip(last0, m.student.head.last_layer.parameters()))
-    assert not torch.equal(mlp0, m.student.head.mlp[0].weight)
+    assert all(torch.equal(p0, p) for p0, p in zip(last0, m.objective.student_head.last_layer.parameters()))
+    assert not torch.equal(mlp0, m.objective.student_head.mlp[0].weight)
     m2 = DoRAModule(make_cfg("optim.freeze_last_layer_epochs=0.5"))
     fit(m2, 3)  # step 3 is past the frozen steps
-    assert any(not torch.equal(p0, p) for p0, p in zip(last0, m2.student.head.last_layer.parameters()))
+    assert any(not torch.equal(p0, p) for p0, p in zip(last0, m2.objective.student_head.last_layer.parameters()))
 
 
 def test_schedules_follow_the_recipe():

@@ -56,7 +56,7 @@ def test_cli_run_writes_artefacts_and_a_timm_loadable_backbone(tmp_path, video, 
     # the exported weights are the teacher's
     sd, step = _weights(out)
     assert step == 4
-    assert torch.equal(ck["state_dict"]["blocks.0.attn.qkv.weight"], sd["teacher.backbone.vit.blocks.0.attn.qkv.weight"])
+    assert torch.equal(ck["state_dict"]["blocks.0.attn.qkv.weight"], sd["teacher.vit.blocks.0.attn.qkv.weight"])
     rows = list(csv.DictReader(open(out / "stage1" / "metrics.csv")))
     steps_with_loss = [int(r["step"]) for r in rows if r.get("train/loss")]
     assert steps_with_loss == [0, 1, 2, 3]

@@ -6,12 +6,24 @@ Measures, on the default device (CUDA when available, else CPU):
 
 * loader: clips/s of ``ClipDataset`` + ``DataLoader`` (``data.num_workers``) without training;
 * train step (one fixed batch already on the device, so the loader is out of the picture):
-  steps/s and clips/s of the full DoRA step (GPU augmentation, teacher, tracking, student
-  forward/backward, per-parameter clipping, AdamW, EMA, centre), bf16 autocast on CUDA;
-* FLOPs of one step (``torch.utils.flop_counter.FlopCounterMode``: matmuls, convolutions, SDPA),
-  achieved TFLOP/s and MFU against the GPU's dense bf16 peak (H100 SXM / H200 989, H100 PCIe 756,
-  A100 312 TFLOP/s; "n/a" on CPU or an unknown GPU);
-* peak memory (CUDA: ``max_memory_allocated``; CPU: the process's peak RSS).
+  optimizer steps/s and clips/s of training itself: a ``pl.Trainer`` set up as ``wtours pretrain``
+  sets it up (:func:`wtours.train.trainer_setup.step_options`: precision, i.e. bf16-mixed on CUDA and
+  fp32 on CPU, gradient accumulation, determinism) runs :class:`~wtours.train.video_module.DoRAModule`
+  on a loader that yields that batch forever. Each optimizer step is therefore exactly the training
+  step: schedules at the step, GPU augmentation, the objective (teacher, tracking, student forward),
+  backward, the objective's frozen parameters, per-parameter clipping, AdamW, backbone EMA and the
+  objective's state updates (centre), plus Lightning's own per-step work, which training pays too.
+  Why a Trainer and not a hand-written loop: a copy of the step measures something else as soon as
+  training changes (a bench that skipped the schedules, the frozen last layer and autocast on CPU
+  did); the test ``tests/test_train_bench.py`` checks that the bench's weights after N steps equal
+  those of N training steps on the same batch;
+* FLOPs of one optimizer step (``torch.utils.flop_counter.FlopCounterMode`` around its micro-batches:
+  matmuls, convolutions, SDPA), achieved TFLOP/s and MFU against the GPU's dense bf16 peak (H100 SXM
+  / H200 989, H100 PCIe 756, A100 312 TFLOP/s; "n/a" on CPU or an unknown GPU);
+* peak memory (CUDA: ``max_memory_allocated`` over the timed steps; CPU: the process's peak RSS).
+
+The timed window is host time between two device syncs, around ``--steps`` optimizer steps after
+``warmup`` steps (allocations, cuDNN autotuning, compilation) and the FLOP-counted step.
 
 Without ``--config`` it uses ``configs/video/dora_vits16.yaml`` on a GPU and ``configs/video/tiny.yaml``
 on CPU; without ``videos`` in the config it benchmarks on a synthetic walking tour (cached in
@@ -25,7 +37,10 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import IterableDataset
 
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12))
 
@@ -81,54 +96,93 @@ def bench_loader(cfg: Any, videos: list[str], batches: int) -> dict[str, float]:
             "decode_ratio": st.get("ratio", float("nan"))}
 
 
-def bench_step(cfg: Any, clips: Any, steps: int) -> dict[str, Any]:
-    """Time the full DoRA optimizer step on a fixed batch ``clips`` (uint8 on the target device)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+class _RepeatBatch(IterableDataset):
+    """The same batch, forever (the loader of the bench's Trainer)."""
 
-    from wtours.train.video_module import DoRAModule, clip_per_parameter_
+    def __init__(self, batch: dict[str, Any]) -> None:
+        self.batch = batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            yield self.batch
+
+
+class StepClock(Callback):
+    """Host time over optimizer steps ``[start, stop)`` of a fit (a device sync at both ends only),
+    FLOPs of optimizer step ``flop_step`` (all its micro-batches), CUDA peak memory from ``start``."""
+
+    def __init__(self, flop_step: int, start: int, stop: int) -> None:
+        self.flop_step, self.start, self.stop = flop_step, start, stop
+        self.flops: float | None = None
+        self.t0: float | None = None
+        self.t1: float | None = None
+        self._counter: Any = None
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step  # the optimizer step this micro-batch belongs to
+        if step == self.flop_step and self.flops is None and self._counter is None:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            self._counter = FlopCounterMode(display=False)
+            self._counter.__enter__()
+        if step == self.start and self.t0 is None:
+            _sync(pl_module.device)
+            if pl_module.device.type == "cuda":
+                import torch
+
+                torch.cuda.reset_peak_memory_stats(pl_module.device)
+            self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step  # after the last micro-batch of step s: s + 1
+        if self._counter is not None and step == self.flop_step + 1:
+            self._counter.__exit__(None, None, None)
+            self.flops = float(self._counter.get_total_flops())
+            self._counter = None
+        if step == self.stop and self.t1 is None:
+            _sync(pl_module.device)
+            self.t1 = time.perf_counter()
+
+
+def bench_step(cfg: Any, clips: Any, steps: int, warmup: int = 2) -> tuple[dict[str, Any], Any]:
+    """Train on the fixed batch ``clips`` (uint8 ``[B, T, 3, H, W]`` on the target device) for ``warmup``
+    + 1 (FLOPs) + ``steps`` (timed) optimizer steps, exactly as ``wtours pretrain`` trains (see the
+    module docstring). Returns ``(results, the trained DoRAModule)``."""
+    import warnings
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from wtours.train.trainer_setup import make_trainer, quiet_lightning, step_options
+    from wtours.train.video_module import DoRAModule
 
     device = clips.device
-    module = DoRAModule(cfg).to(device)
-    sched = module.ensure_schedules(1)
-    opt = module.configure_optimizers()
-    if cfg.trainer.compile:
-        module.configure_model()
-    amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    def step() -> torch.Tensor:
-        with amp:
-            loss, _ = module.forward_step(clips, float(sched.teacher_temp[0]))
-        loss.backward()
-        clip_per_parameter_(module.student.parameters(), cfg.optim.clip_grad)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        module.after_optimizer_step(float(sched.momentum[0]))
-        return loss.detach()
-
-    for _ in range(2):  # warm-up (allocations, cuDNN/compile)
-        step()
-    _sync(device)
-    with FlopCounterMode(display=False) as fc:
-        step()
-    flops = float(fc.get_total_flops())
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    _sync(device)
-    dt = time.perf_counter() - t0
+    on_gpu = device.type == "cuda"
+    module = DoRAModule(cfg)
+    clock = StepClock(flop_step=warmup, start=warmup + 1, stop=warmup + 1 + steps)
+    with warnings.catch_warnings():
+        quiet_lightning()
+        trainer = make_trainer(
+            accelerator="gpu" if on_gpu else "cpu", devices=[device.index or 0] if on_gpu else 1, num_nodes=1,
+            **step_options(cfg, on_gpu), max_epochs=-1, max_steps=clock.stop, callbacks=[clock], logger=False,
+            log_every_n_steps=cfg.trainer.log_every, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+        trainer.fit(module, train_dataloaders=DataLoader(_RepeatBatch({"clip": clips}), batch_size=None))
+    if clock.t0 is None or clock.t1 is None or clock.flops is None:
+        raise RuntimeError(f"bench train: the fit ended at step {trainer.global_step} before the timed steps")
+    dt = max(clock.t1 - clock.t0, 1e-9)
     sps = steps / dt
-    b = clips.shape[0]
-    out: dict[str, Any] = {"steps_per_s": sps, "clips_per_s": sps * b, "frames_per_s": sps * b * clips.shape[1],
-                           "flops_per_step": flops, "achieved_tflops": flops * sps / 1e12, "final_loss": float(loss)}
-    if device.type == "cuda":
+    clips_per_step = clips.shape[0] * cfg.trainer.accumulate_grad_batches
+    out: dict[str, Any] = {"steps_per_s": sps, "clips_per_s": sps * clips_per_step,
+                           "frames_per_s": sps * clips_per_step * clips.shape[1], "flops_per_step": clock.flops,
+                           "achieved_tflops": clock.flops * sps / 1e12,
+                           "final_loss": float(trainer.callback_metrics["train/loss"]),
+                           "precision": str(trainer.precision)}
+    if on_gpu:
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     else:
         out["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
-    return out
+    return out, module
 
 
 def cli_main(args: Any) -> int:
@@ -155,12 +209,11 @@ def cli_main(args: Any) -> int:
 
     ds = make_clip_dataset(cfg, videos)
     clips = torch.stack([item["clip"] for _, item in zip(range(cfg.data.batch_size), iter(ds))]).to(device)
-    res = bench_step(cfg, clips, args.steps)
+    res, _ = bench_step(cfg, clips, args.steps)
     peak = peak_flops(dev_name) if on_gpu else None
     res.update(loader)
     res.update({"device": dev_name, "config": str(config), "arch": cfg.model.arch, "batch_size": cfg.data.batch_size,
                 "frames_per_clip": cfg.data.frames_per_clip, "steps": args.steps,
-                "precision": "bf16-mixed" if on_gpu else "fp32",
                 "peak_tflops": peak / 1e12 if peak else None,
                 "mfu": res["achieved_tflops"] * 1e12 / peak if peak else None})
     rows = [("device", dev_name), ("precision", res["precision"]),

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -34,28 +34,53 @@ from wtours.fsutil import torch_save
 from wtours.integrity import CHECKSUM_KEY, load_verified, seal
 
 # Prefixes stripped from foreign state dicts, tried in this order.
-_PREFIXES = ("module.", "backbone.", "student.backbone.", "teacher.backbone.", "model.", "encoder.")
+_PREFIXES = ("module.", "backbone.", "student.backbone.", "teacher.backbone.", "student.vit.", "teacher.vit.",
+             "model.", "encoder.")
 _HEADS_BY_DIM = {192: 3, 384: 6, 768: 12, 1024: 16}
 _SIZE_BY_DIM = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
 
 
+class ViTGeometry(NamedTuple):
+    """What a config needs to know about a timm ViT: ``patch_size`` (pixels), ``num_heads``, ``embed_dim``."""
+
+    patch_size: int
+    num_heads: int
+    embed_dim: int
+
+
 @functools.lru_cache(maxsize=64)
-def vit_arch_problem(arch: str) -> str | None:
-    """Why ``arch`` is not a timm VisionTransformer name (None when it is); builds nothing real."""
+def _meta_vit(arch: str) -> tuple[ViTGeometry | None, str | None]:
+    """Build ``arch`` on the ``meta`` device (no memory, no init cost) -> (geometry, None) or (None, problem)."""
     import timm
 
     if not timm.is_model(arch):
-        return (f"unknown or unsupported timm architecture '{arch}' (not a timm model name; "
-                "e.g. vit_small_patch16_224, vit_tiny_patch16_224)")
+        return None, (f"unknown or unsupported timm architecture '{arch}' (not a timm model name; "
+                      "e.g. vit_small_patch16_224, vit_tiny_patch16_224)")
     try:
-        with torch.device("meta"):  # no memory, no init cost
+        with torch.device("meta"):
             model = timm.create_model(arch, pretrained=False)
     except Exception as e:  # noqa: BLE001 - whatever timm raises for a name it cannot build
-        return f"unsupported timm architecture '{arch}' ({type(e).__name__}: {str(e)[:120]})"
+        return None, f"unsupported timm architecture '{arch}' ({type(e).__name__}: {str(e)[:120]})"
     if not isinstance(model, timm.models.VisionTransformer):
-        return (f"'{arch}' is a {type(model).__name__}, not a ViT: wtours trains and evaluates timm "
-                "VisionTransformer models (e.g. vit_small_patch16_224)")
-    return None
+        return None, (f"'{arch}' is a {type(model).__name__}, not a ViT: wtours trains and evaluates timm "
+                      "VisionTransformer models (e.g. vit_small_patch16_224)")
+    patch = model.patch_embed.patch_size
+    return ViTGeometry(patch_size=int(patch[0] if isinstance(patch, (tuple, list)) else patch),
+                       num_heads=int(model.blocks[0].attn.num_heads), embed_dim=int(model.embed_dim)), None
+
+
+def vit_arch_problem(arch: str) -> str | None:
+    """Why ``arch`` is not a timm VisionTransformer name (None when it is); builds nothing real."""
+    return _meta_vit(arch)[1]
+
+
+def vit_geometry(arch: str) -> ViTGeometry:
+    """Patch size, heads and width of the timm ViT ``arch``, read from the model built on the ``meta`` device
+    (so ``vit_nano_patch8_64`` and any timm name work, whatever the name says). Raises UserError for a non-ViT."""
+    geometry, problem = _meta_vit(arch)
+    if geometry is None:
+        raise UserError(problem or f"'{arch}' is not a ViT")
+    return geometry
 
 
 def create_vit(arch: str, **kwargs: Any) -> torch.nn.Module:

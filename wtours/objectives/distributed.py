@@ -1,10 +1,14 @@
 """Tiny ``torch.distributed`` helpers that are no-ops in a single process.
 
-Used by the objectives for cross-rank statistics (DINO's centre, per-batch means). They never
-synchronise with the host: the collectives are issued on the tensors' own device and stream.
+Used by the objectives for cross-rank statistics (DINO's centre). They never synchronise with the
+host: the collectives are issued on the tensors' own device and stream.
 
-    from wtours.objectives.distributed import all_reduce_mean_
-    batch_center = all_reduce_mean_(teacher_logits.float().mean(0, keepdim=True))
+    from wtours.objectives.distributed import all_reduce_sum_async, world_size
+    handle = all_reduce_sum_async(local_mean)      # starts now ...
+    ...
+    if handle is not None:
+        handle.wait()                              # ... needed later
+    mean = local_mean / world_size()
 """
 
 from __future__ import annotations
@@ -28,18 +32,10 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
-    """In-place sum over ranks; returns ``t`` (unchanged in a single process)."""
+def all_reduce_sum_async(t: torch.Tensor) -> dist.Work | None:
+    """Start an in-place sum of ``t`` over ranks; returns the handle to ``wait()`` on (None in a single
+    process, where ``t`` is already the sum). NCCL's ``wait()`` orders the current stream, it does not
+    block the host."""
     if is_distributed() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
-    """In-place mean over ranks; returns ``t`` (unchanged in a single process)."""
-    if is_distributed():
-        n = dist.get_world_size()
-        if n > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            t.div_(n)
-    return t
+        return dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True)
+    return None

@@ -21,6 +21,10 @@ Pipeline (all batched over ``B, T, k``; no Python loops over frames, objects or 
     ...
     loss = dora_loss(student_local, student_masked, teacher_logits, dino.center)   # §3.1
 
+:class:`DoRAObjective` runs that pipeline for one micro-batch as a stage-1 objective
+(:mod:`wtours.objectives.interface`): it owns the DINO heads of student and teacher and the centre
+(:class:`wtours.objectives.dino.DINOLoss`), and is what training and ``wtours bench train`` call.
+
 Step 1: ``k`` distinct heads; the [CLS]->patch attention of frame 0 in those heads gives
 ``A [B, k, N]``. Step 2: prototypes ``P = A Q0`` (patch queries, heads concatenated) ``[B, k, D]``.
 Step 3: ``M* = SK(Z0 P^T)`` with ``Z0`` the L2-normalised frame-0 output patch tokens, then
@@ -57,17 +61,24 @@ Departures from the reference code:
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from wtours.objectives.dino import cross_entropy, teacher_probs
+from wtours.models.ema import ema_update_
+from wtours.models.heads import DINOHead
+from wtours.objectives.collapse import collapse_stats
+from wtours.objectives.dino import DINOLoss, cross_entropy, teacher_probs
+from wtours.objectives.interface import StepInputs, StepValues
+from wtours.objectives.koleo import koleo_loss
 from wtours.objectives.sinkhorn import sinkhorn_knopp
 
 __all__ = [
     "sample_heads", "gather_frame0", "clip_keys", "track_objects", "binarise_maps",
-    "masks_to_pixels", "mask_views", "dora_loss", "compat_object_weights",
+    "masks_to_pixels", "mask_views", "dora_loss", "compat_object_weights", "DoRAObjective",
 ]
 
 
@@ -237,3 +248,97 @@ def dora_loss(student_local: torch.Tensor, student_masked: torch.Tensor, teacher
     per_object = (0.5 * (h_mask + loc.unsqueeze(1))).sum(0)                  # [k]: sum over frames
     w = compat_object_weights(k, T, device=per_object.device)
     return (w * per_object).sum() / k
+
+
+# ----------------------------------------------------------------------------- the objective (one micro-batch)
+
+class DoRAObjective(nn.Module):
+    """DoRA as a stage-1 objective (:class:`wtours.objectives.interface.Objective`).
+
+    Owns the DINO projection heads (``student_head`` trained, ``teacher_head`` its EMA) and the DINO
+    centre (``dino``, :class:`~wtours.objectives.dino.DINOLoss`). One call on
+    :class:`~wtours.objectives.interface.StepInputs` of ``B`` clips of ``T`` frames:
+
+    1. teacher backbone, **one call** on the ``B*T`` global views: [CLS] -> ``teacher_head`` logits
+       ``[B, T, C]``, plus the last block's queries/keys and [CLS] attention row;
+    2. tracking: ``k`` heads drawn from ``inputs.generator`` -> masks ``[B, T, k, N]`` -> masked global
+       views ``[B, T, k, 3, G, G]``;
+    3. student backbone + ``student_head``, **one call** on the ``B*T*k`` masked views and **one call**
+       on the ``B*T*V`` local crops; :func:`dora_loss` per frame against the teacher's targets
+       (:meth:`DINOLoss.targets <wtours.objectives.dino.DINOLoss.targets>`), plus KoLeo on the
+       masked views' [CLS] when ``loss.koleo_weight > 0``;
+    4. the teacher logits' mean is queued for the centre (training mode only).
+
+    Returns ``(loss [], stats)`` with the collapse monitors (:mod:`wtours.objectives.collapse`),
+    ``kl`` (cross-entropy minus teacher entropy), ``mask_coverage`` and ``koleo`` (when on).
+
+    Args:
+        embed_dim: the backbone's width ``D``.
+        model, loss, tracking: the ``model`` / ``loss`` / ``tracking`` sections of
+            :class:`wtours.train.video_config.VideoPretrainConfig` (read, not imported).
+    """
+
+    def __init__(self, embed_dim: int, model: Any, loss: Any, tracking: Any) -> None:
+        super().__init__()
+        self.student_head = DINOHead(embed_dim, out_dim=model.out_dim, hidden_dim=model.hidden_dim,
+                                     bottleneck_dim=model.bottleneck_dim, nlayers=model.head_layers,
+                                     norm_last_layer=model.norm_last_layer)
+        self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False)
+        self.dino = DINOLoss(model.out_dim, loss.center_momentum, centering=loss.centering,
+                             sinkhorn_iters=loss.sinkhorn_iters)
+        self.student_temp = float(loss.student_temp)
+        self.compat_reference = bool(loss.compat_reference)
+        self.koleo_weight = float(loss.koleo_weight)
+        self.objects = int(tracking.objects)
+        self.per_sample_heads = bool(tracking.per_sample_heads)
+        self.sinkhorn_eps = float(tracking.sinkhorn_eps)
+        self.sinkhorn_iters = int(tracking.sinkhorn_iters)
+        self.threshold = tracking.threshold
+
+    def forward(self, inputs: StepInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro-batch -> ``(loss [], stats {name: []})``; see the class docstring."""
+        g = inputs.views.global_views  # [B, T, 3, G, G]
+        local = inputs.views.local_views  # [B, T, V, 3, L, L]
+        b, t, v = g.shape[0], g.shape[1], local.shape[2]
+        teacher_temp = inputs.values.teacher_temp
+        vit = inputs.teacher
+        with torch.no_grad():
+            out = vit.forward_tracking(g.flatten(0, 1))  # rows b*T + t
+            t_logits = self.teacher_head(out.cls).unflatten(0, (b, t))  # [B, T, C]
+            heads = sample_heads(inputs.generator, b, vit.num_heads, self.objects, g.device,
+                                 per_sample=self.per_sample_heads)
+            maps = track_objects(gather_frame0(out, b, t), clip_keys(out, b, t), heads,
+                                 eps=self.sinkhorn_eps, iters=self.sinkhorn_iters)
+            masks = binarise_maps(maps, self.threshold)  # [B, T, k, N]
+            masked = mask_views(g, masks, vit.patch_size)  # [B, T, k, 3, G, G]
+        k = masked.shape[2]
+        s_cls = inputs.student(masked.flatten(0, 2))  # [B*T*k, D]
+        s_masked = self.student_head(s_cls).unflatten(0, (b, t, k))  # [B, T, k, C]
+        s_local = self.student_head(inputs.student(local.flatten(0, 2))).unflatten(0, (b, t, v))  # [B, T, V, C]
+        q = self.dino.targets(t_logits, teacher_temp)  # [B, T, C]
+        ce = dora_loss(s_local, s_masked, t_logits, self.dino.center, self.student_temp, teacher_temp,
+                       compat_reference=self.compat_reference, targets=q)
+        stats = collapse_stats(q, out.cls, self.dino.center)
+        stats["mask_coverage"] = masks.float().mean().detach()
+        # cross-entropy = teacher entropy + KL(teacher || student): the KL is the part the student controls
+        stats["kl"] = ce.detach() - stats["teacher_entropy"]
+        loss = ce
+        if self.koleo_weight > 0:  # per object: the B*T masked views of object j form one group
+            reg = koleo_loss(s_cls.unflatten(0, (b * t, k)).transpose(0, 1))
+            stats["koleo"] = reg.detach()
+            loss = ce + self.koleo_weight * reg
+        if self.training:
+            self.dino.queue_center(t_logits)
+        return loss, stats
+
+    def before_optimizer_step(self, values: StepValues) -> None:
+        """DINO's frozen last layer: its gradients are dropped while ``values.freeze_last_layer``."""
+        if values.freeze_last_layer:
+            for p in self.student_head.last_layer.parameters():
+                p.grad = None
+
+    @torch.no_grad()
+    def after_optimizer_step(self, values: StepValues) -> None:
+        """Teacher head EMA (``values.momentum``) and the centre update, once per optimizer step."""
+        ema_update_(self.teacher_head, self.student_head, values.momentum)
+        self.dino.apply_center_update()

@@ -28,6 +28,10 @@ from wtours.train.video_config import training_view
 
 RESUME_HINT = "restore it from a copy, or start over with --fresh"
 
+#: ``checkpoint["wtours"]["layout"]``: the state-dict layout a checkpoint was written with. 2: backbones as
+#: ``student.vit.*`` / ``teacher.vit.*``, the objective's heads and state under ``objective.*`` (1: DoRANet).
+CHECKPOINT_LAYOUT = 2
+
 
 def _is_local(path: Any) -> bool:
     s = str(path)
@@ -91,7 +95,12 @@ def read_checkpoint_meta(path: str | Path, trust: bool = False) -> dict[str, Any
 
 def check_config(meta: dict[str, Any], config_hash: str, config: dict[str, Any], path: str | Path) -> None:
     """Raise a one-line :class:`UserError` unless the checkpoint ``meta`` (:func:`read_checkpoint_meta`)
-    of ``path`` was written by this config."""
+    of ``path`` was written by this config (and in this wtours's state-dict layout)."""
+    layout = int(meta.get("layout", 1))
+    if layout != CHECKPOINT_LAYOUT:
+        raise UserError(f"checkpoint was written by {'an older' if layout < CHECKPOINT_LAYOUT else 'a newer'} wtours "
+                        f"(checkpoint layout {layout}, this one reads {CHECKPOINT_LAYOUT}) and cannot be resumed; "
+                        "start over with --fresh or another --out (an exported backbone.pt stays usable)", path=path)
     if meta.get("config_hash") != config_hash:
         old, new = _flatten(training_view(meta.get("config", {}))), _flatten(training_view(config))
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))

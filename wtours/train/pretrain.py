@@ -54,27 +54,10 @@ def load_pretrain_config(config: str | None, overrides: Sequence[str], max_steps
     ov = list(overrides or [])
     if max_steps is not None:
         ov.append(f"trainer.max_steps={int(max_steps)}")
-    cfg = load_config(VideoPretrainConfig, config, ov)
+    cfg = load_config(VideoPretrainConfig, config, ov)  # validated, cross-section checks included
     if videos:
         cfg.videos = [str(v) for v in videos]
-    c = cfg.crops
-    for name, size in (("crops.global_size", c.global_size), ("crops.local_size", c.local_size)):
-        patch = _patch_size(cfg.model.arch)
-        if patch and size % patch:
-            raise ConfigError(f"{name}: {size} is not a multiple of the patch size {patch} of '{cfg.model.arch}'")
-    if c.local_number < 1:
-        raise ConfigError("crops.local_number: DoRA needs at least 1 local crop")
-    if cfg.loss.compat_reference and c.local_number < 2:
-        raise ConfigError("crops.local_number: loss.compat_reference needs at least 2 local crops "
-                          "(the reference skips local crop 0)")
     return cfg
-
-
-def _patch_size(arch: str) -> int | None:
-    import re
-
-    m = re.search(r"patch(\d+)", arch)
-    return int(m.group(1)) if m else None
 
 
 def synth_videos(cfg: VideoPretrainConfig, run_dir: Path, progress: bool = True) -> list[str]:
@@ -160,41 +143,6 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     return p
 
 
-def _precision(cfg: VideoPretrainConfig, on_gpu: bool) -> str:
-    p = cfg.trainer.precision
-    if p == "auto":
-        return "bf16-mixed" if on_gpu else "32-true"
-    return {"32": "32-true"}.get(p, p)
-
-
-def _devices(spec: Any) -> Any:
-    if spec is None:
-        return "auto"
-    s = str(spec).strip()
-    if s == "auto":
-        return "auto"
-    try:
-        n = int(s)
-    except ValueError:
-        if "," in s:
-            return [int(x) for x in s.split(",") if x.strip()]
-        raise UserError(f"--devices: expected an integer or 'auto', got {spec!r}") from None
-    if n < 1 and n != -1:
-        raise UserError(f"--devices: must be >= 1 (or -1 for all), got {n}")
-    return n
-
-
-def _make_trainer(trainer_cls: Any, misconfiguration: type, **kwargs: Any) -> Any:
-    """``Trainer(**kwargs)``; Lightning's complaints about devices / nodes / accelerator -> one line."""
-    try:
-        return trainer_cls(**kwargs)
-    except (misconfiguration, TypeError, ValueError) as e:
-        where = ", ".join(f"{k}={kwargs[k]!r}" for k in ("accelerator", "devices", "num_nodes"))
-        msg = " ".join(str(e).split())[:300]
-        raise UserError(f"cannot set up training ({where}; see --devices, --num-nodes, trainer.accelerator): "
-                        f"{msg}") from None
-
-
 def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | None = None,
                  devices: Any = None, num_nodes: int | None = None, extra_callbacks: Sequence[Any] = (),
                  progress: bool | None = None, fresh: bool = False, trust: bool = False) -> dict[str, Any]:
@@ -203,17 +151,18 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
     ``fresh`` sets an existing ``stage1/`` aside first; ``trust`` reads a ``resume`` checkpoint that
     needs pickle. ``extra_callbacks`` are added to the Trainer (tests use one to simulate a kill).
     """
-    import lightning.pytorch as pl
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from wtours.models.backbone_io import export_backbone
-    from wtours.train.callbacks import (CollapseWarning, MaskPictures, ResumableCSVLogger, StepProgressBar,
-                                        ThroughputMonitor)
+    from wtours.train.callbacks import CollapseWarning, MaskPictures, StepProgressBar, ThroughputMonitor
     from wtours.train.checkpointing import AtomicCheckpointIO, check_config, read_checkpoint_meta
+    from wtours.train.csv_logger import ResumableCSVLogger
     from wtours.train.guard import FiniteGuard
     from wtours.train.schedules import clips_per_step
+    from wtours.train.trainer_setup import (make_trainer, parse_devices, quiet_lightning, resolve_accelerator,
+                                            step_options, world_size)
     from wtours.train.video_data import DataEpochCallback, VideoDataModule, make_clip_dataset
     from wtours.train.video_module import DoRAModule
 
@@ -228,7 +177,7 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
     if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator: '{cfg.trainer.accelerator}' needs a CUDA GPU, and torch finds none "
                           "here; use trainer.accelerator=auto or cpu")
-    dev = _devices(devices if devices is not None else cfg.trainer.devices)
+    dev = parse_devices(devices if devices is not None else cfg.trainer.devices)
     main_process = launch_rank_zero()
     # the checkpoint to resume from is read (verified, weights_only) before anything is written
     ckpt_path = resolve_resume(resume, Path(run_dir))
@@ -260,20 +209,24 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
         check_config(resumed, cfg_hash, to_dict(cfg), ckpt_path)
     dataset = make_clip_dataset(cfg, cfg.videos)  # indexes the videos; too-short ones fail here
     write_text(run_dir / "config.yaml", to_yaml(cfg))
-    on_gpu = cfg.trainer.accelerator != "cpu" and torch.cuda.is_available()
-    accelerator = cfg.trainer.accelerator if cfg.trainer.accelerator != "cuda" else "gpu"
-    if not on_gpu and accelerator == "auto":
-        accelerator = "cpu"
+    accelerator, on_gpu = resolve_accelerator(cfg)
+    nodes = num_nodes or cfg.trainer.num_nodes
+    # the world size decides the schedules' length, which is the Trainer's max_steps
+    world = world_size(accelerator, dev, nodes)
+    module = DoRAModule(cfg)
+    sched = module.ensure_schedules(world)
     loggers: list[Any] = [ResumableCSVLogger(run_dir, "stage1", keep_until_step=resumed_step)]
     if cfg.log.tensorboard:
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="stage1", version="tb",
                                          default_hp_metric=False))
-    ckpt_cb = ModelCheckpoint(dirpath=str(stage), filename="last", every_n_train_steps=cfg.trainer.checkpoint_every,
-                              save_top_k=1, save_last=False, enable_version_counter=False, save_on_train_epoch_end=False)
+    # save_top_k=0 + save_last: only stage1/last.ckpt, overwritten (and no "directory not empty" warning)
+    ckpt_cb = ModelCheckpoint(dirpath=str(stage), every_n_train_steps=cfg.trainer.checkpoint_every, save_top_k=0,
+                              save_last=True, enable_version_counter=False, save_on_train_epoch_end=False)
     bar = StepProgressBar(refresh=cfg.trainer.log_every, enabled=show)
     pictures = MaskPictures(stage / "pictures", cfg.log.picture_every)
-    throughput = ThroughputMonitor(0, cfg.data.frames_per_clip, cfg.trainer.log_every)
-    data_epochs = DataEpochCallback(None)
+    throughput = ThroughputMonitor(clips_per_step(cfg, world), cfg.data.frames_per_clip, cfg.trainer.log_every)
+    dm = VideoDataModule(cfg, dataset, world)
+    data_epochs = DataEpochCallback(dm)
     guard = FiniteGuard(cfg.trainer.log_every, divergence_hint(cfg), stage / "last.ckpt",
                         saved_step=resumed_step if ckpt_path == stage / "last.ckpt" else None)
 
@@ -283,27 +236,14 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
 
     collapse = CollapseWarning(cfg.model.out_dim, cfg.trainer.log_every, run_dir / "report.md")
     callbacks = [bar, throughput, pictures, data_epochs, collapse, guard, ckpt_cb, *extra_callbacks]
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(GPU available but not used).*")
-        trainer = _make_trainer(
-            pl.Trainer, MisconfigurationException,
-            accelerator=accelerator, devices=dev, num_nodes=num_nodes or cfg.trainer.num_nodes,
-            precision=_precision(cfg, on_gpu), max_epochs=-1, max_steps=1, callbacks=callbacks,
-            accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, log_every_n_steps=cfg.trainer.log_every,
+        quiet_lightning()
+        trainer = make_trainer(
+            world, accelerator=accelerator, devices=dev, num_nodes=nodes, **step_options(cfg, on_gpu),
+            max_epochs=-1, max_steps=sched.total_steps, callbacks=callbacks, log_every_n_steps=cfg.trainer.log_every,
             logger=loggers, plugins=[AtomicCheckpointIO(trust=trust, on_saved=saved)], limit_val_batches=0,
-            num_sanity_val_steps=0, enable_model_summary=False, default_root_dir=str(run_dir),
-            deterministic=cfg.trainer.deterministic or None,
-            benchmark=on_gpu or None)
-    # the world size is known once the Trainer resolved devices and nodes
-    world = trainer.world_size
-    module = DoRAModule(cfg)
-    sched = module.ensure_schedules(world)
-    trainer.fit_loop.epoch_loop.max_steps = sched.total_steps
-    dm = VideoDataModule(cfg, dataset, world)
-    data_epochs.dm = dm
-    throughput.clips_per_step = clips_per_step(cfg, world)
+            num_sanity_val_steps=0, enable_model_summary=False, default_root_dir=str(run_dir))
 
     if trainer.is_global_zero and main_process and world > 1 and not on_gpu:
         print(f"pretrain: running {world} CPU processes (DDP, gloo); the learning rate scales with the {world}x "
@@ -317,8 +257,7 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
               f"{trainer.precision}" + (f"; resuming at step {resumed_step}" if resumed_step is not None else ""),
               file=sys.stderr)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(does not have many workers|is not resumable|LeafSpec"
-                                "|exists and is not empty|checkpoint, but the dataloader|IterableDataset).*")
+        quiet_lightning()
         try:
             trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
         except SystemExit as e:  # Lightning's graceful Ctrl-C ends in sys.exit(1)
@@ -334,7 +273,7 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
         meta = {"stage": "dora", "steps": trainer.global_step, "config_hash": cfg_hash,
                 "videos": [str(v) for v in cfg.videos], "arch": cfg.model.arch,
                 "clips_seen": trainer.global_step * clips_per_step(cfg, world)}
-        export_backbone(module.teacher.backbone.vit, cfg.model.arch, stage / "backbone.pt", meta)
+        export_backbone(module.teacher.vit, cfg.model.arch, stage / "backbone.pt", meta)
         summary["backbone"] = str(stage / "backbone.pt")
         for lg in loggers:
             lg.save()

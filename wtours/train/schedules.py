@@ -6,6 +6,7 @@ a resumed run picks up exactly where it stopped: nothing here has state of its o
 
     s = build_schedules(cfg, steps_per_epoch=32, world_size=1)
     s.lr[step], s.wd[step], s.momentum[step], s.teacher_temp[step]
+    s.at(step)          # -> StepValues(step, lr, wd, momentum, teacher_temp, freeze_last_layer)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from wtours.models.ema import cosine_schedule
+from wtours.objectives.interface import StepValues
 from wtours.train.video_config import VideoPretrainConfig
 
 
@@ -32,11 +34,12 @@ class Schedules:
     momentum: torch.Tensor
     teacher_temp: torch.Tensor
 
-    def at(self, step: int) -> dict[str, float]:
-        """The four values at optimizer step ``step`` (clamped into the schedule)."""
+    def at(self, step: int) -> StepValues:
+        """The values at optimizer step ``step`` (clamped into the schedule; host floats, no device sync)."""
         i = min(max(int(step), 0), self.total_steps - 1)
-        return {"lr": float(self.lr[i]), "wd": float(self.wd[i]), "momentum": float(self.momentum[i]),
-                "teacher_temp": float(self.teacher_temp[i])}
+        return StepValues(step=int(step), lr=float(self.lr[i]), wd=float(self.wd[i]),
+                          momentum=float(self.momentum[i]), teacher_temp=float(self.teacher_temp[i]),
+                          freeze_last_layer=int(step) < self.freeze_last_layer_steps)
 
 
 def clips_per_step(cfg: VideoPretrainConfig, world_size: int) -> int:

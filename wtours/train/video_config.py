@@ -269,6 +269,26 @@ class VideoPretrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
+    def validate(self) -> None:
+        """Checks across sections (each section has checked itself already). The ViT's patch size and
+        heads come from the model itself, built on the ``meta`` device (no weights)."""
+        from wtours.models.backbone_io import vit_geometry
+
+        c, arch = self.crops, self.model.arch
+        geometry = vit_geometry(arch)
+        for name, size in (("global_size", c.global_size), ("local_size", c.local_size)):
+            if size % geometry.patch_size:
+                raise ValueError(f"crops.{name}: {size} is not a multiple of the patch size {geometry.patch_size} "
+                                 f"of '{arch}'")
+        if c.local_number < 1:
+            raise ValueError(f"crops.local_number: DoRA needs at least 1 local crop, got {c.local_number}")
+        if self.loss.compat_reference and c.local_number < 2:
+            raise ValueError(f"crops.local_number: loss.compat_reference needs at least 2 local crops "
+                             f"(the reference skips local crop 0), got {c.local_number}")
+        if self.tracking.objects > geometry.num_heads:
+            raise ValueError(f"tracking.objects: {self.tracking.objects} objects need as many attention heads, "
+                             f"'{arch}' has {geometry.num_heads}")
+
 
 def training_view(d: dict) -> dict:
     """The part of a config dict (:func:`wtours.config.to_dict`) that a resumed run must share with
