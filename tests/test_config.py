@@ -158,8 +158,8 @@ def test_patch_size_comes_from_the_model_not_its_name():
     from wtours.models.backbone_io import vit_geometry
     from wtours.train.video_config import VideoPretrainConfig
 
-    assert vit_geometry("vit_nano_patch8_64") == (8, 4, 128)
-    assert vit_geometry("vit_tiny_patch16_224") == (16, 3, 192)
+    assert vit_geometry("vit_nano_patch8_64") == (8, 4, 128, 6)
+    assert vit_geometry("vit_tiny_patch16_224") == (16, 3, 192, 12)
     # a patch-8 ViT takes sizes that are multiples of 8 (not of 16)
     cfg = load_config(VideoPretrainConfig, "video/tiny",
                       ["model.arch=vit_nano_patch8_64", "crops.global_size=56", "crops.local_size=24"])

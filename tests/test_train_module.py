@@ -53,13 +53,13 @@ def fixed_loss(module: DoRAModule) -> float:
     clips = torch.stack([batch[0]["clip"], batch[1]["clip"]])
     module.augment.generator.manual_seed(123)
     module.generator.manual_seed(123)
-    centre = module.objective.dino.center.clone()
+    centre = module.objective.dora.dino.center.clone()
     module.eval()  # an objective in eval mode changes no state (nothing queued for the centre)
     with torch.no_grad():
         loss, _ = module.forward_step(clips, module.ensure_schedules(1).at(0))
     module.train()
-    module.objective.dino.apply_center_update()
-    assert torch.equal(centre, module.objective.dino.center)
+    module.objective.dora.dino.apply_center_update()
+    assert torch.equal(centre, module.objective.dora.dino.center)
     return float(loss)
 
 
@@ -83,7 +83,7 @@ def test_ema_and_centre_once_per_optimizer_step_with_accumulation(monkeypatch):
 
     monkeypatch.setattr(vm, "ema_update_", counting_ema)
     m = DoRAModule(make_cfg("trainer.accumulate_grad_batches=2"))
-    dino = m.objective.dino  # the objective owns the centre and its queue of micro-batch means
+    dino = m.objective.dora.dino  # the objective owns the centre and its queue of micro-batch means
     real_queue, real_apply = dino.queue_center, dino.apply_center_update
     queued = []
 
@@ -99,16 +99,16 @@ def test_ema_and_centre_once_per_optimizer_step_with_accumulation(monkeypatch):
 
     seen_rows = []
     dino.queue_center, dino.apply_center_update = counting_queue, counting_apply
-    t0 = m.objective.teacher_head.mlp[0].weight.detach().clone()
+    t0 = m.objective.dora.teacher_head.mlp[0].weight.detach().clone()
     c0 = dino.center.clone()
     trainer = fit(m, 3, accumulate=2)
     assert trainer.global_step == 3
     assert calls == {"ema": 3, "center": 3}
     assert seen_rows == [2, 2, 2]  # the centre sees both micro-batches of its step
     assert m.ema_updates == 3
-    assert not torch.equal(t0, m.objective.teacher_head.mlp[0].weight)
+    assert not torch.equal(t0, m.objective.dora.teacher_head.mlp[0].weight)
     assert not torch.equal(c0, dino.center)
-    assert "objective.dino.center" in m.state_dict()  # the centre is checkpointed with the objective
+    assert "objective.dora.dino.center" in m.state_dict()  # the centre is checkpointed with the objective
 
 
 def test_per_parameter_clipping_scales_each_gradient_on_its_own():
@@ -129,14 +129,14 @@ def test_last_layer_is_frozen_for_the_first_epoch_only():
     # 8 clips / batch 2 = 4 steps per epoch; frozen for 0.5 epoch = 2 steps
     m = DoRAModule(make_cfg("optim.freeze_last_layer_epochs=0.5"))
     assert m.ensure_schedules(1).freeze_last_layer_steps == 2
-    last0 = [p.detach().clone() for p in m.objective.student_head.last_layer.parameters()]
-    mlp0 = m.objective.student_head.mlp[0].weight.detach().clone()
+    last0 = [p.detach().clone() for p in m.objective.dora.student_head.last_layer.parameters()]
+    mlp0 = m.objective.dora.student_head.mlp[0].weight.detach().clone()
     fit(m, 2)
-    assert all(torch.equal(p0, p) for p0, p in zip(last0, m.objective.student_head.last_layer.parameters()))
-    assert not torch.equal(mlp0, m.objective.student_head.mlp[0].weight)
+    assert all(torch.equal(p0, p) for p0, p in zip(last0, m.objective.dora.student_head.last_layer.parameters()))
+    assert not torch.equal(mlp0, m.objective.dora.student_head.mlp[0].weight)
     m2 = DoRAModule(make_cfg("optim.freeze_last_layer_epochs=0.5"))
     fit(m2, 3)  # step 3 is past the frozen steps
-    assert any(not torch.equal(p0, p) for p0, p in zip(last0, m2.objective.student_head.last_layer.parameters()))
+    assert any(not torch.equal(p0, p) for p0, p in zip(last0, m2.objective.dora.student_head.last_layer.parameters()))
 
 
 def test_schedules_follow_the_recipe():
@@ -149,6 +149,8 @@ def test_schedules_follow_the_recipe():
     assert float(s.wd[0]) == pytest.approx(0.04) and 0.39 < float(s.wd[-1]) <= 0.4
     assert float(s.momentum[0]) == pytest.approx(0.996) and float(s.momentum[-1]) > 0.9999
     opt = m.configure_optimizers()
-    decay, no_decay = opt.param_groups
-    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
-    assert no_decay["weight_decay"] == 0.0
+    decay = [g for g in opt.param_groups if g["apply_wd"]]
+    no_decay = [g for g in opt.param_groups if not g["apply_wd"]]
+    assert len(decay) == len(no_decay) == 2  # backbone and heads (lr_scale 1 for both here)
+    assert all(p.ndim > 1 for g in decay for p in g["params"]) and all(p.ndim == 1 for g in no_decay for p in g["params"])
+    assert all(g["weight_decay"] == 0.0 for g in no_decay) and all(g["lr_scale"] == 1.0 for g in opt.param_groups)

@@ -102,10 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objects", type=int, default=4, help="moving objects in the scene (default: 4)")
     p.add_argument("--seed", type=int, default=0)
 
-    p = _sub(subs, "pretrain", "wtours.train.pretrain", "stage 1: DoRA video pretraining of a ViT from scratch",
-             "wtours pretrain --video venice.mp4 --config configs/video/dora_vits16.yaml --out runs/venice")
+    p = _sub(subs, "pretrain", "wtours.train.pretrain",
+             "stage 1: video pretraining of a ViT (DoRA and/or TimeT; from scratch or from --init)",
+             "wtours pretrain --video venice.mp4 --config configs/video/dora_vits16.yaml --out runs/venice\n"
+             "  wtours pretrain --config video/timet_vits16 --init runs/venice/stage1/backbone.pt --frames YTVOS/train")
     p.add_argument("--video", action="append", default=[], metavar="PATH",
                    help="training video; repeatable (default: a synthetic walking tour)")
+    p.add_argument("--frames", metavar="DIR", default=None,
+                   help="train on folders of frames instead (YouTube-VOS layout: DIR/JPEGImages/<video>/*.jpg)")
+    p.add_argument("--init", metavar="BACKBONE", default=None,
+                   help="start from these weights (backbone.pt or a timm ViT state dict) instead of random init")
     _add_config_args(p)
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", nargs="?", const="last", metavar="CKPT",

@@ -41,11 +41,13 @@ _SIZE_BY_DIM = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
 
 
 class ViTGeometry(NamedTuple):
-    """What a config needs to know about a timm ViT: ``patch_size`` (pixels), ``num_heads``, ``embed_dim``."""
+    """What a config needs to know about a timm ViT: ``patch_size`` (pixels), ``num_heads``, ``embed_dim``,
+    ``depth`` (transformer blocks)."""
 
     patch_size: int
     num_heads: int
     embed_dim: int
+    depth: int = 0
 
 
 @functools.lru_cache(maxsize=64)
@@ -66,7 +68,8 @@ def _meta_vit(arch: str) -> tuple[ViTGeometry | None, str | None]:
                       "VisionTransformer models (e.g. vit_small_patch16_224)")
     patch = model.patch_embed.patch_size
     return ViTGeometry(patch_size=int(patch[0] if isinstance(patch, (tuple, list)) else patch),
-                       num_heads=int(model.blocks[0].attn.num_heads), embed_dim=int(model.embed_dim)), None
+                       num_heads=int(model.blocks[0].attn.num_heads), embed_dim=int(model.embed_dim),
+                       depth=len(model.blocks)), None
 
 
 def vit_arch_problem(arch: str) -> str | None:

@@ -21,16 +21,24 @@ from torch import nn
 
 
 @torch.no_grad()
-def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float | torch.Tensor) -> None:
+def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float | torch.Tensor,
+                trained_only: bool = False) -> None:
     """``teacher_p <- momentum * teacher_p + (1 - momentum) * student_p`` for every parameter.
 
     Parameters are paired in ``parameters()`` order (teacher and student must have the same
     architecture; buffers are not touched). ``momentum`` may be a float or a 0-dim tensor.
+    ``trained_only``: skip the pairs whose student parameter is frozen (``requires_grad=False``), which
+    the EMA would only perturb by rounding (a partially fine-tuned backbone keeps its frozen weights bit
+    for bit).
     """
     t_params = list(teacher.parameters())
     s_params = [p.detach() for p in student.parameters()]
     if len(t_params) != len(s_params):
         raise ValueError(f"teacher has {len(t_params)} parameters, student {len(s_params)}")
+    if trained_only:
+        keep = [p.requires_grad for p in student.parameters()]
+        t_params = [t for t, k in zip(t_params, keep) if k]
+        s_params = [s for s, k in zip(s_params, keep) if k]
     if not t_params:
         return
     t_data = [p.data for p in t_params]

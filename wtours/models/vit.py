@@ -98,6 +98,11 @@ class TrackingViT(nn.Module):
         """``[B, 3, H, W]`` -> ``[B, D]`` [CLS] after the final norm."""
         return self.vit.forward_features(x)[:, 0]
 
+    def forward_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` -> ``[B, N, D]`` patch tokens after the final norm (prefix tokens dropped): the
+        dense features TimeT trains and the clustering evaluation reads."""
+        return self.vit.forward_features(x)[:, self.num_prefix_tokens:]
+
     def _tokens_before_last_block(self, x: torch.Tensor) -> torch.Tensor:
         v = self.vit
         x = v.patch_embed(x)

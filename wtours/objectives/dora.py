@@ -304,6 +304,8 @@ class DoRAObjective(nn.Module):
         vit = inputs.teacher
         with torch.no_grad():
             out = vit.forward_tracking(g.flatten(0, 1))  # rows b*T + t
+            if inputs.cache is not None:
+                inputs.cache["teacher_tracking"] = out  # TimeT reads the teacher's patch tokens from here
             t_logits = self.teacher_head(out.cls).unflatten(0, (b, t))  # [B, T, C]
             heads = sample_heads(inputs.generator, b, vit.num_heads, self.objects, g.device,
                                  per_sample=self.per_sample_heads)

@@ -57,6 +57,9 @@ class StepInputs(NamedTuple):
     teacher: nn.Module  # TrackingViT, the student's EMA; call it under no_grad
     values: StepValues
     generator: torch.Generator  # CPU generator for the objective's own draws (e.g. DoRA's attention heads)
+    # per micro-batch results that one objective computes and another may reuse (e.g. DoRA's teacher pass
+    # over the global views, "teacher_tracking", whose patch tokens TimeT needs); None: no sharing
+    cache: dict | None = None
 
 
 @runtime_checkable
@@ -68,3 +71,46 @@ class Objective(Protocol):
     def before_optimizer_step(self, values: StepValues) -> None: ...
 
     def after_optimizer_step(self, values: StepValues) -> None: ...
+
+
+class ObjectiveSet(nn.Module):
+    """Several objectives as one: ``loss = sum_i w_i * loss_i`` (``weights``: name -> ``w_i`` > 0).
+
+    The members are attributes by name (``objective.dora``, ``objective.timet``; state-dict keys
+    ``objective.<name>.*``). They share one ``cache`` per micro-batch, so the teacher runs once over
+    the global views. Stats: every member's, plus ``<name>_loss`` (unweighted) for each member when
+    there are several.
+    """
+
+    def __init__(self, members: dict[str, nn.Module], weights: dict[str, float]) -> None:
+        super().__init__()
+        if not members or set(members) != set(weights):
+            raise ValueError(f"members {sorted(members)} and weights {sorted(weights)} must name the same objectives")
+        for name, m in members.items():
+            self.add_module(name, m)
+        self.weights = {k: float(v) for k, v in weights.items()}
+
+    def members(self) -> list[tuple[str, nn.Module]]:
+        return [(name, getattr(self, name)) for name in self.weights]
+
+    def forward(self, inputs: StepInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        inputs = inputs._replace(cache={} if inputs.cache is None else inputs.cache)
+        total: torch.Tensor | None = None
+        stats: dict[str, torch.Tensor] = {}
+        for name, m in self.members():
+            loss, st = m(inputs)
+            stats.update(st)
+            if len(self.weights) > 1:
+                stats[f"{name}_loss"] = loss.detach()
+            term = self.weights[name] * loss
+            total = term if total is None else total + term
+        assert total is not None
+        return total, stats
+
+    def before_optimizer_step(self, values: StepValues) -> None:
+        for _, m in self.members():
+            m.before_optimizer_step(values)
+
+    def after_optimizer_step(self, values: StepValues) -> None:
+        for _, m in self.members():
+            m.after_optimizer_step(values)

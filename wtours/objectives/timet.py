@@ -232,3 +232,66 @@ def timet_ema_update_(teacher: nn.Module, student: nn.Module, momentum: float, c
     for m in teacher.modules():
         if isinstance(m, TimeTHead):
             m.renormalize_()
+
+
+# ----------------------------------------------------------------------------- as a stage-1 objective
+
+class TimeTObjective(nn.Module):
+    """TimeT as a stage-1 objective (:class:`wtours.objectives.interface.Objective`).
+
+    Owns the TimeT head with its prototypes (``student_head`` trained, ``teacher_head`` its EMA).
+    One call on :class:`~wtours.objectives.interface.StepInputs` of ``B`` clips of ``T`` frames
+    (global views ``[B, T, 3, G, G]``, the same crop box for every frame of a clip):
+
+    1. student backbone, **one call** on the ``B*T`` global views -> patch tokens ``[B, T, N, D]``
+       -> ``student_head.scores`` ``[B, T, N, K]``;
+    2. teacher patch tokens of the same views (shared with DoRA's teacher pass when both objectives
+       run, through ``inputs.cache``), ``teacher_head.scores`` of frame 0 -> Sinkhorn-Knopp -> ``[B, K, N]``;
+    3. :func:`forward_labels` on the detached student (reference) or teacher tokens -> ``[B, T, K, N]``;
+    4. :func:`timet_loss` on the last frame or every frame after the first.
+
+    Stats: ``timet_loss``, ``timet_labels`` (distinct forwarded labels in the batch, out of ``K``: near 1
+    = collapsed), ``timet_source_entropy`` (mean entropy of frame 0's Sinkhorn maps, nats).
+
+    Args:
+        embed_dim: the backbone's width ``D``.
+        cfg: the ``timet`` section of :class:`wtours.train.video_config.VideoPretrainConfig`.
+    """
+
+    def __init__(self, embed_dim: int, cfg) -> None:
+        super().__init__()
+        import copy
+
+        self.cfg = cfg
+        self.student_head = TimeTHead(embed_dim, tuple(cfg.head_hidden), cfg.head_out, cfg.prototypes)
+        self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False)
+
+    def forward(self, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        c = self.cfg
+        g = inputs.views.global_views  # [B, T, 3, G, G]
+        b, t = g.shape[:2]
+        grid = inputs.student.grid(g.shape[-2], g.shape[-1])
+        s_tok = inputs.student.forward_patches(g.flatten(0, 1)).unflatten(0, (b, t))  # [B, T, N, D]
+        with torch.no_grad():
+            cached = inputs.cache.get("teacher_tracking") if inputs.cache is not None else None
+            t_tok = (cached.patches if cached is not None else inputs.teacher.forward_patches(g.flatten(0, 1)))
+            t_tok = t_tok.unflatten(0, (b, t))
+            q0 = timet_targets(self.teacher_head.scores(t_tok[:, 0]), eps=c.sinkhorn_eps, iters=c.sinkhorn_iters)
+            feats = s_tok.detach() if c.forwarder_features == "student" else t_tok
+            maps = forward_labels(q0, feats, grid, n_last=c.context_frames, radius=c.window, topk=c.topk,
+                                  temperature=c.affinity_temp)
+        loss = timet_loss(self.student_head.scores(s_tok), maps, c.temperature, c.loss_frames)
+        with torch.no_grad():
+            labels = maps[:, 1:].argmax(2).flatten()
+            used = torch.zeros(maps.shape[2], device=maps.device).index_fill_(0, labels, 1.0).sum()
+            ent = -(q0 * q0.clamp_min(1e-12).log()).sum(1).mean()
+        return loss, {"timet_loss": loss.detach(), "timet_labels": used, "timet_source_entropy": ent}
+
+    def before_optimizer_step(self, values) -> None:
+        """Nothing is frozen by TimeT itself."""
+
+    @torch.no_grad()
+    def after_optimizer_step(self, values) -> None:
+        """Prototypes back to unit rows, then the teacher head's EMA (``compat_reference``: swapped)."""
+        self.student_head.renormalize_()
+        timet_ema_update_(self.teacher_head, self.student_head, values.momentum, self.cfg.compat_reference)

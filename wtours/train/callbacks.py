@@ -7,7 +7,8 @@
   ``perf/*`` every ``log_every`` steps.
 * :class:`MaskPictures`: every ``every`` steps, the teacher's tracked object masks on a fixed clip
   (the first clip the run sees, kept in the checkpoint) as ``pictures/masks_step{N:06d}.png``:
-  row 1 the frames, row 2 the ``k`` objects as coloured overlays.
+  row 1 the frames, row 2 the ``k`` objects as coloured overlays (TimeT alone: its forwarded labels,
+  ``pictures/labels_step{N:06d}.png``).
 * :class:`CollapseWarning`: one warning line on stderr when the logged collapse monitors
   (:mod:`wtours.objectives.collapse`) say the run has collapsed, at most once per 10 logging intervals.
 """
@@ -183,8 +184,14 @@ class MaskPictures(Callback):
         if self.clip is None or step == self._last or not trainer.is_global_zero:
             return None
         self._last = step
-        frames, masks, grid, maps = pl_module.track_clip(self.clip.to(pl_module.device))
-        path = ensure_dir(self.out_dir) / f"masks_step{step:06d}.png"
+        clip = self.clip.to(pl_module.device)
+        if "dora" in pl_module.objective.weights:  # DoRA's tracked objects
+            frames, masks, grid, maps = pl_module.track_clip(clip)
+            name = "masks"
+        else:  # TimeT alone: its forwarded labels (the 8 most frequent)
+            frames, masks, grid, maps = pl_module.timet_clip_labels(clip)
+            name = "labels"
+        path = ensure_dir(self.out_dir) / f"{name}_step{step:06d}.png"
         with atomic_open(path, "wb") as f:
             f.write(render_masks_png(frames, masks, grid, maps))
         self.written.append(path)

@@ -28,9 +28,10 @@ from wtours.train.video_config import training_view
 
 RESUME_HINT = "restore it from a copy, or start over with --fresh"
 
-#: ``checkpoint["wtours"]["layout"]``: the state-dict layout a checkpoint was written with. 2: backbones as
-#: ``student.vit.*`` / ``teacher.vit.*``, the objective's heads and state under ``objective.*`` (1: DoRANet).
-CHECKPOINT_LAYOUT = 2
+#: ``checkpoint["wtours"]["layout"]``: the state-dict layout a checkpoint was written with. 3: backbones as
+#: ``student.vit.*`` / ``teacher.vit.*``, each objective's heads and state under ``objective.<name>.*``
+#: (``dora``, ``timet``); 2: one objective under ``objective.*``; 1: DoRANet.
+CHECKPOINT_LAYOUT = 3
 
 
 def _is_local(path: Any) -> bool:

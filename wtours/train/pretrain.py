@@ -49,15 +49,27 @@ OOM_HINT = ("lower data.batch_size (e.g. --set data.batch_size=8, with trainer.a
 
 
 def load_pretrain_config(config: str | None, overrides: Sequence[str], max_steps: int | None = None,
-                         videos: Sequence[str] = ()) -> VideoPretrainConfig:
-    """Defaults <- ``config`` <- ``--set`` overrides <- ``--max-steps`` <- ``--video``."""
+                         videos: Sequence[str] = (), init: str | None = None,
+                         frames: str | None = None) -> VideoPretrainConfig:
+    """Defaults <- ``config`` <- ``--set`` overrides <- ``--max-steps`` / ``--init`` / ``--frames`` <- ``--video``."""
     ov = list(overrides or [])
     if max_steps is not None:
         ov.append(f"trainer.max_steps={int(max_steps)}")
+    if init is not None:
+        ov.append(f"model.init={_yaml_str(init)}")
+    if frames is not None:
+        ov.append(f"data.frames={_yaml_str(frames)}")
     cfg = load_config(VideoPretrainConfig, config, ov)  # validated, cross-section checks included
     if videos:
         cfg.videos = [str(v) for v in videos]
     return cfg
+
+
+def _yaml_str(text: str) -> str:
+    """``text`` as a YAML string scalar (a path such as ``1e3`` or ``yes`` stays a string)."""
+    import json
+
+    return json.dumps(str(text))
 
 
 def synth_videos(cfg: VideoPretrainConfig, run_dir: Path, progress: bool = True) -> list[str]:
@@ -199,7 +211,13 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
         if n_tmp:
             print(f"wtours pretrain: removed {n_tmp} temp file(s) ({size / 2**20:.1f} MiB) left by killed writes "
                   f"in {stage}", file=sys.stderr)
-    if not cfg.videos:
+    if cfg.data.frames:
+        if cfg.videos:
+            raise UserError("give either --video files or --frames (data.frames), not both")
+        if not Path(cfg.data.frames).is_dir():
+            raise UserError("frame folder not found" if not Path(cfg.data.frames).exists() else "not a folder",
+                            path=cfg.data.frames)
+    elif not cfg.videos:
         cfg.videos = synth_videos(cfg, run_dir, progress=show)
     for v in cfg.videos:
         if not Path(v).is_file():
@@ -270,8 +288,9 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
     trainer.save_checkpoint(str(stage / "last.ckpt"))  # the guard checks the weights first
     guard.check(trainer, module)
     if trainer.is_global_zero:
-        meta = {"stage": "dora", "steps": trainer.global_step, "config_hash": cfg_hash,
-                "videos": [str(v) for v in cfg.videos], "arch": cfg.model.arch,
+        meta = {"stage": "+".join(cfg.objective.enabled()), "objectives": cfg.objective.enabled(),
+                "steps": trainer.global_step, "config_hash": cfg_hash, "init": cfg.model.init,
+                "videos": [str(v) for v in cfg.videos], "frames": cfg.data.frames, "arch": cfg.model.arch,
                 "clips_seen": trainer.global_step * clips_per_step(cfg, world)}
         export_backbone(module.teacher.vit, cfg.model.arch, stage / "backbone.pt", meta)
         summary["backbone"] = str(stage / "backbone.pt")
@@ -304,7 +323,8 @@ def loss_endpoints(metrics_csv: str | Path, key: str = "train/loss") -> tuple[fl
 
 
 def cli_main(args: Any) -> int:
-    cfg = load_pretrain_config(args.config, args.overrides, args.max_steps, args.video)
+    cfg = load_pretrain_config(args.config, args.overrides, args.max_steps, args.video,
+                               init=getattr(args, "init", None), frames=getattr(args, "frames", None))
     run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
     import torch
 

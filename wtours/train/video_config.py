@@ -75,6 +75,9 @@ class DataConfig:
     num_workers: int = 8
     backend: str = "pyav"
     prefetch_factor: int = 2
+    # clips from folders of frames (YouTube-VOS layout: <frames>/JPEGImages/<video>/*.jpg) instead of videos
+    frames: Optional[str] = None
+    sampling: Literal["stride", "uniform", "dense"] = "stride"  # frame folders only (TimeT: uniform)
     synth: SynthConfig = field(default_factory=SynthConfig)
 
     def validate(self) -> None:
@@ -140,6 +143,9 @@ class ModelConfig:
     bottleneck_dim: int = 256
     head_layers: int = 3
     norm_last_layer: bool = False
+    # start from these backbone weights (backbone.pt, a timm ViT state dict) instead of random init
+    init: Optional[str] = None
+    train_blocks: int = 0  # train only the last N transformer blocks (0: the whole backbone; TimeT: 2)
 
     def validate(self) -> None:
         from wtours.models.backbone_io import vit_arch_problem
@@ -147,6 +153,7 @@ class ModelConfig:
         problem = vit_arch_problem(self.arch)
         if problem:
             raise ValueError(f"arch: {problem}")
+        _at_least(self, 0, "train_blocks")
         if self.out_dim < 2:
             raise ValueError(f"out_dim: must be >= 2, got {self.out_dim}")
         if not 0 <= self.drop_path_rate < 1:
@@ -194,6 +201,52 @@ class LossConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """Stage-1 objectives and their weights in the loss (either may be 0, not both)."""
+
+    dora: float = 1.0
+    timet: float = 0.0
+
+    def validate(self) -> None:
+        for name in ("dora", "timet"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: a weight must be >= 0, got {getattr(self, name)}")
+        if self.dora == 0 and self.timet == 0:
+            raise ValueError("dora, timet: every objective weight is 0; give at least one a positive weight")
+
+    def enabled(self) -> dict[str, float]:
+        """``{name: weight}`` of the objectives with a positive weight, in a fixed order."""
+        return {k: float(getattr(self, k)) for k in ("dora", "timet") if getattr(self, k) > 0}
+
+
+@dataclass
+class TimeTConfig:
+    """TimeT (Salehi et al., ICCV 2023; ``shared/reference/timet.md`` §1, defaults of its ``get_loss``)."""
+
+    head_hidden: tuple[int, ...] = (1024, 1024, 512)
+    head_out: int = 256
+    prototypes: int = 200
+    sinkhorn_eps: float = 0.05
+    sinkhorn_iters: int = 10
+    context_frames: int = 7  # previously forwarded frames in the forwarder's context, besides frame 0
+    window: int = 6  # spatial window of the forwarder, in patches (+-); 0: the whole frame
+    topk: int = 5
+    affinity_temp: float = 0.1
+    temperature: float = 0.1  # of the student's softmax in the cross-entropy
+    loss_frames: Literal["all", "last"] = "all"  # reference: last
+    forwarder_features: Literal["student", "teacher"] = "student"  # reference: student (detached)
+    compat_reference: bool = False  # the reference's swapped EMA (teacher ~ student); timet.md §1.4
+
+    def validate(self) -> None:
+        _at_least(self, 2, "prototypes")
+        _at_least(self, 1, "head_out", "sinkhorn_iters", "context_frames", "topk")
+        _at_least(self, 0, "window")
+        _positive(self, "sinkhorn_eps", "affinity_temp", "temperature")
+        if any(h < 1 for h in self.head_hidden):
+            raise ValueError(f"head_hidden: widths must be >= 1, got {list(self.head_hidden)}")
+
+
+@dataclass
 class OptimConfig:
     """AdamW with per-step cosine schedules (DINO style)."""
 
@@ -207,10 +260,13 @@ class OptimConfig:
     momentum_teacher: float = 0.996
     clip_grad: float = 3.0
     freeze_last_layer_epochs: float = 1
+    backbone_lr_scale: float = 1.0  # the backbone's lr relative to the heads' (TimeT fine-tuning: 0.1)
 
     def validate(self) -> None:
         if self.lr <= 0 or self.min_lr < 0:
             raise ValueError("lr must be > 0 and min_lr >= 0")
+        if not 0 < self.backbone_lr_scale <= 1000:
+            raise ValueError(f"backbone_lr_scale: must lie in (0, 1000], got {self.backbone_lr_scale}")
         _at_least(self, 1, "lr_batch_reference")
         if not 0 <= self.momentum_teacher <= 1:
             raise ValueError(f"momentum_teacher: must lie in [0, 1], got {self.momentum_teacher}")
@@ -265,6 +321,8 @@ class VideoPretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    timet: TimeTConfig = field(default_factory=TimeTConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -276,18 +334,24 @@ class VideoPretrainConfig:
 
         c, arch = self.crops, self.model.arch
         geometry = vit_geometry(arch)
+        dora = self.objective.dora > 0
         for name, size in (("global_size", c.global_size), ("local_size", c.local_size)):
-            if size % geometry.patch_size:
+            if size % geometry.patch_size and (dora or name == "global_size"):
                 raise ValueError(f"crops.{name}: {size} is not a multiple of the patch size {geometry.patch_size} "
                                  f"of '{arch}'")
-        if c.local_number < 1:
+        if dora and c.local_number < 1:
             raise ValueError(f"crops.local_number: DoRA needs at least 1 local crop, got {c.local_number}")
-        if self.loss.compat_reference and c.local_number < 2:
+        if dora and self.loss.compat_reference and c.local_number < 2:
             raise ValueError(f"crops.local_number: loss.compat_reference needs at least 2 local crops "
                              f"(the reference skips local crop 0), got {c.local_number}")
-        if self.tracking.objects > geometry.num_heads:
+        if dora and self.tracking.objects > geometry.num_heads:
             raise ValueError(f"tracking.objects: {self.tracking.objects} objects need as many attention heads, "
                              f"'{arch}' has {geometry.num_heads}")
+        if self.objective.timet > 0 and self.data.frames_per_clip < 2:
+            raise ValueError(f"data.frames_per_clip: TimeT forwards labels through time and needs clips of at "
+                             f"least 2 frames, got {self.data.frames_per_clip}")
+        if self.model.train_blocks > geometry.depth:
+            raise ValueError(f"model.train_blocks: '{arch}' has {geometry.depth} blocks, got {self.model.train_blocks}")
 
 
 def training_view(d: dict) -> dict:

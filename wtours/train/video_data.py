@@ -29,11 +29,19 @@ from wtours.train.video_config import VideoPretrainConfig
 
 
 def make_clip_dataset(cfg: VideoPretrainConfig, videos: Sequence[str], world: int = 1) -> Any:
-    """The run's :class:`ClipDataset` (indexes the videos; a too-short video raises ``VideoError``)."""
+    """The run's clip dataset: :class:`~wtours.video.frames.FrameFolderClips` over ``data.frames`` when set
+    (folders of JPEG frames), else :class:`~wtours.video.clips.ClipDataset` over ``videos`` (indexes them;
+    a too-short video raises ``VideoError``). Both yield the same items."""
     from wtours.video.clips import ClipDataset
 
     d = cfg.data
     bpe = batches_per_epoch(cfg, world)
+    if d.frames:
+        from wtours.video.frames import FrameFolderClips
+
+        return FrameFolderClips(d.frames, frames_per_clip=d.frames_per_clip, stride=max(1, int(round(d.stride))),
+                                short_side=d.short_side, aspect=d.aspect, clips_per_epoch=bpe * d.batch_size * world,
+                                seed=cfg.seed, sampling=d.sampling, batch_size=d.batch_size)
     return ClipDataset(list(videos), frames_per_clip=d.frames_per_clip, stride=d.stride, stride_unit=d.stride_unit,
                        short_side=d.short_side, aspect=d.aspect, clips_per_epoch=bpe * d.batch_size * world,
                        seed=cfg.seed, backend=d.backend, batch_size=d.batch_size)

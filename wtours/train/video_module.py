@@ -68,7 +68,8 @@ from wtours.objectives.dora import (
     sample_heads,
     track_objects,
 )
-from wtours.objectives.interface import StepInputs, StepValues
+from wtours.objectives.interface import ObjectiveSet, StepInputs, StepValues
+from wtours.objectives.timet import TimeTObjective
 from wtours.train.checkpointing import CHECKPOINT_LAYOUT
 from wtours.train.schedules import Schedules, build_schedules, steps_per_epoch
 from wtours.train.video_config import VideoPretrainConfig, training_hash
@@ -97,9 +98,37 @@ def make_backbone(arch: str, drop_path_rate: float) -> TrackingViT:
     return TrackingViT(arch, drop_path_rate=drop_path_rate, img_size=native_img_size(arch))
 
 
-def build_objective(cfg: VideoPretrainConfig, embed_dim: int) -> nn.Module:
-    """The stage-1 objective of ``cfg`` (DoRA; the place where a config switch selects another)."""
-    return DoRAObjective(embed_dim, cfg.model, cfg.loss, cfg.tracking)
+def build_objective(cfg: VideoPretrainConfig, embed_dim: int) -> ObjectiveSet:
+    """The stage-1 objectives of ``cfg.objective`` with a positive weight (DoRA, TimeT), as one."""
+    weights = cfg.objective.enabled()
+    members: dict[str, nn.Module] = {}
+    if "dora" in weights:
+        members["dora"] = DoRAObjective(embed_dim, cfg.model, cfg.loss, cfg.tracking)
+    if "timet" in weights:
+        members["timet"] = TimeTObjective(embed_dim, cfg.timet)
+    return ObjectiveSet(members, weights)
+
+
+def load_init_(backbone: TrackingViT, arch: str, spec: str) -> None:
+    """Initial weights for ``backbone`` from ``spec`` (``backbone.pt``, a timm ViT state dict file, or
+    ``random:<arch>@<seed>``), read as a ViT of ``arch``: one line naming the file when its weights do not
+    fit (another patch size, width or depth), from :func:`wtours.models.backbone_io.load_backbone`."""
+    from wtours.models.backbone_io import load_backbone
+
+    model, _ = load_backbone(spec, arch=arch)
+    sd = model.state_dict()
+    want = backbone.vit.state_dict()
+    backbone.vit.load_state_dict({k: sd[k] if k in sd else want[k] for k in want})  # the zero classifier
+
+
+def freeze_all_but_last_blocks_(backbone: TrackingViT, n: int) -> None:
+    """Train only the last ``n`` transformer blocks (``n = 0``: everything); the rest (patch and position
+    embeddings, earlier blocks, the final norm) get ``requires_grad=False``, as TimeT fine-tunes."""
+    if n <= 0:
+        return
+    backbone.requires_grad_(False)
+    for blk in backbone.vit.blocks[-n:]:
+        blk.requires_grad_(True)
 
 
 def step_seed(*parts: int) -> int:
@@ -126,9 +155,12 @@ class DoRAModule(pl.LightningModule):
         torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts)
         self.student = make_backbone(cfg.model.arch, cfg.model.drop_path_rate)
         self.objective = build_objective(cfg, self.student.embed_dim)
+        if cfg.model.init:
+            load_init_(self.student, cfg.model.arch, cfg.model.init)
         self.teacher = make_backbone(cfg.model.arch, 0.0)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
+        freeze_all_but_last_blocks_(self.student, cfg.model.train_blocks)
         self.augment = ClipAugment(cfg.crops, seed=cfg.seed)
         self.generator = torch.Generator(device="cpu")
         self.schedules: Schedules | None = None
@@ -165,13 +197,17 @@ class DoRAModule(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         values = self.ensure_schedules(self.world).at(0)
-        decay, no_decay = [], []
+        scale = self.cfg.optim.backbone_lr_scale
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
-        groups = [{"params": decay, "apply_wd": True}, {"params": no_decay, "weight_decay": 0.0, "apply_wd": False}]
-        return torch.optim.AdamW(groups, lr=values.lr, weight_decay=values.wd, betas=tuple(self.cfg.optim.betas))
+            decayed = not (name.endswith(".bias") or p.ndim == 1)
+            groups.setdefault((name.startswith("student."), decayed), []).append(p)
+        param_groups = [{"params": ps, "apply_wd": decayed, "lr_scale": scale if backbone else 1.0,
+                         **({} if decayed else {"weight_decay": 0.0})}
+                        for (backbone, decayed), ps in sorted(groups.items())]
+        return torch.optim.AdamW(param_groups, lr=values.lr, weight_decay=values.wd, betas=tuple(self.cfg.optim.betas))
 
     # ------------------------------------------------------------------ the step
 
@@ -215,8 +251,14 @@ class DoRAModule(pl.LightningModule):
 
     @torch.no_grad()
     def after_optimizer_step(self, values: StepValues) -> None:
-        """Backbone EMA and the objective's state updates, exactly once per optimizer step."""
-        ema_update_(self.teacher, self.student, values.momentum)
+        """Backbone EMA and the objective's state updates, exactly once per optimizer step.
+
+        TimeT alone with ``timet.compat_reference`` reproduces the reference's swapped EMA for the
+        backbone too (``teacher <- (1 - m) teacher + m student``; timet.md §1.4)."""
+        cfg = self.cfg
+        swapped = cfg.timet.compat_reference and cfg.objective.dora == 0
+        ema_update_(self.teacher, self.student, (1.0 - values.momentum) if swapped else values.momentum,
+                    trained_only=cfg.model.train_blocks > 0)
         self.objective.after_optimizer_step(values)
         self.ema_updates += 1
 
@@ -261,11 +303,8 @@ class DoRAModule(pl.LightningModule):
         generator (``seed``) for the heads, so training randomness is untouched.
         """
         cfg = self.cfg
-        t, _, h, w = clip.shape
-        side = min(h, w)
-        x0, y0 = (w - side) / 2.0, (h - side) / 2.0
-        box = torch.tensor([[x0, y0, x0 + side, y0 + side]], device=clip.device).expand(t, 4)
-        frames = crop_resize(clip.float(), box, torch.arange(t, device=clip.device), cfg.crops.global_size) / 255.0
+        t = clip.shape[0]
+        frames = _centre_views(clip, cfg.crops.global_size)
         vit = self.teacher
         was_training = self.teacher.training
         self.teacher.eval()
@@ -281,11 +320,47 @@ class DoRAModule(pl.LightningModule):
         masks = binarise_maps(maps, "sample")[0]
         return frames, masks, vit.grid(cfg.crops.global_size, cfg.crops.global_size), maps[0]
 
+    @torch.no_grad()
+    def timet_clip_labels(self, clip: torch.Tensor, shown: int = 8
+                          ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], torch.Tensor]:
+        """TimeT's forwarded labels on one uint8 clip ``[T, 3, H, W]`` through a fixed centre view (teacher
+        targets of frame 0, forwarded by the teacher's features): ``(frames [T, 3, G, G], masks [T, k, N] of
+        the ``shown`` most frequent labels, grid, maps [T, k, N])`` in :meth:`track_clip`'s format."""
+        from wtours.objectives.timet import forward_labels, timet_targets
+
+        cfg, timet = self.cfg, self.objective.timet
+        frames = _centre_views(clip, cfg.crops.global_size)
+        was_training = self.teacher.training
+        self.teacher.eval()
+        try:
+            tok = self.teacher.forward_patches(normalize(frames))[None]  # [1, T, N, D]
+        finally:
+            self.teacher.train(was_training)
+        grid = self.teacher.grid(cfg.crops.global_size, cfg.crops.global_size)
+        q0 = timet_targets(timet.teacher_head.scores(tok[:, 0]), eps=cfg.timet.sinkhorn_eps,
+                           iters=cfg.timet.sinkhorn_iters)
+        maps = forward_labels(q0, tok, grid, n_last=cfg.timet.context_frames, radius=cfg.timet.window,
+                              topk=cfg.timet.topk, temperature=cfg.timet.affinity_temp)[0]  # [T, K, N]
+        labels = maps.argmax(1)  # [T, N]
+        top = torch.bincount(labels.flatten(), minlength=maps.shape[1]).argsort(descending=True)[:shown]
+        masks = labels[:, None, :] == top[None, :, None]  # [T, k, N]
+        return frames, masks, grid, maps[:, top]
+
+
+def _centre_views(clip: torch.Tensor, size: int) -> torch.Tensor:
+    """The centre square of uint8 ``clip [T, 3, H, W]`` resized to ``size`` -> ``[T, 3, size, size]`` in [0, 1]."""
+    t, _, h, w = clip.shape
+    side = min(h, w)
+    x0, y0 = (w - side) / 2.0, (h - side) / 2.0
+    box = torch.tensor([[x0, y0, x0 + side, y0 + side]], device=clip.device).expand(t, 4)
+    return crop_resize(clip.float(), box, torch.arange(t, device=clip.device), size) / 255.0
+
 
 def apply_schedules_(optimizer: torch.optim.Optimizer, values: StepValues) -> None:
-    """The step's lr into every param group, and its weight decay into those with ``apply_wd``."""
+    """The step's lr (times the group's ``lr_scale``) into every param group, and its weight decay into
+    those with ``apply_wd``."""
     for group in optimizer.param_groups:
-        group["lr"] = values.lr
+        group["lr"] = values.lr * group.get("lr_scale", 1.0)
         if group.get("apply_wd", True):
             group["weight_decay"] = values.wd
 
