@@ -75,6 +75,9 @@ class DataConfig:
     num_workers: int = 8
     backend: str = "pyav"
     prefetch_factor: int = 2
+    # auto: decode a cached H.264 proxy at short_side (made once by `wtours prepare`) of any video whose short
+    # side is >= 1.5x short_side; off: decode the videos as given
+    proxy: Literal["auto", "off"] = "auto"
     # clips from folders of frames (YouTube-VOS layout: <frames>/JPEGImages/<video>/*.jpg) instead of videos
     frames: Optional[str] = None
     sampling: Literal["stride", "uniform", "dense"] = "stride"  # frame folders only (TimeT: uniform)
