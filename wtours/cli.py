@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training seeds = random-init seeds (default: 0 1 2)")
     q.add_argument("--out", default="runs/proof", metavar="DIR", help="output folder (default: runs/proof)")
     q.add_argument("--max-steps", type=int, default=None, help="shortcut for --set trainer.max_steps=N")
+    q.add_argument("--init-from", metavar="DIR", default=None,
+                   help="fine-tune: seed s starts from DIR/seed<s>/stage1/backbone.pt (an earlier bench learn --out)")
     q.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                    help="override one stage-1 config key (dotted, value parsed as YAML); repeatable")
     q.add_argument("--eval-set", dest="eval_overrides", metavar="KEY=VALUE", action="append", default=[],
