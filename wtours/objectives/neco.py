@@ -34,7 +34,8 @@ references from the filled part of queue ``g``. ``"batch"`` (the DINO-family con
 Departures from the reference code (flags where behaviour must be reproducible):
   * one fill counter **per queue** (the reference shares one counter between the two queues and
     increments it twice per step, so early steps sample all-zero references); references are drawn
-    with replacement from the filled entries only.
+    with replacement from the filled entries only. Under DDP every rank pushes the patches of all
+    ranks (one ``all_gather``), so the queues are identical on every rank (the reference ran on 1 GPU).
   * pairs whose crops do not intersect (only possible after the crop fallback) get weight 0 and the
     mean is over the remaining pairs (the reference asserts non-empty overlaps).
   * the loss is fused with the sorter and recomputed in backward (``loss.impl = lean``), fp32 with
@@ -53,11 +54,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
 from wtours.neco_augment import box_area, box_intersection
+from wtours.objectives.distributed import world_size
 from wtours.objectives.sorting import LOG_EPS, rank_matching_loss, soft_sort_cross_entropy
 
 
@@ -195,6 +198,11 @@ class NeCoLoss(nn.Module):
         k = min(self.queue_push_per_image * b, self.queue_length, patches.shape[1])
         pick = torch.argsort(torch.rand(g, patches.shape[1], generator=self.generator), dim=1)[:, :k]
         new = torch.gather(patches, 1, pick.to(patches.device)[..., None].expand(g, k, c))  # [G, k, C]
+        if world_size() > 1:  # every rank pushes every rank's patches: the queues stay identical across ranks
+            parts = [torch.empty_like(new) for _ in range(world_size())]
+            dist.all_gather(parts, new.contiguous())
+            new = torch.cat(parts, dim=1)[:, -self.queue_length:]
+            k = new.shape[1]
         slots = torch.stack([(torch.arange(k) + self.ptr[i]) % self.queue_length for i in range(g)])
         flat = (slots + torch.arange(g)[:, None] * self.queue_length).reshape(-1).to(self.queue.device)
         self.queue.view(-1, c).index_copy_(0, flat, new.reshape(-1, c).to(self.queue.dtype))
