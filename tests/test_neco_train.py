@@ -223,3 +223,21 @@ def test_user_errors_exit_2_with_one_line(tmp_path, stage1, capsys, monkeypatch)
     _one_line_error(capsys, [*base, "--init", backbone, "--frames-from", video, "--set", "loss.sorter=torchsort"],
                     "loss.sorter", "torchsort")
     assert not (tmp_path / "run" / "stage2" / "last.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_keeps_the_queues_identical(tmp_path, stage1):
+    """DDP (gloo, 2 ranks): each rank reads its own shard, every rank pushes both ranks' patches, rank 0 exports."""
+    import subprocess
+
+    backbone, video, _ = stage1
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "wtours.cli", "neco", "--init", backbone, "--frames-from", video, "--out", str(out),
+           "--config", "neco/tiny", "--devices", "2", *_sets([*MICRO, "trainer.accelerator=cpu"])]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = torch.load(out / "stage2" / "backbone.pt", map_location="cpu", weights_only=True)["meta"]
+    assert meta["steps"] == 4 and meta["images_seen"] == 4 * 2 * 4  # steps x world x batch
+    counters = _ckpt(out)["wtours"]["queue_counters"]
+    pushed = 4 * 2 * 10 * 4  # steps x ranks x queue_push_per_image x batch
+    assert counters == {"ptr": [pushed % 128] * 2, "filled": [min(pushed, 128)] * 2}
