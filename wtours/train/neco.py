@@ -3,7 +3,7 @@
     wtours neco --init runs/venice/stage1/backbone.pt --frames-from venice.mp4 --out runs/venice
     wtours neco --init dinov2_vits14_reg4_pretrain.pth --images coco/train2017 --config neco/neco_vits16
     wtours neco --init runs/demo/stage1/backbone.pt --frames-from runs/demo/data/synth/tour.mp4 \\
-        --config neco/tiny --out runs/demo                                        # CPU, ~2 min
+        --config neco/tiny --out runs/demo                                        # CPU, < 1 min
 
 Writes into the run directory ``--out`` (default ``runs/<config name>``)::
 
