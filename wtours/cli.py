@@ -124,6 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="shortcut for --set trainer.max_steps=N")
     _add_trust_arg(p)
 
+    p = _sub(subs, "neco", "wtours.train.neco", "stage 2: NeCo post-pretraining of an encoder on image crops",
+             "wtours neco --init runs/venice/stage1/backbone.pt --frames-from venice.mp4 --out runs/venice")
+    p.add_argument("--init", metavar="BACKBONE",
+                   help="encoder to start from: a stage-1 backbone.pt, a timm ViT state dict, DINOv2 weights, or "
+                        "random:<timm arch>")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--images", metavar="DIR", help="folder of images (jpg/png/webp, any depth; COCO train2017 works)")
+    src.add_argument("--frames-from", nargs="+", default=[], metavar="VIDEO",
+                     help="sample data.frames frames from these videos (decoded once into a cache in the run directory)")
+    _add_config_args(p)
+    p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<config name>); stage 2 writes <out>/stage2/")
+    p.add_argument("--resume", nargs="?", const="last", metavar="CKPT",
+                   help="continue a run: a checkpoint path, or 'last' in --out (the default when given bare); "
+                        "a run directory that holds stage2/last.ckpt is continued anyway unless --fresh")
+    p.add_argument("--fresh", action="store_true", help="start stage 2 from scratch even if --out holds a stage-2 run")
+    p.add_argument("--devices", default=None, help="GPUs per node (int or 'auto')")
+    p.add_argument("--num-nodes", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None, help="shortcut for --set trainer.max_steps=N")
+    _add_trust_arg(p)
+
     p = groups["eval"] = _sub(subs, "eval", "wtours.eval.cli", "evaluate an encoder",
              "wtours eval clustering --dataset davis --root DAVIS --checkpoint runs/venice/backbone.pt")
     esubs = p.add_subparsers(dest="eval_command", metavar="<protocol>")
@@ -146,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_arg(q)
     _add_config_args(q)
 
-    p = groups["bench"] = _sub(subs, "bench", "wtours.bench.cli", "benchmarks (decode, train, eval, learn)",
+    p = groups["bench"] = _sub(subs, "bench", "wtours.bench.cli", "benchmarks (decode, train, eval, learn, neco)",
                                "wtours bench decode venice.mp4")
     bsubs = p.add_subparsers(dest="bench_command", metavar="<what>")
     q = _sub(bsubs, "decode", "wtours.bench.decode", "decode throughput per backend vs the PyAV ceiling",
@@ -176,6 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write / reuse the synthetic set (default: the wtours cache)")
     q.add_argument("--json", metavar="FILE", default=None)
 
+    q = _sub(bsubs, "neco", "wtours.bench.neco",
+             "NeCo step time and peak memory per sorter, against the naive (dense, diffsort-style) sorter",
+             "wtours bench neco --config neco/neco_vits16 --json bench-neco.json")
+    q.add_argument("--sorters", nargs="+", default=["bitonic", "odd_even", "torchsort"],
+                   choices=["bitonic", "odd_even", "torchsort"])
+    q.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
+    q.add_argument("--batch", type=int, default=None, help="images per step (default: the config's data.batch_size)")
+    q.add_argument("--arch", default=None, help="timm ViT for the step (default: vit_small_patch16_224 on a GPU, "
+                                                "vit_nano_patch8_64 on CPU)")
+    q.add_argument("--no-step", action="store_true", help="only the sorter + loss part, not the whole training step")
+    q.add_argument("--json", metavar="FILE", default=None)
+    _add_config_args(q)
     q = _sub(bsubs, "learn", "wtours.bench.learn",
              "proof that training learns: stage 1 vs random init over seeds on the synthetic tour's ground truth",
              "wtours bench learn --config video/proof --eval-config eval/proof --seeds 0 1 2 --readme README.md")
