@@ -217,6 +217,9 @@ class ModelConfig:
     bottleneck_dim: int = 256
     head_layers: int = 3
     norm_last_layer: bool = False
+    # position embeddings at other input sizes (112 px local crops): "dino" as DINO / DoRA (bicubic, scale factor,
+    # no antialias), or "timm" (bicubic with antialias to the size; ~9 % apart at 112 px); wtours.models.vit
+    pos_interp: Literal["dino", "timm"] = "dino"
     # start from these backbone weights (backbone.pt, a timm ViT state dict) instead of random init
     init: Optional[str] = None
     train_blocks: int = 0  # train only the last N transformer blocks (0: the whole backbone; TimeT: 2)
