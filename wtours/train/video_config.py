@@ -217,6 +217,9 @@ class ModelConfig:
     bottleneck_dim: int = 256
     head_layers: int = 3
     norm_last_layer: bool = False
+    # DINO head precision under bf16 autocast: "head" (all of it in fp32), "last_layer" (normalise + prototypes
+    # layer in fp32) or "off" (autocast dtype); the teacher's sharp targets move by ~1e-3 nats in bf16 (heads.py)
+    head_fp32: Literal["head", "last_layer", "off"] = "head"
     # position embeddings at other input sizes (112 px local crops): "dino" as DINO / DoRA (bicubic, scale factor,
     # no antialias), or "timm" (bicubic with antialias to the size; ~9 % apart at 112 px); wtours.models.vit
     pos_interp: Literal["dino", "timm"] = "dino"
