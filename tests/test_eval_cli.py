@@ -276,3 +276,38 @@ def test_unusable_devices_are_one_line(device, needle, synth_dir, tmp_path, caps
                "--out", str(tmp_path / "o"), "--config", "eval/tiny", "--device", device])
     assert rc == 2
     _one_error_line(capsys, needle)
+
+
+def test_a_training_checkpoint_is_evaluated_teacher_first(synth_dir, tmp_path, capsys):
+    """Issue 12: `--checkpoint runs/x/stage1/last.ckpt` evaluates its teacher (said, and recorded), and
+    `last.ckpt:student` its student; the file's sha256 is recorded either way."""
+    import hashlib
+
+    from wtours.config import load_config
+    from wtours.fsutil import torch_save
+    from wtours.integrity import seal
+    from wtours.train.video_config import VideoPretrainConfig
+    from wtours.train.video_module import DoRAModule
+
+    m = DoRAModule(load_config(VideoPretrainConfig, "video/tiny"))
+    with torch.no_grad():
+        for p in m.teacher.parameters():
+            p.mul_(0.5)  # a teacher far from the student
+    ckpt = {"epoch": 0, "global_step": 5, "state_dict": m.state_dict()}
+    m.on_save_checkpoint(ckpt)
+    path = torch_save(seal(ckpt), tmp_path / "stage1" / "last.ckpt")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    scores = {}
+    for spec, role in ((str(path), "teacher"), (f"{path}:student", "student")):
+        out = tmp_path / role
+        rc = main(["eval", "clustering", "--dataset", "synth", "--root", str(synth_dir), "--checkpoint", spec,
+                   "--out", str(out), *TINY, "--set", "overlays=0"])
+        assert rc == 0
+        printed = capsys.readouterr().out
+        assert f"is a training checkpoint (step 5): evaluating its {role}" in printed
+        enc = json.loads((out / "metrics.json").read_text())["encoder"]
+        assert enc["role"] == role and enc["spec"] == spec and enc["sha256"] == digest
+        assert enc["arch"] == "vit_tiny_patch16_224" and enc["verified"] is True
+        assert enc["meta"]["checkpoint"]["global_step"] == 5
+        scores[role] = json.loads((out / "metrics.json").read_text())["F"]
+    assert scores["teacher"] != scores["student"]  # two different encoders were evaluated

@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dataset", required=True, choices=["davis", "ytvos", "synth"])
     q.add_argument("--root", required=True, metavar="PATH", help="dataset root")
     q.add_argument("--checkpoint", required=True, metavar="CKPT",
-                   help="backbone.pt, a timm ViT state dict file, or random:<timm arch>")
+                   help="backbone.pt; a training checkpoint (stage1/last.ckpt: its teacher, last.ckpt:student for "
+                        "the student); a timm ViT state dict file (e.g. DINO's dino_deitsmall16_pretrain.pth); or "
+                        "random:<timm arch>")
     q.add_argument("--arch", default=None, help="timm arch for a bare state dict (default: inferred)")
     q.add_argument("--videos", metavar="FILE", help="file with one video name per line")
     q.add_argument("--k", type=int, nargs="*", default=[], help="overclustering K values (e.g. 100 300 500)")

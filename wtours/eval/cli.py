@@ -126,7 +126,7 @@ def evaluate_clustering(
     trust: bool = False,
 ) -> dict:
     """Run the whole evaluation and write its outputs -> the metrics dict (also in metrics.json)."""
-    from wtours.models.backbone_io import load_backbone
+    from wtours.models.backbone_io import load_backbone, split_spec
 
     cfg = cfg or EvalConfig()
     try:
@@ -138,6 +138,12 @@ def evaluate_clustering(
     data: Dataset = read_dataset(dataset, root, videos, cfg.frames_per_clip, cfg.max_instance_id, cfg.split_seed,
                                  cfg.missing_annotations)
     model, info = load_backbone(checkpoint, arch, trust=trust)
+    picked = (info.get("meta") or {}).get("checkpoint") or {}
+    if verbose and "global_step" in picked:  # a training checkpoint: say which of its two backbones this is
+        other = "student" if info["role"] == "teacher" else "teacher"
+        print(f"note: {split_spec(checkpoint)[0]} is a training checkpoint (step {picked['global_step']}): evaluating "
+              f"its {info['role']}{' (the EMA, as exported to backbone.pt)' if info['role'] == 'teacher' else ''}; "
+              f"append :{other} for the {other}")
     patch = tuple(model.patch_embed.patch_size)
     if cfg.input_size[0] % patch[0] or cfg.input_size[1] % patch[1]:
         raise UserError(f"input_size {cfg.input_size} is not a multiple of the patch size {patch[0]}")
@@ -178,7 +184,7 @@ def evaluate_clustering(
     timing["total"] = time.perf_counter() - t_start
     enc = {k: v for k, v in info.items() if k != "meta"}
     enc["meta"] = info.get("meta") or {}
-    enc["sha256"] = _sha256(checkpoint) if not checkpoint.startswith("random:") else None
+    enc["sha256"] = _sha256(split_spec(checkpoint)[0]) if not checkpoint.startswith("random:") else None
     enc["embed_dim"] = int(feats.grid.shape[1])
     enc["patch_size"] = list(patch)
     settings = {
