@@ -141,9 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--videos", metavar="FILE", help="file with one video name per line")
     q.add_argument("--k", type=int, nargs="*", default=[], help="overclustering K values (e.g. 100 300 500)")
     q.add_argument("--frames-per-clip", type=int, default=None, metavar="N",
-                   help="evenly spaced annotated frames per video; 0 = all (default: 4, as the reference)")
+                   help="annotated frames per video, evenly spaced (frame_sampling=random: random sorted ones, as "
+                        "the reference); 0 = all (default: 4, as the reference)")
     q.add_argument("--repeats", type=int, default=None, metavar="N",
-                   help="repeat k-means with N seeds and report mean ± std (default: 1)")
+                   help="repeat k-means with N seeds (frame_sampling=random: and N frame draws) and report "
+                        "mean ± std (default: 1)")
     q.add_argument("--out", metavar="DIR", help="output folder (default: runs/eval/<dataset>)")
     q.add_argument("--device", default="auto", help="cuda, cpu or auto")
     _add_trust_arg(q)
