@@ -161,8 +161,9 @@ def crop_detail_warning(cfg: VideoPretrainConfig, videos: Sequence[str] = ()) ->
     problem = detail_problem(cfg.crops, h, w, where)
     if problem is None:
         return None
-    return (f"{problem}; use data.short_side >= {min_short_side(cfg.crops, d.aspect)} with a source at least that "
-            "large (e.g. wtours prepare --short-side 540)")
+    need = min_short_side(cfg.crops, d.aspect)
+    return (f"{problem}; use data.short_side >= {need} with a source at least that large (wtours prepare "
+            f"--short-side {need} makes one)")
 
 
 def divergence_hint(cfg: VideoPretrainConfig) -> str:
