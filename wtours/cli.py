@@ -78,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild", action="store_true", help="ignore a cached index")
 
     p = _sub(subs, "prepare", "wtours.video.prepare", "transcode a video to a training proxy (H.264, short GOP)",
-             "wtours prepare venice.mp4 --short-side 480 --out venice_480p.mp4")
+             "wtours prepare venice.mp4 --short-side 540 --out venice_540p.mp4")
     p.add_argument("video", metavar="VIDEO")
-    p.add_argument("--short-side", type=int, default=480, help="short side of the proxy in pixels (default: 480)")
+    p.add_argument("--short-side", type=int, default=540,
+                   help="short side of the proxy in pixels (default: 540, configs/video/dora_vits16's training size)")
     p.add_argument("--out", metavar="FILE", help="output file (default: <video>_<N>p.mp4 beside the input)")
     p.add_argument("--gop", type=int, default=None, help="keyframe spacing in frames (default: one per second)")
     p.add_argument("--crf", type=int, default=20, help="x264 quality (default: 20)")
@@ -153,14 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dataset", required=True, choices=["davis", "ytvos", "synth"])
     q.add_argument("--root", required=True, metavar="PATH", help="dataset root")
     q.add_argument("--checkpoint", required=True, metavar="CKPT",
-                   help="backbone.pt, a timm ViT state dict file, or random:<timm arch>")
+                   help="backbone.pt; a training checkpoint (stage1/last.ckpt: its teacher, last.ckpt:student for "
+                        "the student); a timm ViT state dict file (e.g. DINO's dino_deitsmall16_pretrain.pth); or "
+                        "random:<timm arch>")
     q.add_argument("--arch", default=None, help="timm arch for a bare state dict (default: inferred)")
     q.add_argument("--videos", metavar="FILE", help="file with one video name per line")
     q.add_argument("--k", type=int, nargs="*", default=[], help="overclustering K values (e.g. 100 300 500)")
     q.add_argument("--frames-per-clip", type=int, default=None, metavar="N",
-                   help="evenly spaced annotated frames per video; 0 = all (default: 4, as the reference)")
+                   help="annotated frames per video, evenly spaced (frame_sampling=random: random sorted ones, as "
+                        "the reference); 0 = all (default: 4, as the reference)")
     q.add_argument("--repeats", type=int, default=None, metavar="N",
-                   help="repeat k-means with N seeds and report mean ± std (default: 1)")
+                   help="repeat k-means with N seeds (frame_sampling=random: and N frame draws) and report "
+                        "mean ± std (default: 1)")
     q.add_argument("--out", metavar="DIR", help="output folder (default: runs/eval/<dataset>)")
     q.add_argument("--device", default="auto", help="cuda, cpu or auto")
     _add_trust_arg(q)

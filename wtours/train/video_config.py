@@ -10,12 +10,20 @@ k = 3 tracked objects, AdamW 5e-4 x clips/256, cosine schedules. Presets live in
 Lengths are given in optimizer steps where a run is cut (``trainer.max_steps``) and in epochs
 for the recipe's schedule shapes (warm-ups, frozen last layer); an epoch is
 ``data.clips_per_epoch`` clips, so ``steps_per_epoch = clips_per_epoch // (batch x world x accumulate)``.
+``data.clips_per_epoch: frames`` is the reference's epoch (dora.md §1.2: every frame that can start a
+clip starts one, ~N clips per epoch of an N-frame tour); it is resolved to that number when the run
+indexes its videos (:func:`wtours.train.schedules.resolve_clips_per_epoch`), and the resolved number
+is what the schedules, the checkpoint and ``config.yaml`` hold.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional, Union
+
+#: ``data.clips_per_epoch`` value meaning "one clip per frame of the training videos" (the reference's epoch)
+CLIPS_PER_EPOCH_FRAMES = "frames"
 
 
 def _check_range(name: str, pair: tuple[float, float], lo: float, hi: float) -> None:
@@ -70,7 +78,8 @@ class DataConfig:
     stride_unit: Literal["frames", "seconds"] = "frames"
     short_side: int = 360
     aspect: float = 16 / 9
-    clips_per_epoch: int = 8192
+    # an integer, or "frames": one clip per valid clip start (frame) of the training videos, as the reference
+    clips_per_epoch: Union[int, Literal["frames"]] = 8192
     batch_size: int = 16
     num_workers: int = 8
     backend: str = "pyav"
@@ -85,8 +94,9 @@ class DataConfig:
         _positive(self, "stride")
         _at_least(self, 0, "num_workers")
         _at_least(self, 16, "short_side")
-        if self.clips_per_epoch < self.batch_size:
-            raise ValueError(f"clips_per_epoch ({self.clips_per_epoch}) must be >= batch_size ({self.batch_size})")
+        if self.clips_per_epoch != CLIPS_PER_EPOCH_FRAMES and self.clips_per_epoch < self.batch_size:
+            raise ValueError(f"clips_per_epoch ({self.clips_per_epoch}) must be >= batch_size ({self.batch_size}) "
+                             f"or '{CLIPS_PER_EPOCH_FRAMES}'")
 
 
 @dataclass
@@ -132,6 +142,70 @@ class CropsConfig:
             raise ValueError(f"blur_sigma: expected 0 < min <= max, got {list(self.blur_sigma)}")
 
 
+class CropDetail(NamedTuple):
+    """The smallest crop of one kind of the recipe, in source pixels (side of a square of its area).
+
+    ``source_side``: what the crop covers of the frames it is cut from (``sqrt(area)``; the aspect jitter
+    ``crops.ratio`` stretches one side by up to ``sqrt(4/3)`` more, which is left out as in the figures of
+    dora.md). ``size``: its output side. ``reference_side``: what it covers in the reference, which resizes
+    its pre-crop to ``precrop_size`` and cuts the global and local views from that image (dora.md §1.3), so
+    they have at most ``sqrt(scale) x precrop_size`` pixels of detail (the reference itself upsamples its
+    smallest global view 190 -> 224 px and local crop 67 -> 112 px)."""
+
+    name: str
+    source_side: float
+    size: int
+    reference_side: float
+
+    @property
+    def upsample(self) -> float:
+        """Output side over covered source side (> 1: the crop is enlarged)."""
+        return self.size / self.source_side
+
+    @property
+    def below_reference(self) -> bool:
+        """Less source detail than the reference gives this crop."""
+        return self.source_side < self.reference_side * (1 - 1e-3)
+
+
+def smallest_crops(c: "CropsConfig", height: float, width: float) -> list[CropDetail]:
+    """The recipe's smallest pre-crop, global view and local crop (:class:`CropDetail`) for frames of
+    ``height x width`` pixels of detail: our crops are cut from the (decoded) frame in one resampling
+    (:mod:`wtours.augment`), so the pre-crop's scale and the view's scale multiply::
+
+        pre = sqrt(precrop_scale[0] * H * W)       global = sqrt(global_scale[0]) * pre
+        local = sqrt(local_scale[0]) * pre
+
+    e.g. 640x360: 215 / 136 / 48 px for 300 / 224 / 112 outputs; 960x540: 322 / 204 / 72 px."""
+    pre = math.sqrt(c.precrop_scale[0] * height * width)
+    out = [CropDetail("pre-crop", pre, c.precrop_size, float(c.precrop_size))]
+    for name, scale, size in (("global view", c.global_scale[0], c.global_size),
+                              ("local crop", c.local_scale[0], c.local_size)):
+        if name == "local crop" and c.local_number == 0:
+            continue
+        out.append(CropDetail(name, math.sqrt(scale) * pre, size, min(float(size), math.sqrt(scale) * c.precrop_size)))
+    return out
+
+
+def min_short_side(c: "CropsConfig", aspect: float) -> int:
+    """The smallest even ``data.short_side`` whose frames (``aspect`` = W/H) give the smallest pre-crop at least
+    ``precrop_size`` source pixels (then no crop has less detail than in the reference)."""
+    elong = max(aspect, 1.0 / aspect)  # frame area = short_side^2 * elong
+    s = c.precrop_size / math.sqrt(c.precrop_scale[0] * elong)
+    return int(math.ceil(s / 2.0 - 1e-9)) * 2
+
+
+def detail_problem(c: "CropsConfig", height: float, width: float, where: str = "") -> str | None:
+    """One line when some crop of the recipe gets less source detail than the reference gives it (its pre-crop
+    is enlarged), else None. ``where``: what the frames are (e.g. "at data.short_side 360")."""
+    crops = smallest_crops(c, height, width)
+    if not any(d.below_reference for d in crops):
+        return None
+    parts = ", ".join(f"{d.name} {d.source_side:.0f} px -> {d.size} (reference {d.reference_side:.0f})" for d in crops)
+    return (f"{where + ': ' if where else ''}the recipe's smallest crops cover fewer source pixels than in the DoRA "
+            f"reference, whose pre-crop is never enlarged ({int(round(width))}x{int(round(height))} frames: {parts})")
+
+
 @dataclass
 class ModelConfig:
     """Backbone (timm name, random init) and the DINO projection head."""
@@ -143,6 +217,12 @@ class ModelConfig:
     bottleneck_dim: int = 256
     head_layers: int = 3
     norm_last_layer: bool = False
+    # DINO head precision under bf16 autocast: "head" (all of it in fp32), "last_layer" (normalise + prototypes
+    # layer in fp32) or "off" (autocast dtype); the teacher's sharp targets move by ~1e-3 nats in bf16 (heads.py)
+    head_fp32: Literal["head", "last_layer", "off"] = "head"
+    # position embeddings at other input sizes (112 px local crops): "dino" as DINO / DoRA (bicubic, scale factor,
+    # no antialias), or "timm" (bicubic with antialias to the size; ~9 % apart at 112 px); wtours.models.vit
+    pos_interp: Literal["dino", "timm"] = "dino"
     # start from these backbone weights (backbone.pt, a timm ViT state dict) instead of random init
     init: Optional[str] = None
     train_blocks: int = 0  # train only the last N transformer blocks (0: the whole backbone; TimeT: 2)
