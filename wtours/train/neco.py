@@ -309,7 +309,8 @@ def run_neco(cfg: NeCoConfig, run_dir: str | Path, resume: str | None = None, de
 
     from wtours.models.backbone_io import export_backbone
     from wtours.models.init_weights import load_init
-    from wtours.train.callbacks import ResumableCSVLogger, ThroughputMonitor
+    from wtours.train.callbacks import ThroughputMonitor
+    from wtours.train.csv_logger import ResumableCSVLogger
     from wtours.train.checkpointing import AtomicCheckpointIO
     from wtours.train.guard import FiniteGuard
     from wtours.train.neco_data import NeCoDataModule

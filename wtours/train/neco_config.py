@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from wtours.train.video_config import _at_least, _check_prob, _check_range, _positive
+from wtours.train.common_config import (TRAINING_TRAINER_KEYS, LogConfig, TrainerConfig, at_least, check_prob,
+                                        check_range, hash_training_view, positive)
 
 
 @dataclass
@@ -34,9 +35,9 @@ class NeCoDataConfig:
     prefetch_factor: int = 2
 
     def validate(self) -> None:
-        _at_least(self, 16, "image_size", "frame_short_side")
-        _at_least(self, 1, "frames", "batch_size", "prefetch_factor")
-        _at_least(self, 0, "num_workers")
+        at_least(self, 16, "image_size", "frame_short_side")
+        at_least(self, 1, "frames", "batch_size", "prefetch_factor")
+        at_least(self, 0, "num_workers")
 
 
 @dataclass
@@ -64,17 +65,17 @@ class NeCoCropsConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
 
     def validate(self) -> None:
-        _at_least(self, 1, "global_number", "max_tries")
-        _at_least(self, 0, "local_number")
+        at_least(self, 1, "global_number", "max_tries")
+        at_least(self, 0, "local_number")
         for name in ("global_size", "local_size"):
             if getattr(self, name) < 8:
                 raise ValueError(f"{name}: must be >= 8 pixels, got {getattr(self, name)}")
         for name in ("global_scale", "local_scale"):
-            _check_range(name, getattr(self, name), 1e-4, 1.0)
+            check_range(name, getattr(self, name), 1e-4, 1.0)
         if not 0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"ratio: expected 0 < min <= max, got {list(self.ratio)}")
         for name in ("jitter_p", "grayscale_p", "blur_p"):
-            _check_prob(name, getattr(self, name))
+            check_prob(name, getattr(self, name))
         if not 0 <= self.hue <= 0.5:
             raise ValueError(f"hue: must lie in [0, 0.5], got {self.hue}")
         if self.blur_sigma[0] <= 0 or self.blur_sigma[0] > self.blur_sigma[1]:
@@ -103,7 +104,7 @@ class NeCoModelConfig:
     def validate(self) -> None:
         if not 0 <= self.drop_path_rate < 1:
             raise ValueError(f"drop_path_rate: must lie in [0, 1), got {self.drop_path_rate}")
-        _at_least(self, 1, "head_hidden_dim", "head_out_dim", "head_layers")
+        at_least(self, 1, "head_hidden_dim", "head_out_dim", "head_layers")
 
 
 @dataclass
@@ -123,10 +124,10 @@ class NeCoLossConfig:
     chunk_rows: int = 8192  # impl=lean: rows sorted at a time (bounds the sorter's transient memory); 0 = all
 
     def validate(self) -> None:
-        _positive(self, "steepness_student", "steepness_teacher", "torchsort_strength", "log_eps")
-        _at_least(self, 2, "roi_size")
-        _at_least(self, 1, "queue_length", "queue_push_per_image")
-        _at_least(self, 0, "chunk_rows")
+        positive(self, "steepness_student", "steepness_teacher", "torchsort_strength", "log_eps")
+        at_least(self, 2, "roi_size")
+        at_least(self, 1, "queue_length", "queue_push_per_image")
+        at_least(self, 0, "chunk_rows")
         if self.references == "queue" and self.queue_length < self.roi_size ** 2:
             raise ValueError(f"queue_length: {self.queue_length} < roi_size^2 = {self.roi_size ** 2} references")
 
@@ -149,7 +150,7 @@ class NeCoOptimConfig:
     def validate(self) -> None:
         if self.lr_backbone < 0 or self.lr_head <= 0 or self.final_lr < 0:
             raise ValueError("lr_backbone must be >= 0, lr_head > 0 and final_lr >= 0")
-        _at_least(self, 0, "warmup_steps")
+        at_least(self, 0, "warmup_steps")
         for name in ("momentum_teacher", "momentum_teacher_end"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}: must lie in [0, 1], got {getattr(self, name)}")
@@ -158,39 +159,17 @@ class NeCoOptimConfig:
 
 
 @dataclass
-class NeCoTrainerConfig:
-    """Run length, precision, devices, checkpoints."""
+class NeCoTrainerConfig(TrainerConfig):
+    """Run length, precision, devices, checkpoints (stage 1's, 25 epochs by default)."""
 
     epochs: float = 25
-    max_steps: Optional[int] = None
-    accumulate_grad_batches: int = 1
-    precision: Literal["auto", "bf16-mixed", "16-mixed", "32", "32-true"] = "auto"
-    compile: bool = False
-    devices: str = "auto"
-    num_nodes: int = 1
-    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
-    checkpoint_every: int = 1000
-    log_every: int = 10
-    deterministic: bool = False
-    cpu_threads: int = 0  # CPU runs: torch intra-op threads (0 = torch's default; 1 is fastest on busy machines)
-
-    def validate(self) -> None:
-        _positive(self, "epochs")
-        _at_least(self, 1, "max_steps", "accumulate_grad_batches", "checkpoint_every", "log_every", "num_nodes")
-        _at_least(self, 0, "cpu_threads")
 
 
 @dataclass
-class NeCoLogConfig:
+class NeCoLogConfig(LogConfig):
     """Pictures (PCA of the student's patch features on fixed images), progress bar, loggers."""
 
     picture_every: int = 1000
-    progress: bool = True
-    tensorboard: bool = True
-
-    def validate(self) -> None:
-        if self.picture_every < 0:
-            raise ValueError(f"picture_every: must be >= 0 (0 turns pictures off), got {self.picture_every}")
 
 
 @dataclass
@@ -218,17 +197,13 @@ def neco_training_view(d: dict) -> dict:
     d = dict(d)
     for k in ("name", "log", "export"):
         d.pop(k, None)
-    d["trainer"] = {k: v for k, v in d.get("trainer", {}).items()
-                    if k in ("accumulate_grad_batches", "precision", "epochs", "max_steps")}
+    d["trainer"] = {k: v for k, v in d.get("trainer", {}).items() if k in TRAINING_TRAINER_KEYS}
     d["data"] = {k: v for k, v in d.get("data", {}).items() if k not in ("num_workers", "prefetch_factor")}
     return d
 
 
 def neco_training_hash(cfg: NeCoConfig) -> str:
     """Hash of :func:`neco_training_view` (stored in checkpoints, compared on resume)."""
-    import hashlib
-    import json
-
     from wtours.config import to_dict
 
-    return hashlib.sha256(json.dumps(neco_training_view(to_dict(cfg)), sort_keys=True).encode()).hexdigest()[:16]
+    return hash_training_view(neco_training_view(to_dict(cfg)))

@@ -268,6 +268,8 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
     dataset = make_clip_dataset(cfg, cfg.videos)  # indexes the videos; too-short ones fail here
     write_text(run_dir / "config.yaml", "".join(f"# {n}\n" for n in notes) + to_yaml(cfg))
     accelerator, on_gpu = resolve_accelerator(cfg)
+    if not on_gpu and cfg.trainer.cpu_threads > 0:
+        torch.set_num_threads(cfg.trainer.cpu_threads)
     nodes = num_nodes or cfg.trainer.num_nodes
     # the world size decides the schedules' length, which is the Trainer's max_steps
     world = world_size(accelerator, dev, nodes)

@@ -22,33 +22,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Optional, Union
 
+from wtours.train.common_config import (TRAINING_TRAINER_KEYS, LogConfig, TrainerConfig, at_least, check_prob,
+                                        check_range, hash_training_view, positive)
+
 #: ``data.clips_per_epoch`` value meaning "one clip per frame of the training videos" (the reference's epoch)
 CLIPS_PER_EPOCH_FRAMES = "frames"
-
-
-def _check_range(name: str, pair: tuple[float, float], lo: float, hi: float) -> None:
-    a, b = pair
-    if not (lo <= a <= b <= hi):
-        raise ValueError(f"{name}: expected {lo} <= min <= max <= {hi}, got {list(pair)}")
-
-
-def _at_least(cfg: object, minimum: int, *names: str) -> None:
-    """Each named integer field of ``cfg`` must be ``>= minimum`` (None is allowed: 'not set')."""
-    for name in names:
-        v = getattr(cfg, name)
-        if v is not None and v < minimum:
-            raise ValueError(f"{name}: must be >= {minimum}, got {v}")
-
-
-def _positive(cfg: object, *names: str) -> None:
-    for name in names:
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"{name}: must be positive, got {getattr(cfg, name)}")
-
-
-def _check_prob(name: str, p: float) -> None:
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"{name}: a probability must lie in [0, 1], got {p}")
 
 
 @dataclass
@@ -65,8 +43,8 @@ class SynthConfig:
     seq_frames: int = 12
 
     def validate(self) -> None:
-        _at_least(self, 0, "sequences")
-        _at_least(self, 1, "seq_frames")
+        at_least(self, 0, "sequences")
+        at_least(self, 1, "seq_frames")
 
 
 @dataclass
@@ -90,10 +68,10 @@ class DataConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
 
     def validate(self) -> None:
-        _at_least(self, 1, "frames_per_clip", "batch_size", "prefetch_factor")
-        _positive(self, "stride")
-        _at_least(self, 0, "num_workers")
-        _at_least(self, 16, "short_side")
+        at_least(self, 1, "frames_per_clip", "batch_size", "prefetch_factor")
+        positive(self, "stride")
+        at_least(self, 0, "num_workers")
+        at_least(self, 16, "short_side")
         if self.clips_per_epoch != CLIPS_PER_EPOCH_FRAMES and self.clips_per_epoch < self.batch_size:
             raise ValueError(f"clips_per_epoch ({self.clips_per_epoch}) must be >= batch_size ({self.batch_size}) "
                              f"or '{CLIPS_PER_EPOCH_FRAMES}'")
@@ -131,11 +109,11 @@ class CropsConfig:
         if self.local_number < 0:
             raise ValueError(f"local_number: must be >= 0, got {self.local_number}")
         for name in ("precrop_scale", "global_scale", "local_scale"):
-            _check_range(name, getattr(self, name), 1e-4, 1.0)
+            check_range(name, getattr(self, name), 1e-4, 1.0)
         if not 0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"ratio: expected 0 < min <= max, got {list(self.ratio)}")
         for name in ("flip_p", "local_flip_p", "jitter_p", "grayscale_p", "blur_global_p", "blur_local_p"):
-            _check_prob(name, getattr(self, name))
+            check_prob(name, getattr(self, name))
         if not 0 <= self.hue <= 0.5:
             raise ValueError(f"hue: must lie in [0, 0.5], got {self.hue}")
         if self.blur_sigma[0] <= 0 or self.blur_sigma[0] > self.blur_sigma[1]:
@@ -233,12 +211,12 @@ class ModelConfig:
         problem = vit_arch_problem(self.arch)
         if problem:
             raise ValueError(f"arch: {problem}")
-        _at_least(self, 0, "train_blocks")
+        at_least(self, 0, "train_blocks")
         if self.out_dim < 2:
             raise ValueError(f"out_dim: must be >= 2, got {self.out_dim}")
         if not 0 <= self.drop_path_rate < 1:
             raise ValueError(f"drop_path_rate: must lie in [0, 1), got {self.drop_path_rate}")
-        _at_least(self, 1, "head_layers")
+        at_least(self, 1, "head_layers")
 
 
 @dataclass
@@ -252,7 +230,7 @@ class TrackingConfig:
     threshold: Literal["batch", "sample"] = "batch"
 
     def validate(self) -> None:
-        _at_least(self, 1, "objects")
+        at_least(self, 1, "objects")
         if self.sinkhorn_eps <= 0 or self.sinkhorn_iters < 1:
             raise ValueError("sinkhorn_eps must be > 0 and sinkhorn_iters >= 1")
 
@@ -273,11 +251,11 @@ class LossConfig:
     koleo_weight: float = 0.0  # KoLeo on the student's [CLS] of the masked views (DINOv2: 0.1)
 
     def validate(self) -> None:
-        _positive(self, "student_temp", "teacher_temp", "warmup_teacher_temp")
-        _at_least(self, 1, "sinkhorn_iters")
+        positive(self, "student_temp", "teacher_temp", "warmup_teacher_temp")
+        at_least(self, 1, "sinkhorn_iters")
         if self.koleo_weight < 0:
             raise ValueError(f"koleo_weight: must be >= 0, got {self.koleo_weight}")
-        _check_prob("center_momentum", self.center_momentum)
+        check_prob("center_momentum", self.center_momentum)
 
 
 @dataclass
@@ -318,10 +296,10 @@ class TimeTConfig:
     compat_reference: bool = False  # the reference's swapped EMA (teacher ~ student); timet.md §1.4
 
     def validate(self) -> None:
-        _at_least(self, 2, "prototypes")
-        _at_least(self, 1, "head_out", "sinkhorn_iters", "context_frames", "topk")
-        _at_least(self, 0, "window")
-        _positive(self, "sinkhorn_eps", "affinity_temp", "temperature")
+        at_least(self, 2, "prototypes")
+        at_least(self, 1, "head_out", "sinkhorn_iters", "context_frames", "topk")
+        at_least(self, 0, "window")
+        positive(self, "sinkhorn_eps", "affinity_temp", "temperature")
         if any(h < 1 for h in self.head_hidden):
             raise ValueError(f"head_hidden: widths must be >= 1, got {list(self.head_hidden)}")
 
@@ -347,46 +325,11 @@ class OptimConfig:
             raise ValueError("lr must be > 0 and min_lr >= 0")
         if not 0 < self.backbone_lr_scale <= 1000:
             raise ValueError(f"backbone_lr_scale: must lie in (0, 1000], got {self.backbone_lr_scale}")
-        _at_least(self, 1, "lr_batch_reference")
+        at_least(self, 1, "lr_batch_reference")
         if not 0 <= self.momentum_teacher <= 1:
             raise ValueError(f"momentum_teacher: must lie in [0, 1], got {self.momentum_teacher}")
         if self.clip_grad < 0:
             raise ValueError(f"clip_grad: must be >= 0 (0 turns clipping off), got {self.clip_grad}")
-
-
-@dataclass
-class TrainerConfig:
-    """Run length, precision, devices, checkpoints."""
-
-    epochs: float = 100
-    max_steps: Optional[int] = None
-    accumulate_grad_batches: int = 1
-    # auto: bf16-mixed on CUDA, 32-true on CPU; 16-mixed (GradScaler) for GPUs without bf16 (V100)
-    precision: Literal["auto", "bf16-mixed", "16-mixed", "32", "32-true"] = "auto"
-    compile: bool = False
-    devices: str = "auto"
-    num_nodes: int = 1
-    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
-    checkpoint_every: int = 1000
-    log_every: int = 10
-    deterministic: bool = False
-
-    def validate(self) -> None:
-        _positive(self, "epochs")
-        _at_least(self, 1, "max_steps", "accumulate_grad_batches", "checkpoint_every", "log_every", "num_nodes")
-
-
-@dataclass
-class LogConfig:
-    """Pictures, progress bar and loggers."""
-
-    picture_every: int = 500
-    progress: bool = True
-    tensorboard: bool = True
-
-    def validate(self) -> None:
-        if self.picture_every < 0:
-            raise ValueError(f"picture_every: must be >= 0 (0 turns pictures off), got {self.picture_every}")
 
 
 @dataclass
@@ -440,8 +383,7 @@ def training_view(d: dict) -> dict:
     d = dict(d)
     d.pop("name", None)
     d.pop("log", None)
-    d["trainer"] = {k: v for k, v in d.get("trainer", {}).items()
-                    if k in ("accumulate_grad_batches", "precision", "epochs", "max_steps")}
+    d["trainer"] = {k: v for k, v in d.get("trainer", {}).items() if k in TRAINING_TRAINER_KEYS}
     d["data"] = {k: v for k, v in d.get("data", {}).items() if k not in ("num_workers", "prefetch_factor")}
     if isinstance(d["data"].get("synth"), dict):  # the evaluation sets beside the tour do not change training
         d["data"]["synth"] = {k: v for k, v in d["data"]["synth"].items() if k not in ("sequences", "seq_frames")}
@@ -450,10 +392,6 @@ def training_view(d: dict) -> dict:
 
 def training_hash(cfg: VideoPretrainConfig) -> str:
     """Hash of :func:`training_view` of ``cfg`` (stored in checkpoints, compared on resume)."""
-    import hashlib
-    import json
-
     from wtours.config import to_dict
 
-    blob = json.dumps(training_view(to_dict(cfg)), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return hash_training_view(training_view(to_dict(cfg)))
