@@ -105,3 +105,78 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask
+
+
+# ----------------------------------------------------------------------------- training checkpoints, DINO's file
+
+
+def _training_checkpoint(tmp_path, rename=None):
+    """A ``wtours pretrain`` checkpoint as Lightning writes it (state dict + the module's ``wtours`` block,
+    sealed), of the tiny preset, with a teacher that differs from the student."""
+    from wtours.config import load_config
+    from wtours.fsutil import torch_save
+    from wtours.integrity import seal
+    from wtours.train.video_config import VideoPretrainConfig
+    from wtours.train.video_module import DoRAModule
+
+    m = DoRAModule(load_config(VideoPretrainConfig, "video/tiny"))
+    with torch.no_grad():
+        for p in m.teacher.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    sd = m.state_dict()
+    if rename:
+        sd = {rename(k): v for k, v in sd.items()}
+    ckpt = {"epoch": 0, "global_step": 7, "state_dict": sd}
+    m.on_save_checkpoint(ckpt)
+    if rename:
+        ckpt["wtours"].pop("arch")
+    return torch_save(seal(ckpt), tmp_path / "last.ckpt"), m
+
+
+def _same(model, vit):
+    want = {k: v for k, v in vit.state_dict().items() if not k.startswith("head.")}
+    got = model.state_dict()
+    return got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_training_checkpoint_loads_its_teacher_unless_the_student_is_asked_for(tmp_path):
+    """Issue 12: `wtours eval clustering --checkpoint runs/x/stage1/last.ckpt` evaluates the teacher (the EMA,
+    as exported), `last.ckpt:student` the student; the arch is the run's."""
+    path, m = _training_checkpoint(tmp_path)
+    teacher, info = load_backbone(str(path))
+    assert info["arch"] == "vit_tiny_patch16_224" and info["role"] == "teacher" and info["verified"] is True
+    assert info["meta"] == {"checkpoint": {"role": "teacher", "global_step": 7, "config_hash": m.config_hash}}
+    assert _same(teacher, m.teacher.vit) and not _same(teacher, m.student.vit)
+    student, info_s = load_backbone(f"{path}:student")
+    assert info_s["role"] == "student" and _same(student, m.student.vit)
+    assert _same(load_backbone(f"{path}:teacher")[0], m.teacher.vit)
+    with pytest.raises(UserError, match="drop the suffix"):
+        load_backbone(str(export_backbone(m.teacher.vit, ARCH, tmp_path / "backbone.pt")) + ":student")
+    with pytest.raises(UserError, match="last.ckpt: checkpoint not found"):
+        load_backbone(str(tmp_path / "nope" / "last.ckpt") + ":student")
+
+
+def test_older_checkpoint_layouts_with_backbone_prefixes_load(tmp_path):
+    path, m = _training_checkpoint(tmp_path, rename=lambda k: k.replace(".vit.", ".backbone.vit.", 1))
+    model, info = load_backbone(str(path))  # arch inferred from the shapes
+    assert info["role"] == "teacher" and info["arch"] == ARCH and _same(model, m.teacher.vit)
+    assert _same(load_backbone(f"{path}:student")[0], m.student.vit)
+
+
+def test_dino_official_state_dict_loads_with_weights_only(tmp_path, monkeypatch):
+    """`dino_deitsmall16_pretrain.pth` is a plain dict of tensors with timm's key names (no head): it loads with
+    weights_only=True, unverified, as vit_small_patch16_224 (in either torch file format)."""
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_small_patch16_224", num_classes=0)
+    sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    assert not any(k.startswith("head") for k in sd) and sd["pos_embed"].shape == (1, 197, 384)
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw.get("weights_only")) or real_load(*a, **kw))
+    for zipped in (True, False):
+        p = tmp_path / f"dino_deitsmall16_pretrain_{zipped}.pth"
+        torch.save(sd, p, _use_new_zipfile_serialization=zipped)
+        model, info = load_backbone(str(p))
+        assert info["arch"] == "vit_small_patch16_224" and info["verified"] is False and "role" not in info
+        assert all(torch.equal(model.state_dict()[k], sd[k]) for k in sd)
+    assert calls and all(c is True for c in calls)

@@ -164,3 +164,17 @@ def test_patch_size_comes_from_the_model_not_its_name():
     cfg = load_config(VideoPretrainConfig, "video/tiny",
                       ["model.arch=vit_nano_patch8_64", "crops.global_size=56", "crops.local_size=24"])
     assert cfg.crops.global_size == 56
+
+
+def test_a_written_config_reloads_with_the_same_training_hash(tmp_path):
+    # float fields with integer defaults (trainer.epochs = 100) must not hash as 100 here and 100.0 after YAML
+    from wtours.config import to_yaml
+    from wtours.train.pretrain import load_pretrain_config
+    from wtours.train.video_config import training_hash
+
+    for name in ("video/tiny", "video/dora_vits16", "video/timet_tiny"):
+        cfg = load_pretrain_config(name, [])
+        (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+        again = load_pretrain_config(str(tmp_path / "config.yaml"), [])
+        assert training_hash(again) == training_hash(cfg), name
+        assert isinstance(cfg.trainer.epochs, float)

@@ -276,3 +276,79 @@ def test_unusable_devices_are_one_line(device, needle, synth_dir, tmp_path, caps
                "--out", str(tmp_path / "o"), "--config", "eval/tiny", "--device", device])
     assert rc == 2
     _one_error_line(capsys, needle)
+
+
+def test_a_training_checkpoint_is_evaluated_teacher_first(synth_dir, tmp_path, capsys):
+    """Issue 12: `--checkpoint runs/x/stage1/last.ckpt` evaluates its teacher (said, and recorded), and
+    `last.ckpt:student` its student; the file's sha256 is recorded either way."""
+    import hashlib
+
+    from wtours.config import load_config
+    from wtours.fsutil import torch_save
+    from wtours.integrity import seal
+    from wtours.train.video_config import VideoPretrainConfig
+    from wtours.train.video_module import DoRAModule
+
+    m = DoRAModule(load_config(VideoPretrainConfig, "video/tiny"))
+    with torch.no_grad():
+        for p in m.teacher.parameters():
+            p.mul_(0.5)  # a teacher far from the student
+    ckpt = {"epoch": 0, "global_step": 5, "state_dict": m.state_dict()}
+    m.on_save_checkpoint(ckpt)
+    path = torch_save(seal(ckpt), tmp_path / "stage1" / "last.ckpt")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    scores = {}
+    for spec, role in ((str(path), "teacher"), (f"{path}:student", "student")):
+        out = tmp_path / role
+        rc = main(["eval", "clustering", "--dataset", "synth", "--root", str(synth_dir), "--checkpoint", spec,
+                   "--out", str(out), *TINY, "--set", "overlays=0"])
+        assert rc == 0
+        printed = capsys.readouterr().out
+        assert f"is a training checkpoint (step 5): evaluating its {role}" in printed
+        enc = json.loads((out / "metrics.json").read_text())["encoder"]
+        assert enc["role"] == role and enc["spec"] == spec and enc["sha256"] == digest
+        assert enc["arch"] == "vit_tiny_patch16_224" and enc["verified"] is True
+        assert enc["meta"]["checkpoint"]["global_step"] == 5
+        scores[role] = json.loads((out / "metrics.json").read_text())["F"]
+    assert scores["teacher"] != scores["student"]  # two different encoders were evaluated
+
+
+def test_timet_parity_config_sets_the_reference_choices_and_records_them(synth_dir, tmp_path):
+    """configs/eval/timet_parity.yaml: random sorted frames redrawn per repeat (± over draws), scaler + PCA and
+    score averages per batch of 16 videos, the DAVIS-2017 Unsupervised masks; metrics.json records them."""
+    import shutil
+
+    from wtours.config import load_config
+    from wtours.eval.config import EvalConfig
+
+    cfg = load_config(EvalConfig, "eval/timet_parity")
+    assert (cfg.frame_sampling, cfg.frames_per_clip, cfg.pca_scope, cfg.batch_videos, cfg.score_average,
+            cfg.davis_annotations) == ("random", 4, "batch", 16, "batch", "Annotations_unsupervised")
+    assert cfg.repeats > 1 and (cfg.input_size, cfg.eval_size, cfg.eval_size_dataset) == ([224, 224],) * 2 + ([112, 112],)
+    root = tmp_path / "synth"
+    shutil.copytree(synth_dir / "davis", root / "davis")
+    shutil.copytree(root / "davis" / "Annotations", root / "davis" / "Annotations_unsupervised")
+    small = ["--set", "input_size=[64,96]", "--set", "eval_size=[32,48]", "--set", "eval_size_dataset=[16,24]",
+             "--set", "niter=10", "--set", "restarts=2", "--set", "workers=2", "--set", "overlays=0",
+             "--set", "progress=false", "--set", "repeats=3"]
+    out = tmp_path / "parity"
+    assert main(["eval", "clustering", "--dataset", "synth", "--root", str(root), "--checkpoint", RANDOM,
+                 "--out", str(out), "--device", "cpu", "--config", "eval/timet_parity", *small]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    s = m["settings"]
+    assert s["annotations"] == "Annotations_unsupervised/480p"
+    assert s["frames"] == "4 random sorted annotated frames per clip, 3 draws (seeds 1..3)"
+    assert any("per batch of 16 videos (as the reference)" in n for n in s["notes"])
+    assert len(m["runs"]["F"]) == 3 and m["F_std"] is not None
+    frames = json.loads((out / "frames.json").read_text())
+    assert frames["frame_sampling"] == "random" and [d["seed"] for d in frames["draws"]] == [1, 2, 3]
+    draws = [tuple(map(tuple, d["sequences"].values())) for d in frames["draws"]]
+    assert len(set(draws)) > 1  # frames redrawn per repeat
+    assert all(len(f) == 4 and list(f) == sorted(f) for d in draws for f in d)
+    # the default records its annotation set too
+    out2 = tmp_path / "default"
+    assert main(["eval", "clustering", "--dataset", "synth", "--root", str(root), "--checkpoint", RANDOM,
+                 "--out", str(out2), *TINY, "--set", "overlays=0"]) == 0
+    m2 = json.loads((out2 / "metrics.json").read_text())
+    assert m2["settings"]["annotations"] == "Annotations/480p"
+    assert m2["settings"]["frames"] == "4 evenly spaced annotated frames per clip"

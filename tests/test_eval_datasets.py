@@ -221,3 +221,47 @@ def test_negative_frames_per_clip_is_refused(tmp_path):
     root = make_davis(tmp_path / "DAVIS")
     with pytest.raises(UserError, match="frames_per_clip must be >= 0"):
         read_dataset("davis", root, frames_per_clip=-1)
+
+
+def test_random_frames_are_sorted_distinct_seeded_and_redrawn():
+    """Issue 12 / timet.md §2.2: the reference draws 4 random sorted frames per video (with replacement only when
+    a video is shorter)."""
+    draw = lambda n, seed: select_frames(n, 4, "random", np.random.default_rng(seed))  # noqa: E731
+    a = draw(70, 1)
+    assert len(a) == 4 and a == sorted(a) and len(set(a)) == 4 and all(0 <= i < 70 for i in a)
+    assert a == draw(70, 1)
+    assert len({tuple(draw(70, s)) for s in range(10)}) > 5  # a new draw per seed
+    short = draw(3, 0)
+    assert len(short) == 4 and short == sorted(short) and set(short) <= {0, 1, 2}  # with replacement
+    assert select_frames(5, 0, "random", np.random.default_rng(0)) == [0, 1, 2, 3, 4]  # 0: all of them
+    with pytest.raises(ValueError):
+        select_frames(5, 2, "random")
+
+
+def test_davis_random_draws_differ_per_video_and_per_draw(tmp_path):
+    root = make_davis(tmp_path / "DAVIS", videos=("a", "b", "c"), frames=30)
+    d0 = read_dataset("davis", root, frames_per_clip=4, sampling="random", draw_seed=1)
+    d0_again = read_dataset("davis", root, frames_per_clip=4, sampling="random", draw_seed=1)
+    d1 = read_dataset("davis", root, frames_per_clip=4, sampling="random", draw_seed=2)
+    ids = lambda d: [s.frame_ids for s in d.sequences]  # noqa: E731
+    assert ids(d0) == ids(d0_again) and ids(d0) != ids(d1)
+    assert len({tuple(x) for x in ids(d0)}) == 3  # not the same frames in every video
+    assert all(f.stem == m.stem for s in d0.sequences for f, m in zip(s.frames, s.masks))
+    with pytest.raises(UserError, match="frame_sampling must be one of even, random"):
+        read_dataset("davis", root, sampling="uniform")
+
+
+def test_davis_annotation_set_is_chosen_and_recorded(tmp_path):
+    root = make_davis(tmp_path / "DAVIS")
+    assert read_davis(root).annotations == "Annotations/480p"
+    with pytest.raises(UserError, match="missing DAVIS annotation folder Annotations_unsupervised/480p"):
+        read_dataset("davis", root, annotations="Annotations_unsupervised")
+    for v in ("a", "b"):  # the DAVIS-2017 Unsupervised masks: another folder, other ids
+        for i in range(7):
+            m = np.zeros((16, 24), np.uint8)
+            m[0:3, 0:3] = 2
+            _png(root / "Annotations_unsupervised" / "480p" / v / f"{i:05d}.png", m)
+    ds = read_dataset("davis", root, annotations="Annotations_unsupervised")
+    assert ds.annotations == "Annotations_unsupervised/480p"
+    assert all("Annotations_unsupervised" in str(p) for s in ds.sequences for p in s.masks)
+    assert int(load_mask(ds.sequences[0].masks[0], ds.sequences[0].lut).max()) == 2

@@ -178,3 +178,31 @@ def test_pool_with_more_clusters_than_points_is_named():
     tiny = FeatureSet(torch.randn(len(gt), 4, 1, 1), {size: gt}, frame_seq, [size] * len(gt))
     with pytest.raises(UserError, match=r"F: frame 0 \('s0'\): K=\d clusters but only 1 points .*cluster_at=patch"):
         run_protocol(tiny, _cfg(size, cluster_at="patch"), ["s0", "s1", "s2"], seed=1)
+
+
+def test_pca_per_batch_of_videos_and_batch_averaged_scores():
+    """The reference fits scaler + PCA per loader batch of 16 videos and averages F / C per batch: batch pools of
+    1 video equal clip pools, one batch of all videos equals the dataset pool; batch averages differ from the
+    overall mean when batches differ in size."""
+    gt, frame_seq = _gt_dataset(seed=2, n_seq=5)
+    size = tuple(gt.shape[-2:])
+    g = torch.Generator().manual_seed(0)
+    fs = FeatureSet(torch.randn(len(gt), 16, 4, 5, generator=g), {size: gt}, frame_seq, [size] * len(gt))
+    names = [f"s{i}" for i in range(5)]
+    res = {}
+    for key, kw in {"clip": dict(pca_scope="clip"), "batch1": dict(pca_scope="batch", batch_videos=1),
+                    "dataset": dict(pca_scope="dataset"), "batch_all": dict(pca_scope="batch", batch_videos=5),
+                    "batch2": dict(pca_scope="batch", batch_videos=2)}.items():
+        res[key] = run_protocol(fs, _cfg(size, pca_dim=6, **kw), names, seed=3)
+    assert res["batch1"]["F"] == res["clip"]["F"] and res["batch1"]["C"] == res["clip"]["C"]
+    assert res["batch_all"]["F"] == res["dataset"]["F"] and res["batch_all"]["C"] == res["dataset"]["C"]
+    assert (res["batch2"]["F"], res["batch2"]["C"]) != (res["clip"]["F"], res["clip"]["C"])
+    # score_average=batch with batches of 2 videos: [s0, s1], [s2, s3], [s4]
+    avg = run_protocol(fs, _cfg(size, pca_dim=6, score_average="batch", batch_videos=2), names, seed=3)
+    plain = run_protocol(fs, _cfg(size, pca_dim=6), names, seed=3)
+    c = np.array([r["C"] for r in plain["per_sequence"]])
+    assert plain["C"] == pytest.approx(c.mean())
+    assert avg["C"] == pytest.approx(np.mean([c[0:2].mean(), c[2:4].mean(), c[4]]))
+    f = np.array([r["F"] for r in plain["per_sequence"]])  # 3 frames per clip: frame means = clip means of F
+    assert avg["F"] == pytest.approx(np.mean([f[0:2].mean(), f[2:4].mean(), f[4]]), abs=1e-9)
+    assert avg["D"] == plain["D"]

@@ -40,6 +40,46 @@ def test_head_norm_last_layer_freezes_g():
     assert head.last_layer.parametrizations.weight.original1.grad is not None
 
 
+def _target_kl(mode: str, gain: float) -> tuple[torch.Tensor, torch.dtype]:
+    """Mean KL(q_fp32 || q_bf16) of sharp teacher targets (tau 0.04) of a head run under bf16 autocast (CPU)."""
+    from wtours.objectives.dino import teacher_probs
+
+    torch.manual_seed(0)
+    head = DINOHead(64, out_dim=4096, hidden_dim=256, bottleneck_dim=32, fp32=mode).eval()
+    x = torch.randn(64, 64).to(torch.bfloat16).float()  # what a bf16 backbone hands over
+    zero = torch.zeros(1, 4096)
+    with torch.no_grad():
+        head.last_layer.parametrizations.weight.original0.fill_(gain)
+        ref = teacher_probs(head(x), zero, 0.04).double()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = head(x)
+        q = teacher_probs(logits, zero, 0.04).double()
+    return (ref * (ref.clamp_min(1e-300).log() - q.clamp_min(1e-300).log())).sum(-1).mean(), logits.dtype
+
+
+def test_head_runs_in_fp32_under_bf16_autocast():
+    """Issue 12: bf16 logits move sharp teacher targets by ~1e-3 nats; the fp32 head (default) does not."""
+    off, dtype_off = _target_kl("off", 8.0)
+    last, dtype_last = _target_kl("last_layer", 8.0)
+    head, dtype_head = _target_kl("head", 8.0)
+    assert dtype_off == torch.bfloat16 and dtype_last == dtype_head == torch.float32
+    assert off > 3e-4  # what bf16 did
+    assert last < off / 1.5 and head < off / 10 and head < 1e-4, (off, last, head)
+    assert DINOHead(8, out_dim=4, hidden_dim=8, bottleneck_dim=4).fp32 == "head"
+    with pytest.raises(ValueError, match="fp32 must be"):
+        DINOHead(8, out_dim=4, fp32="bf16")
+
+
+def test_fp32_head_trains_under_autocast():
+    torch.manual_seed(0)
+    head = DINOHead(16, out_dim=32, hidden_dim=16, bottleneck_dim=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = head(torch.randn(4, 16, dtype=torch.bfloat16))
+    assert y.dtype == torch.float32
+    y.square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in head.parameters() if p.requires_grad)
+
+
 def _pair():
     torch.manual_seed(0)
     student = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3))

@@ -101,3 +101,67 @@ def test_state_dict_is_timms():
 def test_unknown_arch_is_a_user_error():
     with pytest.raises(UserError):
         TrackingViT("vit_not_a_model")
+
+
+def _dino_interpolate_pos_encoding(pos_embed, x_shape, patch):
+    """DINO's ``VisionTransformer.interpolate_pos_encoding`` (facebookresearch/dino, also DoRA's), transcribed:
+    ``B, nc, w, h = x.shape`` (so its "w" is the height), +0.1, scale_factor, bicubic, square source grid."""
+    import math
+
+    _, _, w, h = x_shape
+    n = pos_embed.shape[1] - 1
+    cls_pe, patch_pe = pos_embed[:, 0], pos_embed[:, 1:]
+    dim = pos_embed.shape[-1]
+    w0, h0 = w // patch + 0.1, h // patch + 0.1
+    patch_pe = torch.nn.functional.interpolate(
+        patch_pe.reshape(1, int(math.sqrt(n)), int(math.sqrt(n)), dim).permute(0, 3, 1, 2),
+        scale_factor=(w0 / math.sqrt(n), h0 / math.sqrt(n)), mode="bicubic")
+    assert int(w0) == patch_pe.shape[-2] and int(h0) == patch_pe.shape[-1]
+    patch_pe = patch_pe.permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat((cls_pe.unsqueeze(0), patch_pe), dim=1)
+
+
+def _tokens_after_pos_embed(m, x):
+    v = m.vit
+    return v._pos_embed(v.patch_embed(x))
+
+
+@pytest.mark.parametrize("hw", [(112, 112), (96, 96), (112, 64)])
+def test_local_crops_interpolate_the_position_embedding_as_dino(hw):
+    """Issue 12: timm resamples with antialias to the size, DINO with a scale factor and no antialias; the
+    default is DINO's, exactly (a smooth embedding, as trained ones are, differs from timm's by several %)."""
+    torch.manual_seed(0)
+    m = TrackingViT("vit_tiny_patch16_224", img_size=224, **TINY).eval()
+    timm_m = TrackingViT("vit_tiny_patch16_224", img_size=224, pos_interp="timm", **TINY).eval()
+    with torch.no_grad():
+        smooth = torch.nn.functional.interpolate(torch.randn(1, 48, 4, 4), size=(14, 14), mode="bicubic")
+        m.vit.pos_embed[:, 1:] = smooth.permute(0, 2, 3, 1).reshape(1, 196, 48)
+    timm_m.load_state_dict(m.state_dict())
+    assert m.state_dict().keys() == timm_m.state_dict().keys()  # the state dict is timm's either way
+    x = torch.randn(2, 3, *hw)
+    with torch.no_grad():
+        patches = m.vit.patch_embed(x).flatten(1, 2)
+        cls = m.vit.cls_token.expand(2, -1, -1)
+        want = torch.cat([cls, patches], 1) + _dino_interpolate_pos_encoding(m.vit.pos_embed, x.shape, 16)
+        got = _tokens_after_pos_embed(m, x)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        other = _tokens_after_pos_embed(timm_m, x)
+        pe_diff = (other - got).norm() / (want - torch.cat([cls, patches], 1)).norm()
+        assert pe_diff > 0.03, float(pe_diff)  # timm's is another interpolation
+        # forward_tracking and forward see the same tokens
+        torch.testing.assert_close(m.forward_tracking(x).cls, m(x))
+        full = torch.randn(1, 3, 224, 224)
+        assert torch.equal(m.vit.forward_features(full), timm_m.vit.forward_features(full))  # native: untouched
+
+
+def test_pos_interp_comes_from_the_config():
+    from wtours.config import load_config
+    from wtours.train.video_config import VideoPretrainConfig
+    from wtours.train.video_module import DoRAModule
+
+    for choice in ("dino", "timm"):
+        cfg = load_config(VideoPretrainConfig, "video/tiny", [f"model.pos_interp={choice}"])
+        m = DoRAModule(cfg)
+        assert m.student.pos_interp == m.teacher.pos_interp == choice
+    with pytest.raises(ValueError, match="pos_interp"):
+        TrackingViT("vit_tiny_patch16_224", pos_interp="nearest", **TINY)

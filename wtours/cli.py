@@ -78,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild", action="store_true", help="ignore a cached index")
 
     p = _sub(subs, "prepare", "wtours.video.prepare", "transcode a video to a training proxy (H.264, short GOP)",
-             "wtours prepare venice.mp4 --short-side 480 --out venice_480p.mp4")
+             "wtours prepare venice.mp4 --short-side 540 --out venice_540p.mp4")
     p.add_argument("video", metavar="VIDEO")
-    p.add_argument("--short-side", type=int, default=480, help="short side of the proxy in pixels (default: 480)")
+    p.add_argument("--short-side", type=int, default=540,
+                   help="short side of the proxy in pixels (default: 540, configs/video/dora_vits16's training size)")
     p.add_argument("--out", metavar="FILE", help="output file (default: <video>_<N>p.mp4 beside the input)")
     p.add_argument("--gop", type=int, default=None, help="keyframe spacing in frames (default: one per second)")
     p.add_argument("--crf", type=int, default=20, help="x264 quality (default: 20)")
@@ -124,6 +125,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="shortcut for --set trainer.max_steps=N")
     _add_trust_arg(p)
 
+    p = _sub(subs, "neco", "wtours.train.neco", "stage 2: NeCo post-pretraining of an encoder on image crops",
+             "wtours neco --init runs/venice/stage1/backbone.pt --frames-from venice.mp4 --out runs/venice")
+    p.add_argument("--init", metavar="BACKBONE",
+                   help="encoder to start from: a stage-1 backbone.pt, a timm ViT state dict, DINOv2 weights, or "
+                        "random:<timm arch>")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--images", metavar="DIR", help="folder of images (jpg/png/webp, any depth; COCO train2017 works)")
+    src.add_argument("--frames-from", nargs="+", default=[], metavar="VIDEO",
+                     help="sample data.frames frames from these videos (decoded once into a cache in the run directory)")
+    _add_config_args(p)
+    p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<config name>); stage 2 writes <out>/stage2/")
+    p.add_argument("--resume", nargs="?", const="last", metavar="CKPT",
+                   help="continue a run: a checkpoint path, or 'last' in --out (the default when given bare); "
+                        "a run directory that holds stage2/last.ckpt is continued anyway unless --fresh")
+    p.add_argument("--fresh", action="store_true", help="start stage 2 from scratch even if --out holds a stage-2 run")
+    p.add_argument("--devices", default=None, help="GPUs per node (int or 'auto')")
+    p.add_argument("--num-nodes", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None, help="shortcut for --set trainer.max_steps=N")
+    _add_trust_arg(p)
+
     p = groups["eval"] = _sub(subs, "eval", "wtours.eval.cli", "evaluate an encoder",
              "wtours eval clustering --dataset davis --root DAVIS --checkpoint runs/venice/backbone.pt")
     esubs = p.add_subparsers(dest="eval_command", metavar="<protocol>")
@@ -133,20 +154,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dataset", required=True, choices=["davis", "ytvos", "synth"])
     q.add_argument("--root", required=True, metavar="PATH", help="dataset root")
     q.add_argument("--checkpoint", required=True, metavar="CKPT",
-                   help="backbone.pt, a timm ViT state dict file, or random:<timm arch>")
+                   help="backbone.pt; a training checkpoint (stage1/last.ckpt: its teacher, last.ckpt:student for "
+                        "the student); a timm ViT state dict file (e.g. DINO's dino_deitsmall16_pretrain.pth); or "
+                        "random:<timm arch>")
     q.add_argument("--arch", default=None, help="timm arch for a bare state dict (default: inferred)")
     q.add_argument("--videos", metavar="FILE", help="file with one video name per line")
     q.add_argument("--k", type=int, nargs="*", default=[], help="overclustering K values (e.g. 100 300 500)")
     q.add_argument("--frames-per-clip", type=int, default=None, metavar="N",
-                   help="evenly spaced annotated frames per video; 0 = all (default: 4, as the reference)")
+                   help="annotated frames per video, evenly spaced (frame_sampling=random: random sorted ones, as "
+                        "the reference); 0 = all (default: 4, as the reference)")
     q.add_argument("--repeats", type=int, default=None, metavar="N",
-                   help="repeat k-means with N seeds and report mean ± std (default: 1)")
+                   help="repeat k-means with N seeds (frame_sampling=random: and N frame draws) and report "
+                        "mean ± std (default: 1)")
     q.add_argument("--out", metavar="DIR", help="output folder (default: runs/eval/<dataset>)")
     q.add_argument("--device", default="auto", help="cuda, cpu or auto")
     _add_trust_arg(q)
     _add_config_args(q)
 
-    p = groups["bench"] = _sub(subs, "bench", "wtours.bench.cli", "benchmarks (decode, train, eval, learn)",
+    p = groups["bench"] = _sub(subs, "bench", "wtours.bench.cli", "benchmarks (decode, train, eval, learn, neco)",
                                "wtours bench decode venice.mp4")
     bsubs = p.add_subparsers(dest="bench_command", metavar="<what>")
     q = _sub(bsubs, "decode", "wtours.bench.decode",
@@ -191,6 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write / reuse the synthetic set (default: the wtours cache)")
     q.add_argument("--json", metavar="FILE", default=None)
 
+    q = _sub(bsubs, "neco", "wtours.bench.neco",
+             "NeCo step time and peak memory per sorter, against the naive (dense, diffsort-style) sorter",
+             "wtours bench neco --config neco/neco_vits16 --json bench-neco.json")
+    q.add_argument("--sorters", nargs="+", default=["bitonic", "odd_even", "torchsort"],
+                   choices=["bitonic", "odd_even", "torchsort"])
+    q.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
+    q.add_argument("--batch", type=int, default=None, help="images per step (default: the config's data.batch_size)")
+    q.add_argument("--arch", default=None, help="timm ViT for the step (default: vit_small_patch16_224 on a GPU, "
+                                                "vit_nano_patch8_64 on CPU)")
+    q.add_argument("--no-step", action="store_true", help="only the sorter + loss part, not the whole training step")
+    q.add_argument("--json", metavar="FILE", default=None)
+    _add_config_args(q)
     q = _sub(bsubs, "learn", "wtours.bench.learn",
              "proof that training learns: stage 1 vs random init over seeds on the synthetic tour's ground truth",
              "wtours bench learn --config video/proof --eval-config eval/proof --seeds 0 1 2 --readme README.md")
@@ -202,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training seeds = random-init seeds (default: 0 1 2)")
     q.add_argument("--out", default="runs/proof", metavar="DIR", help="output folder (default: runs/proof)")
     q.add_argument("--max-steps", type=int, default=None, help="shortcut for --set trainer.max_steps=N")
+    q.add_argument("--init-from", metavar="DIR", default=None,
+                   help="fine-tune: seed s starts from DIR/seed<s>/stage1/backbone.pt (an earlier bench learn --out)")
     q.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                    help="override one stage-1 config key (dotted, value parsed as YAML); repeatable")
     q.add_argument("--eval-set", dest="eval_overrides", metavar="KEY=VALUE", action="append", default=[],

@@ -119,6 +119,9 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    for name, f in fields.items():  # defaults too: `epochs: float = 100` is 100.0, as a YAML round trip gives
+        if name not in kwargs and hints[name] is float and isinstance(getattr(cls, name, None), int):
+            kwargs[name] = float(getattr(cls, name))
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as e:

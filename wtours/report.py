@@ -202,8 +202,9 @@ def _stage_section(run: Path, stage: str, lines: list[str], out_dim: int | None 
                      + (f" ({details})" if details else "") + (f" **{problem}**" if problem else ""))
     pics = sorted((sdir / "pictures").glob("*.png")) if (sdir / "pictures").is_dir() else []
     if pics:
-        lines += ["", f"Tracked objects (teacher) on a fixed clip, frames left to right; "
-                      f"{len(pics)} pictures in `{(sdir / 'pictures').relative_to(run).as_posix()}/`:", ""]
+        what = ("Student patch features on fixed images (row 2: first 3 PCA components as RGB)" if stage == "stage2"
+                else "Tracked objects (teacher) on a fixed clip, frames left to right")
+        lines += ["", f"{what}; {len(pics)} pictures in `{(sdir / 'pictures').relative_to(run).as_posix()}/`:", ""]
         for p in ([pics[0], pics[-1]] if len(pics) > 1 else pics):
             lines.append(f"![{p.stem}]({p.relative_to(run).as_posix()})")
             lines.append("")

@@ -23,6 +23,10 @@ goal verdicts), ``<out>/proof.md`` and ``<out>/proof.png`` (grouped bars with ±
 prints the table, and with ``--readme FILE`` replaces the block between ``<!-- proof:begin -->``
 and ``<!-- proof:end -->`` in FILE.
 
+``--init-from DIR`` chains two recipes: seed ``s`` starts from ``DIR/seed<s>/stage1/backbone.pt`` of an
+earlier proof (e.g. TimeT fine-tuning of the DoRA backbones: ``--config video/proof_timet --init-from
+runs/proof``); the baseline stays the random init of the same seed.
+
 Running it again continues: a seed whose ``backbone.pt`` was written by the same training config
 and whose evaluations (same eval config, same backbone checksum) exist is not recomputed; a seed
 killed during training continues from its ``last.ckpt`` (as ``wtours pretrain`` does).
@@ -365,6 +369,8 @@ def _machine() -> dict[str, Any]:
 def _command(args: Any) -> str:
     parts = ["wtours", "bench", "learn", "--config", str(args.config), "--eval-config", str(args.eval_config),
              "--seeds", *map(str, args.seeds), "--out", str(args.out)]
+    if getattr(args, "init_from", None):
+        parts += ["--init-from", str(args.init_from)]
     if args.max_steps is not None:
         parts += ["--max-steps", str(args.max_steps)]
     for o in args.overrides:
@@ -430,8 +436,16 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
     raw: dict[str, dict[str, dict]] = {"trained": {}, "random": {}}
     runs: dict[str, dict[str, Any]] = {}
     resolved = None
+    init_from = getattr(args, "init_from", None)
     for s in seeds:
-        cfg_s = load_pretrain_config(args.config, [*args.overrides, f"seed={s}"], args.max_steps, videos)
+        init = None
+        if init_from:  # a chain: this seed fine-tunes the same seed's backbone of an earlier proof
+            init = Path(init_from) / f"seed{s}" / "stage1" / "backbone.pt"
+            if not init.is_file():
+                raise UserError(f"--init-from: no backbone of seed {s} (run that proof first, with the same seeds)",
+                                path=init)
+        cfg_s = load_pretrain_config(args.config, [*args.overrides, f"seed={s}"], args.max_steps, videos,
+                                     init=None if init is None else str(init))
         resolved = resolved or to_dict(cfg_s)
         run_dir = out / f"seed{s}"
         tr = _train_seed(cfg_s, run_dir, times, f"seed{s}/train", quiet)
@@ -464,7 +478,8 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
     resolved.pop("seed", None)
     eval_sets = {ds: {"root": str(roots[ds]), "sequences": raw["trained"][str(seeds[0])][ds]["n_sequences"],
                       "frames": raw["trained"][str(seeds[0])][ds]["n_frames"]} for ds in DATASETS}
-    caption = (f"Stage 1 (`{args.config}`, {', '.join(map(str, steps))} steps, {resolved['model']['arch']}) vs "
+    chain = f" from the backbones of `{init_from}`" if init_from else ""
+    caption = (f"Stage 1 (`{args.config}`{chain}, {', '.join(map(str, steps))} steps, {resolved['model']['arch']}) vs "
                f"random initialisation (same arch, init seed = seed) on the synthetic tour's DAVIS- and "
                f"YTVOS-layout sets ({eval_sets['davis']['sequences']} unseen scenes each, eval `{args.eval_config}`); "
                f"mIoU %, mean ± sample standard deviation (ddof=1) over seeds {' '.join(map(str, seeds))}; "
@@ -475,6 +490,7 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "settings": {
             "config": str(args.config), "overrides": list(args.overrides), "max_steps": args.max_steps,
+            "init_from": getattr(args, "init_from", None),
             "pretrain_config": resolved, "seeds": seeds, "steps": steps[0] if len(steps) == 1 else steps,
             "eval_config": str(args.eval_config), "eval_overrides": list(args.eval_overrides),
             "eval_config_resolved": to_dict(ecfg), "eval_sets": eval_sets, "video": videos[0],

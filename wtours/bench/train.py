@@ -199,6 +199,9 @@ def cli_main(args: Any) -> int:
 
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     videos = list(cfg.videos) or synth_videos(cfg, Path("runs/bench"), progress=True)
+    from wtours.train.schedules import resolve_clips_per_epoch
+
+    resolve_clips_per_epoch(cfg, videos)  # data.clips_per_epoch: frames -> a number, as wtours pretrain does
     device = torch.device("cuda" if on_gpu else "cpu")
     dev_name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     print(f"bench train: {cfg.model.arch}, batch {cfg.data.batch_size} clips x {cfg.data.frames_per_clip} frames, "

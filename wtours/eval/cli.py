@@ -32,12 +32,30 @@ from wtours.fsutil import ensure_dir, write_json, write_text
 PROTOCOL_NOTES = [
     "features: last block's patch tokens after the final norm, prefix tokens dropped",
     "frames resized to input_size without keeping the aspect ratio (as the reference)",
-    "frames: evenly spaced annotated frames per clip (reference: 4 random frames)",
-    "standardise + PCA fitted per clip for F/C (reference: per loader batch of 16 videos), per dataset for D",
     "k-means: k-means++ init, restarts, fit on <= max_points_per_centroid*K pixels per pool, all pixels assigned",
     "mIoU includes background; Hungarian leaves unmatched clusters to background; overclustering: majority",
     "reference bugs not reproduced: x255/drop-255 in D (label 1 lost), YTVOS in-place category remap",
 ]
+
+
+def protocol_notes(cfg: EvalConfig) -> list[str]:
+    """The run's protocol choices in words, each against the reference's (metrics.json ``settings.notes``)."""
+    n = cfg.frames_per_clip
+    if n == 0:
+        frames = "frames: every annotated frame of each clip (reference: 4 random sorted frames)"
+    elif cfg.frame_sampling == "random":
+        frames = (f"frames: {n} random sorted annotated frames per clip, a new draw per repeat (seeds {cfg.seed}.."
+                  f"{cfg.seed + cfg.repeats - 1}), as the reference")
+    else:
+        frames = f"frames: {n} evenly spaced annotated frames per clip (reference: {n} random sorted frames)"
+    scope = {"clip": "per clip", "batch": f"per batch of {cfg.batch_videos} videos (as the reference)",
+             "dataset": "on the whole dataset"}[cfg.pca_scope]
+    pca = (f"standardise + PCA fitted {scope} for F/C"
+           + ("" if cfg.pca_scope == "batch" else " (reference: per loader batch of 16 videos)") + ", per dataset for D")
+    average = ("F/C: mean over every frame / clip (reference: per batch of 16 videos, then over batches)"
+               if cfg.score_average == "all" else
+               f"F/C: mean per batch of {cfg.batch_videos} videos, then over batches (as the reference)")
+    return PROTOCOL_NOTES[:2] + [frames, pca, average] + PROTOCOL_NOTES[2:]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -126,7 +144,7 @@ def evaluate_clustering(
     trust: bool = False,
 ) -> dict:
     """Run the whole evaluation and write its outputs -> the metrics dict (also in metrics.json)."""
-    from wtours.models.backbone_io import load_backbone
+    from wtours.models.backbone_io import load_backbone, split_spec
 
     cfg = cfg or EvalConfig()
     try:
@@ -135,19 +153,37 @@ def evaluate_clustering(
         raise ConfigError(str(e)) from None
     t_start = time.perf_counter()
     dev = resolve_device(device)
-    data: Dataset = read_dataset(dataset, root, videos, cfg.frames_per_clip, cfg.max_instance_id, cfg.split_seed,
-                                 cfg.missing_annotations)
+    random_frames = cfg.frame_sampling == "random" and cfg.frames_per_clip > 0
+
+    def read(draw: int) -> Dataset:
+        return read_dataset(dataset, root, videos, cfg.frames_per_clip, cfg.max_instance_id, cfg.split_seed,
+                            cfg.missing_annotations, cfg.frame_sampling, cfg.seed + draw, cfg.davis_annotations)
+
+    data: Dataset = read(0)
     model, info = load_backbone(checkpoint, arch, trust=trust)
+    picked = (info.get("meta") or {}).get("checkpoint") or {}
+    if verbose and "global_step" in picked:  # a training checkpoint: say which of its two backbones this is
+        other = "student" if info["role"] == "teacher" else "teacher"
+        print(f"note: {split_spec(checkpoint)[0]} is a training checkpoint (step {picked['global_step']}): evaluating "
+              f"its {info['role']}{' (the EMA, as exported to backbone.pt)' if info['role'] == 'teacher' else ''}; "
+              f"append :{other} for the {other}")
     patch = tuple(model.patch_embed.patch_size)
     if cfg.input_size[0] % patch[0] or cfg.input_size[1] % patch[1]:
         raise UserError(f"input_size {cfg.input_size} is not a multiple of the patch size {patch[0]}")
     check_overcluster_k(cfg, data.n_frames, patch)
     out_dir = ensure_dir(out or Path("runs") / "eval" / dataset)
     seq_names = [s.name for s in data.sequences]
-    write_json(out_dir / "frames.json", {
+    # random frames (the reference): one draw per repeat, each with its own features
+    draws = [data] + [read(r) for r in range(1, cfg.repeats)] if random_frames else [data]
+    frames_doc = {
         "dataset": dataset, "root": str(data.root), "frames_per_clip": cfg.frames_per_clip,
+        "frame_sampling": cfg.frame_sampling if cfg.frames_per_clip > 0 else "all", "annotations": data.annotations,
         "sequences": {s.name: {"annotated": s.n_annotated, "frames": s.frame_ids} for s in data.sequences},
-    })
+    }
+    if random_frames:
+        frames_doc["draws"] = [{"seed": cfg.seed + r, "sequences": {s.name: s.frame_ids for s in d.sequences}}
+                               for r, d in enumerate(draws)]
+    write_json(out_dir / "frames.json", frames_doc)
     write_text(out_dir / "config.yaml", to_yaml(cfg))
     if verbose and data.split_note:
         print(f"note: {data.split_note}")
@@ -155,16 +191,25 @@ def evaluate_clustering(
         print(f"note: {data.skip_note}")
     t_load = time.perf_counter() - t_start
 
-    feats = extract_features(model, data, dev, tuple(cfg.input_size),
-                             [tuple(cfg.eval_size), tuple(cfg.eval_size_dataset)],
-                             cfg.batch_size, cfg.workers, cfg.progress)
+    def features(d: Dataset):
+        return extract_features(model, d, dev, tuple(cfg.input_size), [tuple(cfg.eval_size),
+                                tuple(cfg.eval_size_dataset)], cfg.batch_size, cfg.workers, cfg.progress)
+
     keep = list(range(min(cfg.overlays, len(seq_names))))
     runs = []
+    feat_seconds, feat_frames = 0.0, 0
+    first = feats = None
     for r in range(cfg.repeats):
+        if feats is None or random_frames:
+            feats = features(draws[r] if random_frames else data)
+            feat_seconds += feats.seconds["features"]
+            feat_frames += feats.n_frames
+            first = feats if first is None else first  # overlays and frame counts: the first draw
         runs.append(run_protocol(feats, cfg, seq_names, cfg.seed + r, keep if r == 0 else []))
+    feats = first
     agg = _aggregate(runs)
-    timing = {"load": t_load, "features": feats.seconds["features"],
-              "frames_per_second": feats.n_frames / max(feats.seconds["features"], 1e-9)}
+    timing = {"load": t_load, "features": feat_seconds,
+              "frames_per_second": feat_frames / max(feat_seconds, 1e-9)}
     for key in runs[0]["seconds"]:
         timing[key] = float(np.mean([r["seconds"][key] for r in runs]))
     over_dir = out_dir / "overlays"
@@ -178,17 +223,22 @@ def evaluate_clustering(
     timing["total"] = time.perf_counter() - t_start
     enc = {k: v for k, v in info.items() if k != "meta"}
     enc["meta"] = info.get("meta") or {}
-    enc["sha256"] = _sha256(checkpoint) if not checkpoint.startswith("random:") else None
+    enc["sha256"] = _sha256(split_spec(checkpoint)[0]) if not checkpoint.startswith("random:") else None
     enc["embed_dim"] = int(feats.grid.shape[1])
     enc["patch_size"] = list(patch)
     settings = {
         "dataset": dataset, "root": str(data.root), "label_kind": data.label_kind,
+        "annotations": data.annotations,
+        "frames": ("every annotated frame" if cfg.frames_per_clip == 0 else
+                   f"{cfg.frames_per_clip} {'random sorted' if random_frames else 'evenly spaced'} annotated frames "
+                   f"per clip" + (f", {cfg.repeats} draws (seeds {cfg.seed}..{cfg.seed + cfg.repeats - 1})"
+                                  if random_frames else "")),
         "videos": str(videos) if videos else None, "split_note": data.split_note,
         "skipped_unpaired": data.skipped,
         "categories": data.categories, "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "torch": torch.__version__, "config": to_dict(cfg),
-        "notes": PROTOCOL_NOTES + (["DAVIS labels are per-video instance ids: D pools 'instance k' across videos"]
+        "notes": protocol_notes(cfg) + (["DAVIS labels are per-video instance ids: D pools 'instance k' across videos"]
                                    if data.label_kind == "instance" else
                                    ["YTVOS labels are categories (meta.json, alphabetical 1..N, 0 = background)"]),
         "overclustering": "dataset-wise k-means at eval_size_dataset, majority (many-to-one) matching",

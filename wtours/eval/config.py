@@ -5,6 +5,24 @@ Defaults reproduce TimeT's protocol (``../shared/reference/timet.md`` §2) with 
 50 dims, per-pixel k-means on features bilinearly upsampled to the GT size (224² for F / C,
 112² for D), K = number of ground-truth labels in the pool, 50 Lloyd iterations x 5 restarts,
 fitted on at most 256·K points (faiss's default), seed 1.
+
+The reference's own choices, where ours differ and are kept as defaults (``configs/eval/timet_parity.yaml``
+sets all of them):
+
+================  ===================================  ==========================================
+key               default (why)                        reference
+================  ===================================  ==========================================
+frame_sampling    ``even``: deterministic, no draw     ``random``: 4 random sorted frames per video,
+                  variance in the score                a new draw per repeat (``repeats``: ± over draws)
+pca_scope         ``clip``: the pool the score          ``batch``: one loader batch of
+                  matches, independent of the video    ``batch_videos`` = 16 videos (videos in list order)
+                  order
+score_average     ``all``: every frame / clip alike    ``batch``: F / C averaged per batch of
+                                                       ``batch_videos`` videos, then over batches
+davis_annotations ``Annotations`` (DAVIS-2017 480p      ``Annotations_unsupervised`` if TimeT used the
+                  semi-supervised masks, what most     DAVIS-2017 *Unsupervised* masks its README names
+                  downloads hold)                      (unverified); recorded in metrics.json either way
+================  ===================================  ==========================================
 """
 
 from __future__ import annotations
@@ -15,13 +33,17 @@ from typing import Literal
 
 @dataclass
 class EvalConfig:
-    frames_per_clip: int = 4  # evenly spaced annotated frames per video; 0: all of them
+    frames_per_clip: int = 4  # annotated frames per video (see frame_sampling); 0: all of them
+    frame_sampling: Literal["even", "random"] = "even"  # random: sorted random frames, redrawn per repeat (reference)
     input_size: list[int] = field(default_factory=lambda: [224, 224])  # network input [H, W]
     eval_size: list[int] = field(default_factory=lambda: [224, 224])  # GT size for F and C [H, W]
     eval_size_dataset: list[int] = field(default_factory=lambda: [112, 112])  # GT size for D / overclustering
     standardize: bool = True
     pca_dim: int = 50  # 0: no PCA
-    pca_scope: Literal["clip", "dataset"] = "clip"  # PCA pool for F / C (D always uses the dataset)
+    pca_scope: Literal["clip", "batch", "dataset"] = "clip"  # scaler + PCA pool for F / C (D: the dataset)
+    batch_videos: int = 16  # videos per reference loader batch (pca_scope / score_average "batch")
+    score_average: Literal["all", "batch"] = "all"  # F / C: mean over all frames / clips, or per batch first
+    davis_annotations: str = "Annotations"  # DAVIS annotation folder (<root>/<this>/480p); Annotations_unsupervised
     cluster_at: Literal["pixel", "patch"] = "pixel"  # "patch": fit k-means on patch tokens (cheaper, not the protocol)
     niter: int = 50
     restarts: int = 5
@@ -42,6 +64,12 @@ class EvalConfig:
     def validate(self) -> None:
         if self.frames_per_clip < 0:
             raise ValueError(f"frames_per_clip must be >= 0 (0 = every annotated frame), got {self.frames_per_clip}")
+        if self.batch_videos < 1:
+            raise ValueError(f"batch_videos must be >= 1, got {self.batch_videos}")
+        if not self.davis_annotations or any(c in self.davis_annotations for c in "/\\") \
+                or self.davis_annotations in (".", ".."):
+            raise ValueError(f"davis_annotations must be a folder name under the DAVIS root (e.g. Annotations, "
+                             f"Annotations_unsupervised), got {self.davis_annotations!r}")
         if self.overlays < 0:
             raise ValueError(f"overlays must be >= 0, got {self.overlays}")
         for name in ("input_size", "eval_size", "eval_size_dataset"):

@@ -12,9 +12,15 @@ A dataset is a list of :class:`Sequence` objects, each with a deterministic list
   The reference remaps in place, instance by instance, so a category id written earlier can be
   remapped again by a later instance (category 2 vs instance 2); the table cannot collide.
 
-Frames per clip (TimeT draws 4 random sorted frames per video): here ``frames_per_clip`` frames
-evenly spaced over the annotated frames (``round(linspace(0, n-1, T))``), or all of them for
-``frames_per_clip = 0``; the list is saved in the output (``frames.json``).
+Frames per clip: ``frames_per_clip`` frames evenly spaced over the annotated frames
+(``round(linspace(0, n-1, T))``, ``sampling="even"``, the default), or as TimeT draws them
+(``sampling="random"``: ``T`` distinct random annotated frames, sorted; with replacement when a video has
+fewer, seeded by ``(draw_seed, video position)``), or all of them for ``frames_per_clip = 0``; the list is
+saved in the output (``frames.json``).
+
+DAVIS annotations: ``<root>/<annotations>/480p`` with ``annotations="Annotations"`` (the DAVIS-2017
+semi-supervised masks, default) or ``"Annotations_unsupervised"`` (DAVIS-2017 Unsupervised);
+``Dataset.annotations`` records the folder used (relative to the root).
 
 Every frame must have its annotation PNG and every PNG its frame (DAVIS and the YTVOS train split
 annotate every frame they ship): a missing file is an error naming it, never a silently shorter
@@ -64,6 +70,7 @@ class Dataset:
     categories: list[str] | None = None
     split_note: str = ""
     skipped: dict[str, int] = field(default_factory=dict)  # video -> frames / masks without their pair
+    annotations: str = ""  # the annotation folder read, relative to ``root`` (e.g. "Annotations/480p")
 
     @property
     def skip_note(self) -> str:
@@ -79,12 +86,29 @@ class Dataset:
         return sum(len(s.frames) for s in self.sequences)
 
 
-def select_frames(n: int, count: int) -> list[int]:
-    """Deterministic evenly spaced indices: ``count`` of ``range(n)`` (all for count <= 0 or >= n;
-    the command line refuses negative counts)."""
-    if count <= 0 or count >= n:
+SAMPLINGS = ("even", "random")
+
+
+def select_frames(n: int, count: int, sampling: str = "even", rng: np.random.Generator | None = None) -> list[int]:
+    """``count`` indices of ``range(n)``, sorted; all of them for ``count <= 0`` (the command line refuses
+    negative counts).
+
+    ``"even"``: deterministic, evenly spaced (all for ``count >= n``). ``"random"`` (TimeT's UNIFORM sampling):
+    ``count`` distinct random indices from ``rng``, or drawn with replacement when ``n < count`` (so a clip
+    always has ``count`` frames, some repeated, as the reference)."""
+    if count <= 0:
+        return list(range(n))
+    if sampling == "random":
+        if rng is None:
+            raise ValueError("random frame sampling needs a generator")
+        return sorted(int(i) for i in rng.choice(n, size=count, replace=n < count))
+    if count >= n:
         return list(range(n))
     return sorted({int(round(v)) for v in np.linspace(0, n - 1, count)})
+
+
+def _frame_rng(draw_seed: int, position: int) -> np.random.Generator:
+    return np.random.default_rng([int(draw_seed) & 0xFFFFFFFF, int(position)])
 
 
 def _need(path: Path, what: str) -> Path:
@@ -191,12 +215,14 @@ def _instance_lut(max_id: int) -> np.ndarray:
 
 def read_davis(
     root: str | Path, videos: list[str] | None = None, frames_per_clip: int = 4, max_instance_id: int = 50,
-    resolution: str = "480p", name: str = "davis", missing: str = "error",
+    resolution: str = "480p", name: str = "davis", missing: str = "error", sampling: str = "even",
+    draw_seed: int = 0, annotations: str = "Annotations",
 ) -> Dataset:
-    """DAVIS-2017: ``JPEGImages/480p``, ``Annotations/480p``, ``ImageSets/2017/val.txt``."""
+    """DAVIS-2017: ``JPEGImages/480p``, ``<annotations>/480p`` (``Annotations`` or ``Annotations_unsupervised``),
+    ``ImageSets/2017/val.txt``."""
     root = _check_root(Path(root))
     img_root = _need(root / "JPEGImages" / resolution, f"DAVIS frame folder JPEGImages/{resolution}")
-    ann_root = _need(root / "Annotations" / resolution, f"DAVIS annotation folder Annotations/{resolution}")
+    ann_root = _need(root / annotations / resolution, f"DAVIS annotation folder {annotations}/{resolution}")
     if videos is None:
         videos = read_video_list(_need(root / "ImageSets" / "2017" / "val.txt", "DAVIS video list ImageSets/2017/val.txt"))
     if not videos:
@@ -205,13 +231,13 @@ def read_davis(
     lut = _instance_lut(max_instance_id)
     rule = f"instance ids must be 0..{max_instance_id} or 255 (void); change with --set max_instance_id=N"
     seqs, skipped = [], {}
-    for v in videos:
+    for pos, v in enumerate(videos):
         frames, masks, n_skip = _pairs(img_root / v, ann_root / v, v, missing)
         if n_skip:
             skipped[v] = n_skip
-        sel = select_frames(len(frames), frames_per_clip)
+        sel = select_frames(len(frames), frames_per_clip, sampling, _frame_rng(draw_seed, pos))
         seqs.append(Sequence(v, [frames[i] for i in sel], [masks[i] for i in sel], lut, len(frames), rule))
-    return Dataset(name, root, seqs, "instance", skipped=skipped)
+    return Dataset(name, root, seqs, "instance", skipped=skipped, annotations=f"{annotations}/{resolution}")
 
 
 def ytvos_categories(meta: dict) -> list[str]:
@@ -248,7 +274,7 @@ def split_ytvos(names: list[str], fraction: float = 0.2, seed: int = 0) -> list[
 
 def read_ytvos(
     root: str | Path, videos: list[str] | None = None, frames_per_clip: int = 4, split_seed: int = 0,
-    missing: str = "error",
+    missing: str = "error", sampling: str = "even", draw_seed: int = 0,
 ) -> Dataset:
     """YouTube-VOS train layout: ``train/{JPEGImages,Annotations,meta.json}``.
 
@@ -291,7 +317,7 @@ def read_ytvos(
         raise UserError(f"{len(absent)} of {len(videos)} listed videos are not in meta.json (first: '{absent[0]}'); "
                         "check --videos / the video list", path=meta_path)
     seqs, skipped = [], {}
-    for v in videos:
+    for pos, v in enumerate(videos):
         try:
             lut = ytvos_lut(vids[v].get("objects") or {}, cat_index)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -299,37 +325,45 @@ def read_ytvos(
         frames, masks, n_skip = _pairs(img_root / v, ann_root / v, v, missing)
         if n_skip:
             skipped[v] = n_skip
-        sel = select_frames(len(frames), frames_per_clip)
+        sel = select_frames(len(frames), frames_per_clip, sampling, _frame_rng(draw_seed, pos))
         rule = f"ids must be 0, 255 or an instance of '{v}' in meta.json ({sorted(int(i) for i in vids[v].get('objects') or {})})"
         seqs.append(Sequence(v, [frames[i] for i in sel], [masks[i] for i in sel], lut, len(frames), rule))
-    return Dataset("ytvos", root, seqs, "category", cats, note, skipped)
+    return Dataset("ytvos", root, seqs, "category", cats, note, skipped,
+                   annotations=str(ann_root.relative_to(root)))
 
 
 def read_synth(root: str | Path, videos: list[str] | None = None, frames_per_clip: int = 4,
-               max_instance_id: int = 50, missing: str = "error") -> Dataset:
+               max_instance_id: int = 50, missing: str = "error", sampling: str = "even", draw_seed: int = 0,
+               annotations: str = "Annotations") -> Dataset:
     """The output folder of ``wtours synth``: its ``davis/`` subfolder in DAVIS-2017 layout."""
     root = _check_root(Path(root))
     davis = root / "davis" if (root / "davis").is_dir() else root
     if not (davis / "JPEGImages").exists():
         raise UserError("missing synthetic DAVIS folder (expected davis/ as written by 'wtours synth')", path=root / "davis")
-    return read_davis(davis, videos, frames_per_clip, max_instance_id, name="synth", missing=missing)
+    return read_davis(davis, videos, frames_per_clip, max_instance_id, name="synth", missing=missing,
+                      sampling=sampling, draw_seed=draw_seed, annotations=annotations)
 
 
 def read_dataset(kind: str, root: str | Path, videos_file: str | Path | None = None, frames_per_clip: int = 4,
-                 max_instance_id: int = 50, split_seed: int = 0, missing: str = "error") -> Dataset:
+                 max_instance_id: int = 50, split_seed: int = 0, missing: str = "error", sampling: str = "even",
+                 draw_seed: int = 0, annotations: str = "Annotations") -> Dataset:
     """Dispatch on ``kind`` in {"davis", "ytvos", "synth"}; ``missing``: "error" or "skip" (frames
-    without an annotation PNG and PNGs without a frame, see the module doc)."""
+    without an annotation PNG and PNGs without a frame, see the module doc); ``sampling`` / ``draw_seed``:
+    which frames (see the module doc); ``annotations``: the DAVIS (and synth) annotation folder."""
     if frames_per_clip < 0:
         raise UserError(f"frames_per_clip must be >= 0 (0 = every annotated frame), got {frames_per_clip}")
     if missing not in MISSING:
         raise UserError(f"missing_annotations must be one of {', '.join(MISSING)}, got {missing!r}")
+    if sampling not in SAMPLINGS:
+        raise UserError(f"frame_sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
     videos = read_video_list(videos_file) if videos_file else None
     if kind == "davis":
-        return read_davis(root, videos, frames_per_clip, max_instance_id, missing=missing)
+        return read_davis(root, videos, frames_per_clip, max_instance_id, missing=missing, sampling=sampling,
+                          draw_seed=draw_seed, annotations=annotations)
     if kind == "ytvos":
-        return read_ytvos(root, videos, frames_per_clip, split_seed, missing)
+        return read_ytvos(root, videos, frames_per_clip, split_seed, missing, sampling, draw_seed)
     if kind == "synth":
-        return read_synth(root, videos, frames_per_clip, max_instance_id, missing)
+        return read_synth(root, videos, frames_per_clip, max_instance_id, missing, sampling, draw_seed, annotations)
     raise UserError(f"unknown dataset '{kind}' (davis, ytvos or synth)")
 
 

@@ -17,8 +17,11 @@ Pools and what is matched (timet.md §2.4):
 
 Features: per pool, standardise (z-score, population std) then PCA to ``pca_dim`` (faiss
 ``PCAMatrix``: centred, no whitening). The reference fits F / C's scaler + PCA on one loader batch
-of 16 videos, an arbitrary grouping; here they are fitted per clip (``pca_scope="clip"``) or on
-the whole dataset, and D always on the whole dataset, as in the reference.
+of 16 videos, an arbitrary grouping; here they are fitted per clip (``pca_scope="clip"``, default),
+per batch of ``batch_videos`` consecutive videos of the list (``"batch"``, the reference's), or on the
+whole dataset, and D always on the whole dataset, as in the reference. The F and C scores are means
+over all frames / clips (``score_average="all"``), or, as the reference reports them, means per batch
+of ``batch_videos`` videos and then over batches (``"batch"``; the last, smaller batch weighs as much).
 
 Per-pixel clustering without per-pixel features: the protocol clusters the 50-d features
 bilinearly upsampled to the GT size. k-means is *fitted* on at most
@@ -340,7 +343,8 @@ def _run_protocol(feats: FeatureSet, cfg, seq_names: list[str], seed: int, keep_
     seconds: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    grid_fc = reduce_grid(feats.grid, frame_seq if cfg.pca_scope == "clip" else None, cfg.pca_dim, cfg.standardize)
+    groups = {"clip": frame_seq, "batch": frame_seq // cfg.batch_videos, "dataset": None}[cfg.pca_scope]
+    grid_fc = reduce_grid(feats.grid, groups, cfg.pca_dim, cfg.standardize)
     grid_d = grid_fc if cfg.pca_scope == "dataset" else reduce_grid(feats.grid, None, cfg.pca_dim, cfg.standardize)
     _sync(dev)
     seconds["pca"] = time.perf_counter() - t0
@@ -413,9 +417,14 @@ def _run_protocol(feats: FeatureSet, cfg, seq_names: list[str], seed: int, keep_
             "pred": np.stack([lut[kept[i].long().numpy()] for i in idx]),
             "gt": np.stack([_raw(labels, labels.gt[size_fc][i]) for i in idx]),
         }
+    if cfg.score_average == "batch":  # the reference: per loader batch of batch_videos videos, then over batches
+        score_f = _batch_mean(f_frame, fs_np // cfg.batch_videos)
+        score_c = _batch_mean(np.asarray(c_seq, dtype=np.float64), np.arange(n_seq) // cfg.batch_videos)
+    else:
+        score_f, score_c = float(np.nanmean(f_frame)), float(np.nanmean(c_seq))
     return {
-        "F": 100 * float(np.nanmean(f_frame)),
-        "C": 100 * float(np.nanmean(c_seq)),
+        "F": 100 * score_f,
+        "C": 100 * score_c,
         "D": 100 * res_d.miou,
         "D_iou_per_label": {int(labels.raw[g]): 100 * float(v) for g, v in zip(res_d.labels, res_d.iou)},
         "K": {"F_mean": float(pools_f.k.float().mean()), "C_mean": float(pools_c.k.float().mean()),
@@ -425,6 +434,12 @@ def _run_protocol(feats: FeatureSet, cfg, seq_names: list[str], seed: int, keep_
         "seconds": seconds,
         "overlays": overlays,
     }
+
+
+def _batch_mean(values: np.ndarray, batch: np.ndarray) -> float:
+    """Mean over batches of each batch's nan-mean of ``values`` (batches without a finite value left out)."""
+    means = [float(np.nanmean(v)) for b in np.unique(batch) if np.isfinite(v := values[batch == b]).any()]
+    return float(np.mean(means)) if means else math.nan
 
 
 def _apply_mapping(conf: np.ndarray, mapping: np.ndarray) -> float:

@@ -13,10 +13,18 @@ by :func:`read_state_dict`: a damaged file is refused with one line naming it. N
 are never exported.
 
 :func:`load_backbone` accepts a ``backbone.pt``, a bare timm ViT state dict file (DINO's released
-``dino_deitsmall16_pretrain.pth`` has exactly timm's key names; such foreign files carry no
-checksum and load as unverified), a Lightning checkpoint of ours, or ``random:<timm arch>[@<seed>]``
-for the untrained baseline (init seed 0 unless given). Files are read with ``weights_only=True``; one
-that needs pickle is refused unless ``trust`` (``--trust-checkpoint``).
+``dino_deitsmall16_pretrain.pth`` is a plain dict of tensors with exactly timm's key names and loads
+with ``weights_only=True``; such foreign files carry no checksum and load as unverified), a training
+checkpoint of ``wtours pretrain`` (``stage1/last.ckpt``), or ``random:<timm arch>[@<seed>]`` for the
+untrained baseline (init seed 0 unless given). Files are read with ``weights_only=True``; one that
+needs pickle is refused unless ``trust`` (``--trust-checkpoint``).
+
+A training checkpoint holds two backbones (``student.vit.*`` and ``teacher.vit.*``; older layouts
+``student.backbone.vit.*``) beside the objectives' heads: the **teacher** (the EMA, what ``wtours
+pretrain`` exports as ``backbone.pt``) is loaded unless the spec ends in ``:student``
+(``runs/x/stage1/last.ckpt:student``; ``:teacher`` is the default spelled out). The suffix also picks
+``student`` / ``teacher`` in a foreign file that holds both (DINO's full checkpoints). The arch is the
+checkpoint's own (``checkpoint["wtours"]["arch"]``).
 """
 
 from __future__ import annotations
@@ -134,6 +142,32 @@ def infer_arch(sd: dict[str, torch.Tensor]) -> str:
     return f"vit_{size}_patch{patch}_224"
 
 
+ROLES = ("teacher", "student")
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """``"last.ckpt:student"`` -> ``("last.ckpt", "student")``; ``"backbone.pt"`` -> ``("backbone.pt", None)``.
+    A file whose own name ends in ``:student`` / ``:teacher`` is taken as it is."""
+    for role in ROLES:
+        suffix = f":{role}"
+        if spec.endswith(suffix) and not Path(spec).exists():
+            return spec[: -len(suffix)], role
+    return spec, None
+
+
+def _role_prefixes(role: str) -> tuple[str, ...]:
+    return (f"{role}.vit.", f"{role}.backbone.vit.", f"{role}.backbone.", f"{role}.")
+
+
+def _training_backbone(sd: dict[str, torch.Tensor], role: str) -> dict[str, torch.Tensor] | None:
+    """The ``role`` backbone of a training checkpoint's state dict (None if it holds no such backbone)."""
+    for prefix in _role_prefixes(role):
+        sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if "patch_embed.proj.weight" in sub:
+            return sub
+    return None
+
+
 def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for prefix in _PREFIXES:
         if any(k.startswith(prefix) for k in sd):
@@ -143,37 +177,65 @@ def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return sd
 
 
-def read_state_dict(path: str | Path, trust: bool = False) -> tuple[dict[str, torch.Tensor], str | None, dict]:
+def read_state_dict(path: str | Path, trust: bool = False, role: str | None = None
+                    ) -> tuple[dict[str, torch.Tensor], str | None, dict]:
     """Read a checkpoint file -> (ViT state dict, arch if recorded, meta without the checksum).
 
     A file that carries a checksum is verified (a damaged one raises a one-line :class:`UserError`);
-    foreign files carry none. ``trust`` allows files that need pickle.
+    foreign files carry none. ``trust`` allows files that need pickle. ``role``: the backbone of a file that
+    holds a student and a teacher (default: the teacher); a file with one backbone refuses a role.
     """
-    sd, arch, meta, _ = _read_checked(path, trust)
+    sd, arch, meta, _ = _read_checked(path, trust, role)
     return sd, arch, meta
 
 
-def _read_checked(path: str | Path, trust: bool) -> tuple[dict[str, torch.Tensor], str | None, dict, bool]:
-    """:func:`read_state_dict` + whether the file's checksum was verified."""
+def _read_checked(path: str | Path, trust: bool, role: str | None = None
+                  ) -> tuple[dict[str, torch.Tensor], str | None, dict, bool]:
+    """:func:`read_state_dict` + whether the file's checksum was verified. When the file holds a student and a
+    teacher, ``meta["checkpoint"]`` says which was read (``role``; a training checkpoint's ``global_step`` and
+    ``config_hash`` too)."""
     p = Path(path)
     obj, verified = load_verified(p, trust=trust, hint="restore it from a copy, or export it again (re-running "
                                   "'wtours pretrain' on its run re-exports it from last.ckpt)")
+    if role is not None and role not in ROLES:
+        raise UserError(f"unknown backbone ':{role}' (choose :teacher or :student)", path=p)
+    single = UserError(f"':{role}' picks one backbone of a file that holds a student and a teacher (a training "
+                       "checkpoint); this one holds a single backbone: drop the suffix", path=p)
     arch, meta = None, {}
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         arch = obj.get("arch") if isinstance(obj.get("arch"), str) else None
-        meta = obj.get("meta") or {}
-        hp = obj.get("hyper_parameters")
+        meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+        hp, run = obj.get("hyper_parameters"), obj.get("wtours")
         if arch is None and isinstance(hp, dict) and isinstance(hp.get("arch"), str):
             arch = hp["arch"]
-        obj = obj["state_dict"]
+        if arch is None and isinstance(run, dict) and isinstance(run.get("arch"), str):
+            arch = run["arch"]  # a training checkpoint of wtours pretrain
+        sd = obj["state_dict"]
+        if any(_training_backbone(sd, r) is not None for r in ROLES):
+            which = role or "teacher"
+            picked = _training_backbone(sd, which)
+            if picked is None:
+                raise UserError(f"training checkpoint without a {which} backbone ({which}.vit.* keys)", path=p)
+            info = {"role": which, "global_step": int(obj.get("global_step", 0) or 0)}
+            if isinstance(run, dict) and isinstance(run.get("config_hash"), str):
+                info["config_hash"] = run["config_hash"]
+            return picked, arch, {"checkpoint": info}, verified
+        if role is not None:
+            raise single
+        obj = sd
     elif isinstance(obj, dict):
-        for key in ("teacher", "model", "student"):
+        for key in (role,) if role else ("teacher", "model", "student"):
             if key in obj and isinstance(obj[key], dict):
                 obj = obj[key]
+                if key in ROLES:
+                    meta = {"checkpoint": {"role": key}}
                 break
+        else:
+            if role is not None:
+                raise single
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError("not a state dict of tensors", path=p)
-    meta = {k: v for k, v in meta.items() if k != CHECKSUM_KEY} if isinstance(meta, dict) else {}
+    meta = {k: v for k, v in meta.items() if k != CHECKSUM_KEY}
     return _strip(obj), arch, meta, verified
 
 
@@ -195,14 +257,15 @@ def load_backbone(spec: str, arch: str | None = None, trust: bool = False) -> tu
         torch.manual_seed(seed)
         model = create_vit(name, num_classes=0, dynamic_img_size=True)
         return model.eval(), {"kind": "random", "arch": name, "spec": spec}
-    sd, recorded, meta, verified = _read_checked(spec, trust)
+    path, role = split_spec(spec)
+    sd, recorded, meta, verified = _read_checked(path, trust, role)
     if arch is None:
         arch = recorded
     if arch is None:
         try:
             arch = infer_arch(sd)
         except ValueError as e:
-            raise UserError(str(e), path=spec) from None
+            raise UserError(str(e), path=path) from None
     model = create_vit(arch, num_classes=0, dynamic_img_size=True)
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
     want = model.state_dict()
@@ -218,7 +281,7 @@ def load_backbone(spec: str, arch: str | None = None, trust: bool = False) -> tu
             parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        raise UserError(f"weights do not match arch '{arch}': " + "; ".join(parts), path=spec)
+        raise UserError(f"weights do not match arch '{arch}': " + "; ".join(parts), path=path)
     if sd["pos_embed"].shape != want["pos_embed"].shape:
         from timm.layers import resample_abs_pos_embed
 
@@ -226,5 +289,8 @@ def load_backbone(spec: str, arch: str | None = None, trust: bool = False) -> tu
         grid = model.patch_embed.grid_size
         sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], list(grid), num_prefix_tokens=n_prefix)
     model.load_state_dict(sd)
-    return model.eval(), {"kind": "checkpoint", "arch": arch, "spec": str(spec), "meta": meta,
-                          "verified": verified}
+    info = {"kind": "checkpoint", "arch": arch, "spec": str(spec), "meta": meta, "verified": verified}
+    picked = meta.get("checkpoint") if isinstance(meta, dict) else None
+    if isinstance(picked, dict) and "role" in picked:
+        info["role"] = picked["role"]
+    return model.eval(), info

@@ -282,7 +282,7 @@ class DoRAObjective(nn.Module):
         super().__init__()
         self.student_head = DINOHead(embed_dim, out_dim=model.out_dim, hidden_dim=model.hidden_dim,
                                      bottleneck_dim=model.bottleneck_dim, nlayers=model.head_layers,
-                                     norm_last_layer=model.norm_last_layer)
+                                     norm_last_layer=model.norm_last_layer, fp32=model.head_fp32)
         self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False)
         self.dino = DINOLoss(model.out_dim, loss.center_momentum, centering=loss.centering,
                              sinkhorn_iters=loss.sinkhorn_iters)

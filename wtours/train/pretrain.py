@@ -137,6 +137,35 @@ def drop_set_aside(stage: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def crop_detail_warning(cfg: VideoPretrainConfig, videos: Sequence[str] = ()) -> str | None:
+    """One line when the recipe's smallest crops get less source detail than in the DoRA reference at this
+    ``data.short_side`` (or from a video smaller than it, which the decoder enlarges), else None.
+
+    A warning, not an error: training below the reference's detail is a legitimate trade (CPU demos, quick
+    ablations, sources that are only that large); the recipe preset itself is kept clear of it by a test."""
+    from wtours.train.video_config import detail_problem, min_short_side
+    from wtours.video.decode import clip_size
+
+    d = cfg.data
+    out_h, out_w = clip_size(d.short_side, d.aspect)
+    h, w, where = float(out_h), float(out_w), f"data.short_side {d.short_side}"
+    if not d.frames:
+        from wtours.video.index import index_video
+
+        for v in videos:
+            idx = index_video(v)
+            f = max(out_h / idx.height, out_w / idx.width)  # the decoder's scale factor (> 1: enlarged)
+            if f > 1 and out_h / f < h:
+                h, w = out_h / f, out_w / f
+                where = f"{v} ({idx.width}x{idx.height}, enlarged to data.short_side {d.short_side})"
+    problem = detail_problem(cfg.crops, h, w, where)
+    if problem is None:
+        return None
+    need = min_short_side(cfg.crops, d.aspect)
+    return (f"{problem}; use data.short_side >= {need} with a source at least that large (wtours prepare "
+            f"--short-side {need} makes one)")
+
+
 def divergence_hint(cfg: VideoPretrainConfig) -> str:
     o = cfg.optim
     hint = f"lower optim.lr (now {o.lr:g})"
@@ -172,7 +201,7 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
     from wtours.train.checkpointing import AtomicCheckpointIO, check_config, read_checkpoint_meta
     from wtours.train.csv_logger import ResumableCSVLogger
     from wtours.train.guard import FiniteGuard
-    from wtours.train.schedules import clips_per_step
+    from wtours.train.schedules import clips_per_step, resolve_clips_per_epoch
     from wtours.train.trainer_setup import (make_trainer, parse_devices, quiet_lightning, resolve_accelerator,
                                             step_options, world_size)
     from wtours.train.video_data import DataEpochCallback, VideoDataModule, make_clip_dataset
@@ -224,6 +253,17 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
     for v in cfg.videos:
         if not Path(v).is_file():
             raise UserError("video not found" if not Path(v).exists() else "not a file", path=v)
+    # data.clips_per_epoch: frames -> the number (indexes the videos, cached), before the config is hashed, so
+    # the schedules, config.yaml, the checkpoint and the resume check all hold the resolved number
+    per_epoch_given = cfg.data.clips_per_epoch
+    resolve_clips_per_epoch(cfg, cfg.videos)
+    notes = []
+    if per_epoch_given != cfg.data.clips_per_epoch:
+        notes.append(f"data.clips_per_epoch: {per_epoch_given} -> {cfg.data.clips_per_epoch} (one clip per frame "
+                     "that can start a clip, as the DoRA reference's epoch)")
+    detail = crop_detail_warning(cfg, cfg.videos)
+    if detail:
+        notes.append(f"warning: {detail}")
     cfg_hash = training_hash(cfg)
     if resumed is not None:
         check_config(resumed, cfg_hash, to_dict(cfg), ckpt_path)
@@ -233,8 +273,10 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
 
         decoded = training_videos(cfg.videos, cfg.data.short_side, cfg.data.proxy, progress=main_process and show)
     dataset = make_clip_dataset(cfg, decoded)  # indexes the videos; too-short ones fail here
-    write_text(run_dir / "config.yaml", to_yaml(cfg))
+    write_text(run_dir / "config.yaml", "".join(f"# {n}\n" for n in notes) + to_yaml(cfg))
     accelerator, on_gpu = resolve_accelerator(cfg)
+    if not on_gpu and cfg.trainer.cpu_threads > 0:
+        torch.set_num_threads(cfg.trainer.cpu_threads)
     nodes = num_nodes or cfg.trainer.num_nodes
     # the world size decides the schedules' length, which is the Trainer's max_steps
     world = world_size(accelerator, dev, nodes)
@@ -276,6 +318,8 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
               f"{clips_per_step(cfg, world)} clips/step / optim.lr_batch_reference {cfg.optim.lr_batch_reference})",
               file=sys.stderr)
     if trainer.is_global_zero and show:
+        for note in notes:
+            print(f"pretrain: {note}", file=sys.stderr)
         print(f"pretrain: {cfg.model.arch}, {sched.total_steps} steps ({sched.steps_per_epoch}/epoch), "
               f"{clips_per_step(cfg, world)} clips/step x {cfg.data.frames_per_clip} frames on {world} "
               f"{'GPU' if on_gpu else 'CPU'} rank(s), peak lr {sched.peak_lr:.3g}, precision "

@@ -10,37 +10,23 @@ k = 3 tracked objects, AdamW 5e-4 x clips/256, cosine schedules. Presets live in
 Lengths are given in optimizer steps where a run is cut (``trainer.max_steps``) and in epochs
 for the recipe's schedule shapes (warm-ups, frozen last layer); an epoch is
 ``data.clips_per_epoch`` clips, so ``steps_per_epoch = clips_per_epoch // (batch x world x accumulate)``.
+``data.clips_per_epoch: frames`` is the reference's epoch (dora.md §1.2: every frame that can start a
+clip starts one, ~N clips per epoch of an N-frame tour); it is resolved to that number when the run
+indexes its videos (:func:`wtours.train.schedules.resolve_clips_per_epoch`), and the resolved number
+is what the schedules, the checkpoint and ``config.yaml`` hold.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional, Union
 
+from wtours.train.common_config import (TRAINING_TRAINER_KEYS, LogConfig, TrainerConfig, at_least, check_prob,
+                                        check_range, hash_training_view, positive)
 
-def _check_range(name: str, pair: tuple[float, float], lo: float, hi: float) -> None:
-    a, b = pair
-    if not (lo <= a <= b <= hi):
-        raise ValueError(f"{name}: expected {lo} <= min <= max <= {hi}, got {list(pair)}")
-
-
-def _at_least(cfg: object, minimum: int, *names: str) -> None:
-    """Each named integer field of ``cfg`` must be ``>= minimum`` (None is allowed: 'not set')."""
-    for name in names:
-        v = getattr(cfg, name)
-        if v is not None and v < minimum:
-            raise ValueError(f"{name}: must be >= {minimum}, got {v}")
-
-
-def _positive(cfg: object, *names: str) -> None:
-    for name in names:
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"{name}: must be positive, got {getattr(cfg, name)}")
-
-
-def _check_prob(name: str, p: float) -> None:
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"{name}: a probability must lie in [0, 1], got {p}")
+#: ``data.clips_per_epoch`` value meaning "one clip per frame of the training videos" (the reference's epoch)
+CLIPS_PER_EPOCH_FRAMES = "frames"
 
 
 @dataclass
@@ -57,8 +43,8 @@ class SynthConfig:
     seq_frames: int = 12
 
     def validate(self) -> None:
-        _at_least(self, 0, "sequences")
-        _at_least(self, 1, "seq_frames")
+        at_least(self, 0, "sequences")
+        at_least(self, 1, "seq_frames")
 
 
 @dataclass
@@ -70,7 +56,8 @@ class DataConfig:
     stride_unit: Literal["frames", "seconds"] = "frames"
     short_side: int = 360
     aspect: float = 16 / 9
-    clips_per_epoch: int = 8192
+    # an integer, or "frames": one clip per valid clip start (frame) of the training videos, as the reference
+    clips_per_epoch: Union[int, Literal["frames"]] = 8192
     batch_size: int = 16
     num_workers: int = 8
     backend: str = "pyav"
@@ -84,12 +71,13 @@ class DataConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
 
     def validate(self) -> None:
-        _at_least(self, 1, "frames_per_clip", "batch_size", "prefetch_factor")
-        _positive(self, "stride")
-        _at_least(self, 0, "num_workers")
-        _at_least(self, 16, "short_side")
-        if self.clips_per_epoch < self.batch_size:
-            raise ValueError(f"clips_per_epoch ({self.clips_per_epoch}) must be >= batch_size ({self.batch_size})")
+        at_least(self, 1, "frames_per_clip", "batch_size", "prefetch_factor")
+        positive(self, "stride")
+        at_least(self, 0, "num_workers")
+        at_least(self, 16, "short_side")
+        if self.clips_per_epoch != CLIPS_PER_EPOCH_FRAMES and self.clips_per_epoch < self.batch_size:
+            raise ValueError(f"clips_per_epoch ({self.clips_per_epoch}) must be >= batch_size ({self.batch_size}) "
+                             f"or '{CLIPS_PER_EPOCH_FRAMES}'")
 
 
 @dataclass
@@ -124,15 +112,79 @@ class CropsConfig:
         if self.local_number < 0:
             raise ValueError(f"local_number: must be >= 0, got {self.local_number}")
         for name in ("precrop_scale", "global_scale", "local_scale"):
-            _check_range(name, getattr(self, name), 1e-4, 1.0)
+            check_range(name, getattr(self, name), 1e-4, 1.0)
         if not 0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"ratio: expected 0 < min <= max, got {list(self.ratio)}")
         for name in ("flip_p", "local_flip_p", "jitter_p", "grayscale_p", "blur_global_p", "blur_local_p"):
-            _check_prob(name, getattr(self, name))
+            check_prob(name, getattr(self, name))
         if not 0 <= self.hue <= 0.5:
             raise ValueError(f"hue: must lie in [0, 0.5], got {self.hue}")
         if self.blur_sigma[0] <= 0 or self.blur_sigma[0] > self.blur_sigma[1]:
             raise ValueError(f"blur_sigma: expected 0 < min <= max, got {list(self.blur_sigma)}")
+
+
+class CropDetail(NamedTuple):
+    """The smallest crop of one kind of the recipe, in source pixels (side of a square of its area).
+
+    ``source_side``: what the crop covers of the frames it is cut from (``sqrt(area)``; the aspect jitter
+    ``crops.ratio`` stretches one side by up to ``sqrt(4/3)`` more, which is left out as in the figures of
+    dora.md). ``size``: its output side. ``reference_side``: what it covers in the reference, which resizes
+    its pre-crop to ``precrop_size`` and cuts the global and local views from that image (dora.md §1.3), so
+    they have at most ``sqrt(scale) x precrop_size`` pixels of detail (the reference itself upsamples its
+    smallest global view 190 -> 224 px and local crop 67 -> 112 px)."""
+
+    name: str
+    source_side: float
+    size: int
+    reference_side: float
+
+    @property
+    def upsample(self) -> float:
+        """Output side over covered source side (> 1: the crop is enlarged)."""
+        return self.size / self.source_side
+
+    @property
+    def below_reference(self) -> bool:
+        """Less source detail than the reference gives this crop."""
+        return self.source_side < self.reference_side * (1 - 1e-3)
+
+
+def smallest_crops(c: "CropsConfig", height: float, width: float) -> list[CropDetail]:
+    """The recipe's smallest pre-crop, global view and local crop (:class:`CropDetail`) for frames of
+    ``height x width`` pixels of detail: our crops are cut from the (decoded) frame in one resampling
+    (:mod:`wtours.augment`), so the pre-crop's scale and the view's scale multiply::
+
+        pre = sqrt(precrop_scale[0] * H * W)       global = sqrt(global_scale[0]) * pre
+        local = sqrt(local_scale[0]) * pre
+
+    e.g. 640x360: 215 / 136 / 48 px for 300 / 224 / 112 outputs; 960x540: 322 / 204 / 72 px."""
+    pre = math.sqrt(c.precrop_scale[0] * height * width)
+    out = [CropDetail("pre-crop", pre, c.precrop_size, float(c.precrop_size))]
+    for name, scale, size in (("global view", c.global_scale[0], c.global_size),
+                              ("local crop", c.local_scale[0], c.local_size)):
+        if name == "local crop" and c.local_number == 0:
+            continue
+        out.append(CropDetail(name, math.sqrt(scale) * pre, size, min(float(size), math.sqrt(scale) * c.precrop_size)))
+    return out
+
+
+def min_short_side(c: "CropsConfig", aspect: float) -> int:
+    """The smallest even ``data.short_side`` whose frames (``aspect`` = W/H) give the smallest pre-crop at least
+    ``precrop_size`` source pixels (then no crop has less detail than in the reference)."""
+    elong = max(aspect, 1.0 / aspect)  # frame area = short_side^2 * elong
+    s = c.precrop_size / math.sqrt(c.precrop_scale[0] * elong)
+    return int(math.ceil(s / 2.0 - 1e-9)) * 2
+
+
+def detail_problem(c: "CropsConfig", height: float, width: float, where: str = "") -> str | None:
+    """One line when some crop of the recipe gets less source detail than the reference gives it (its pre-crop
+    is enlarged), else None. ``where``: what the frames are (e.g. "at data.short_side 360")."""
+    crops = smallest_crops(c, height, width)
+    if not any(d.below_reference for d in crops):
+        return None
+    parts = ", ".join(f"{d.name} {d.source_side:.0f} px -> {d.size} (reference {d.reference_side:.0f})" for d in crops)
+    return (f"{where + ': ' if where else ''}the recipe's smallest crops cover fewer source pixels than in the DoRA "
+            f"reference, whose pre-crop is never enlarged ({int(round(width))}x{int(round(height))} frames: {parts})")
 
 
 @dataclass
@@ -146,6 +198,12 @@ class ModelConfig:
     bottleneck_dim: int = 256
     head_layers: int = 3
     norm_last_layer: bool = False
+    # DINO head precision under bf16 autocast: "head" (all of it in fp32), "last_layer" (normalise + prototypes
+    # layer in fp32) or "off" (autocast dtype); the teacher's sharp targets move by ~1e-3 nats in bf16 (heads.py)
+    head_fp32: Literal["head", "last_layer", "off"] = "head"
+    # position embeddings at other input sizes (112 px local crops): "dino" as DINO / DoRA (bicubic, scale factor,
+    # no antialias), or "timm" (bicubic with antialias to the size; ~9 % apart at 112 px); wtours.models.vit
+    pos_interp: Literal["dino", "timm"] = "dino"
     # start from these backbone weights (backbone.pt, a timm ViT state dict) instead of random init
     init: Optional[str] = None
     train_blocks: int = 0  # train only the last N transformer blocks (0: the whole backbone; TimeT: 2)
@@ -156,12 +214,12 @@ class ModelConfig:
         problem = vit_arch_problem(self.arch)
         if problem:
             raise ValueError(f"arch: {problem}")
-        _at_least(self, 0, "train_blocks")
+        at_least(self, 0, "train_blocks")
         if self.out_dim < 2:
             raise ValueError(f"out_dim: must be >= 2, got {self.out_dim}")
         if not 0 <= self.drop_path_rate < 1:
             raise ValueError(f"drop_path_rate: must lie in [0, 1), got {self.drop_path_rate}")
-        _at_least(self, 1, "head_layers")
+        at_least(self, 1, "head_layers")
 
 
 @dataclass
@@ -175,7 +233,7 @@ class TrackingConfig:
     threshold: Literal["batch", "sample"] = "batch"
 
     def validate(self) -> None:
-        _at_least(self, 1, "objects")
+        at_least(self, 1, "objects")
         if self.sinkhorn_eps <= 0 or self.sinkhorn_iters < 1:
             raise ValueError("sinkhorn_eps must be > 0 and sinkhorn_iters >= 1")
 
@@ -196,11 +254,11 @@ class LossConfig:
     koleo_weight: float = 0.0  # KoLeo on the student's [CLS] of the masked views (DINOv2: 0.1)
 
     def validate(self) -> None:
-        _positive(self, "student_temp", "teacher_temp", "warmup_teacher_temp")
-        _at_least(self, 1, "sinkhorn_iters")
+        positive(self, "student_temp", "teacher_temp", "warmup_teacher_temp")
+        at_least(self, 1, "sinkhorn_iters")
         if self.koleo_weight < 0:
             raise ValueError(f"koleo_weight: must be >= 0, got {self.koleo_weight}")
-        _check_prob("center_momentum", self.center_momentum)
+        check_prob("center_momentum", self.center_momentum)
 
 
 @dataclass
@@ -241,10 +299,10 @@ class TimeTConfig:
     compat_reference: bool = False  # the reference's swapped EMA (teacher ~ student); timet.md §1.4
 
     def validate(self) -> None:
-        _at_least(self, 2, "prototypes")
-        _at_least(self, 1, "head_out", "sinkhorn_iters", "context_frames", "topk")
-        _at_least(self, 0, "window")
-        _positive(self, "sinkhorn_eps", "affinity_temp", "temperature")
+        at_least(self, 2, "prototypes")
+        at_least(self, 1, "head_out", "sinkhorn_iters", "context_frames", "topk")
+        at_least(self, 0, "window")
+        positive(self, "sinkhorn_eps", "affinity_temp", "temperature")
         if any(h < 1 for h in self.head_hidden):
             raise ValueError(f"head_hidden: widths must be >= 1, got {list(self.head_hidden)}")
 
@@ -270,46 +328,11 @@ class OptimConfig:
             raise ValueError("lr must be > 0 and min_lr >= 0")
         if not 0 < self.backbone_lr_scale <= 1000:
             raise ValueError(f"backbone_lr_scale: must lie in (0, 1000], got {self.backbone_lr_scale}")
-        _at_least(self, 1, "lr_batch_reference")
+        at_least(self, 1, "lr_batch_reference")
         if not 0 <= self.momentum_teacher <= 1:
             raise ValueError(f"momentum_teacher: must lie in [0, 1], got {self.momentum_teacher}")
         if self.clip_grad < 0:
             raise ValueError(f"clip_grad: must be >= 0 (0 turns clipping off), got {self.clip_grad}")
-
-
-@dataclass
-class TrainerConfig:
-    """Run length, precision, devices, checkpoints."""
-
-    epochs: float = 100
-    max_steps: Optional[int] = None
-    accumulate_grad_batches: int = 1
-    # auto: bf16-mixed on CUDA, 32-true on CPU; 16-mixed (GradScaler) for GPUs without bf16 (V100)
-    precision: Literal["auto", "bf16-mixed", "16-mixed", "32", "32-true"] = "auto"
-    compile: bool = False
-    devices: str = "auto"
-    num_nodes: int = 1
-    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
-    checkpoint_every: int = 1000
-    log_every: int = 10
-    deterministic: bool = False
-
-    def validate(self) -> None:
-        _positive(self, "epochs")
-        _at_least(self, 1, "max_steps", "accumulate_grad_batches", "checkpoint_every", "log_every", "num_nodes")
-
-
-@dataclass
-class LogConfig:
-    """Pictures, progress bar and loggers."""
-
-    picture_every: int = 500
-    progress: bool = True
-    tensorboard: bool = True
-
-    def validate(self) -> None:
-        if self.picture_every < 0:
-            raise ValueError(f"picture_every: must be >= 0 (0 turns pictures off), got {self.picture_every}")
 
 
 @dataclass
@@ -363,8 +386,7 @@ def training_view(d: dict) -> dict:
     d = dict(d)
     d.pop("name", None)
     d.pop("log", None)
-    d["trainer"] = {k: v for k, v in d.get("trainer", {}).items()
-                    if k in ("accumulate_grad_batches", "precision", "epochs", "max_steps")}
+    d["trainer"] = {k: v for k, v in d.get("trainer", {}).items() if k in TRAINING_TRAINER_KEYS}
     d["data"] = {k: v for k, v in d.get("data", {}).items() if k not in ("num_workers", "prefetch_factor")}
     if isinstance(d["data"].get("synth"), dict):  # the evaluation sets beside the tour do not change training
         d["data"]["synth"] = {k: v for k, v in d["data"]["synth"].items() if k not in ("sequences", "seq_frames")}
@@ -373,10 +395,6 @@ def training_view(d: dict) -> dict:
 
 def training_hash(cfg: VideoPretrainConfig) -> str:
     """Hash of :func:`training_view` of ``cfg`` (stored in checkpoints, compared on resume)."""
-    import hashlib
-    import json
-
     from wtours.config import to_dict
 
-    blob = json.dumps(training_view(to_dict(cfg)), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return hash_training_view(training_view(to_dict(cfg)))

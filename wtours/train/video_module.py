@@ -91,11 +91,11 @@ def native_img_size(arch: str) -> int:
     return int(m.group(1)) if m else 224
 
 
-def make_backbone(arch: str, drop_path_rate: float) -> TrackingViT:
+def make_backbone(arch: str, drop_path_rate: float, pos_interp: str = "dino") -> TrackingViT:
     """A randomly initialised :class:`TrackingViT` (``.vit`` is the timm model) with position embeddings
     at the arch's own size (exported backbones load into timm as-is); other input sizes are interpolated
-    (``dynamic_img_size``), as DINO does for local crops."""
-    return TrackingViT(arch, drop_path_rate=drop_path_rate, img_size=native_img_size(arch))
+    (``dynamic_img_size``) as DINO does for local crops (``pos_interp="dino"``; ``model.pos_interp``)."""
+    return TrackingViT(arch, drop_path_rate=drop_path_rate, img_size=native_img_size(arch), pos_interp=pos_interp)
 
 
 def build_objective(cfg: VideoPretrainConfig, embed_dim: int) -> ObjectiveSet:
@@ -153,11 +153,11 @@ class DoRAModule(pl.LightningModule):
         self.cfg = cfg
         self.config_hash = training_hash(cfg)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts)
-        self.student = make_backbone(cfg.model.arch, cfg.model.drop_path_rate)
+        self.student = make_backbone(cfg.model.arch, cfg.model.drop_path_rate, cfg.model.pos_interp)
         self.objective = build_objective(cfg, self.student.embed_dim)
         if cfg.model.init:
             load_init_(self.student, cfg.model.arch, cfg.model.init)
-        self.teacher = make_backbone(cfg.model.arch, 0.0)
+        self.teacher = make_backbone(cfg.model.arch, 0.0, cfg.model.pos_interp)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
         freeze_all_but_last_blocks_(self.student, cfg.model.train_blocks)
