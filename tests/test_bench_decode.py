@@ -21,6 +21,18 @@ def test_synthetic_clip_is_textured_and_moving(tmp_path):
     assert np.abs(f[0] - f[1]).mean() > 5  # it moves
 
 
+def test_looped_tour_decodes_every_frame(tmp_path):
+    from wtours.bench.decode import loop_video
+
+    pat = synth_4k_clip(tmp_path / "p.mp4", seconds=0.5, fps=30, width=160, height=96, gop=15)
+    out = loop_video(pat, tmp_path / "loop.mp4", 2.0)
+    idx = index_video(out)
+    assert (idx.num_frames, idx.keyframes.tolist()) == (60, list(range(0, 60, 15)))
+    f = open_video(out)
+    assert np.array_equal(f.get_frames([3]).numpy(), f.get_frames([33]).numpy())  # the pattern, repeated
+    assert f.get_frames(list(range(60))).shape[0] == 60  # every frame decodes (the old copy kept no payloads)
+
+
 def test_run_bench_reports_each_backend(test_videos):
     res = run_bench(str(test_videos("long30")), short_side=24, backends=("pyav", "decord"), clips=None,
                     workers=0, gpu=None)  # default: the steady state

@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
              "training loader throughput vs the decode ceiling and the GPU's appetite",
              "wtours bench decode venice.mp4 --short-side 360 --proxy --json bench-decode.json")
     q.add_argument("video", nargs="?", help="video to decode (default: a synthetic 4K H.264 tour, cached)")
-    q.add_argument("--short-side", type=int, default=None, help="delivered short side (default: the loader's)")
+    q.add_argument("--short-side", type=int, default=None, help="delivered short side (default: --config's data.short_side, 540 for the paper recipe)")
     q.add_argument("--backends", nargs="+", default=["pyav", "decord"])
     q.add_argument("--clips", type=int, default=None,
                    help="clips to deliver per backend (default: enough for the steady state)")

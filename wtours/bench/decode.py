@@ -108,17 +108,13 @@ def loop_video(src: Path, dst: Path, seconds: float) -> Path:
         ist = ic.streams.video[0]
         pkts = [(p.pts, p.dts, bytes(p), p.is_keyframe) for p in ic.demux(ist) if p.size]
         tb, rate = ist.time_base, ist.average_rate
-        width, height, extradata = ist.codec_context.width, ist.codec_context.height, ist.codec_context.extradata
         n = len(pkts)
-        period = n / float(rate)
-        reps = max(1, int(round(seconds / period)))
+        reps = max(1, int(round(seconds / (n / float(rate)))))
         step = int(round(n / float(rate) / tb))  # one repeat in time-base units
         with atomic_open(dst, "wb") as fh:
             with av.open(fh, mode="w", format="mp4") as oc:
-                ost = oc.add_stream("h264", rate=rate)
-                ost.width, ost.height, ost.pix_fmt = width, height, "yuv420p"
-                ost.codec_context.extradata = extradata
-                ost.time_base = tb
+                # a stream copied from the source's (an encoder stream of add_stream() drops the payloads)
+                ost = oc.add_stream_from_template(ist)
                 for r in range(reps):
                     for pts, dts, data, key in pkts:
                         p = av.Packet(data)
@@ -395,7 +391,10 @@ def run_bench(video: str | None, short_side: int | None = None, backends=("pyav"
     else:
         source = str(video)
     idx = index_video(video)
-    short_side = short_side or SHORT_SIDE_DEFAULT
+    if short_side is None:  # the configured recipe's training size (540 for the paper recipe)
+        from wtours.train.pretrain import load_pretrain_config
+
+        short_side = load_pretrain_config(config, []).data.short_side if config else SHORT_SIDE_DEFAULT
     if workers is None:
         workers = default_workers()
     T = T_DEFAULT
