@@ -75,3 +75,14 @@ def test_cli_writes_json_and_refuses_bad_input(test_videos, tmp_path, capsys):
         assert main(args) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_planned_diversity_of_a_long_tour(test_videos):
+    """The 2-hour plan column: >= 14 distinct 8-s windows per batch of 16 (the old loader: ~3)."""
+    from wtours.bench.decode import planned_windows
+
+    p = planned_windows(str(test_videos("long30")), stride=30, seconds=1800)  # 30 min at 30 fps, GOP 30
+    assert p["planned_batches"] == 1800 * 30 // 16
+    assert p["planned_windows_per_batch"] >= 14
+    one_lane = planned_windows(str(test_videos("long30")), stride=30, seconds=1800, lanes=1)
+    assert one_lane["planned_windows_per_batch"] < 4  # the column can tell a loader without lanes

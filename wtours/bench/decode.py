@@ -13,7 +13,9 @@ the training short side. One column per question:
 * ``windows/batch``: the mean number of distinct 8-second windows a batch covers. A clip's window is
   ``(video, start // (T x stride))`` (``T x stride`` frames = 8 s at 8 frames 1 s apart): clips in
   different windows show different places of the tour. Random starts (the reference loader) give
-  14-16 of 16 on a long video; a video with ``W`` windows caps it near ``W`` (printed beside it);
+  14-16 of 16 on a long video; a video with ``W`` windows caps it near ``W`` (printed beside it),
+  so ``2 h plan`` gives the same count in the loader's plan of a 2-hour tour with the file's frame
+  rate and keyframe spacing (the plan is what the loader delivers; computed, not decoded);
 * memory: peak RSS of the largest worker and peak PSS of the whole loader (main process plus
   workers, shared pages counted once), and the size of the shared clip pool;
 * ``GPU``: delivered / the frames per second the configured model consumes on a named GPU at a
@@ -59,6 +61,7 @@ BATCH_DEFAULT = 16
 GPU_DEFAULT = "H100"
 MFU_DEFAULT = 0.30
 CONFIG_DEFAULT = "video/dora_vits16"
+PLAN_SECONDS = 7200.0  # the planned-diversity column: a 2-hour tour
 
 
 # -- synthetic input ----------------------------------------------------------------------------------
@@ -265,6 +268,34 @@ def steady_clips(ds: Any, batch_size: int) -> int:
     return int(per_lane * lanes // batch_size * batch_size)
 
 
+def planned_windows(path: str, stride: int, frames_per_clip: int = T_DEFAULT, batch_size: int = BATCH_DEFAULT,
+                    lanes: int | None = None, seconds: float = PLAN_SECONDS) -> dict:
+    """Distinct windows per batch in the loader's plan of a ``seconds``-long tour with ``path``'s frame
+    rate and keyframe spacing, one clip per frame per epoch (the recipe's ``clips_per_epoch: frames``).
+
+    The plan is exactly what :class:`~wtours.video.loader.ClipLoader` delivers (it is a function of the
+    index alone), so a short bench file can still show the diversity of a 2-hour tour without decoding it.
+    """
+    import dataclasses
+
+    from wtours.video.clips import ClipDataset, regular_gop
+    from wtours.video.index import index_video
+
+    idx = index_video(path)
+    n = int(round(seconds * idx.fps))
+    g = regular_gop(idx) or max(1, int(round(idx.mean_keyframe_spacing)))
+    fake = dataclasses.replace(idx, num_frames=n, duration=float(seconds),
+                               pts=np.arange(n, dtype=np.int64), keyframes=np.arange(0, n, g, dtype=np.int64))
+    ds = ClipDataset([path], frames_per_clip=frames_per_clip, stride=stride, clips_per_epoch=n, batch_size=batch_size,
+                     lanes=lanes, rank=0, world_size=1, indexes=[fake], plan_only=True)
+    _, starts, _ = ds.sample_clips(0, 0, 1, batch_size)
+    nb = starts.size // batch_size
+    win = np.sort(starts[: nb * batch_size].reshape(nb, batch_size) // (stride * frames_per_clip), axis=1)
+    distinct = 1 + (np.diff(win, axis=1) != 0).sum(axis=1)
+    return {"planned_seconds": float(seconds), "planned_windows_per_batch": round(float(distinct.mean()), 2),
+            "planned_windows_min": int(distinct.min()), "planned_batches": int(nb)}
+
+
 def bench_backend(video: str, backend: str, short_side: int, clips: int | None, workers: int, stride: int,
                   frames_per_clip: int = T_DEFAULT, batch_size: int = BATCH_DEFAULT, lanes: int | None = None) -> dict:
     """One row: the loader over ``video`` (see the module docstring)."""
@@ -447,6 +478,8 @@ def run_bench(video: str | None, short_side: int | None = None, backends=("pyav"
             if len(runs) > 1 and "error" not in r:
                 r["vs_ceiling_runs"] = [x["vs_ceiling"] for x in runs]
                 r["vs_ceiling_cpu_runs"] = [x["vs_ceiling_cpu"] for x in runs]
+            if "error" not in r:
+                r.update(planned_windows(path, s, T, batch_size, lanes))
             r.update({"input": kind, "input_size": f"{pidx.width}x{pidx.height}",
                       "input_keyframe_spacing": round(pidx.mean_keyframe_spacing, 1)})
             if "delivered_fps" in r and gpu:
@@ -473,7 +506,7 @@ def format_table(res: dict) -> str:
     lines.append("")
     gpu = "gpu_frames_per_s" in res
     head = (f"{'input':<7} {'backend':<7} {'size':>10} {'ceiling/s':>9} {'delivered/s':>11} {'x ceiling':>9} "
-            f"{'(CPU)':>6} {'decoded/deliv.':>14} {'windows/batch':>13} {'worker RSS MiB':>14} {'total MiB':>9} "
+            f"{'(CPU)':>6} {'decoded/deliv.':>14} {'windows/batch':>13} {'2 h plan':>8} {'worker RSS MiB':>14} {'total MiB':>9} "
             f"{'pool MiB':>8}")
     lines.append(head + (f" {'x GPU':>6}" if gpu else ""))
     for r in res["backends"]:
@@ -484,12 +517,13 @@ def format_table(res: dict) -> str:
         win = f"{r['windows_per_batch']:.1f}/{r['windows_in_video']}"
         line = (f"{pre} {r['delivered_fps']:>11.1f} {r['vs_ceiling']:>9.2f} {r['vs_ceiling_cpu']:>6.2f} "
                 f"{r['decoded_per_delivered']:>14.2f} "
-                f"{win:>13} {r['worker_rss_mib']:>14.0f} {r['peak_rss_mib']:>9.0f} {r['pool_mib']:>8.0f}")
+                f"{win:>13} {r.get('planned_windows_per_batch', 0):>8.1f} {r['worker_rss_mib']:>14.0f} {r['peak_rss_mib']:>9.0f} {r['pool_mib']:>8.0f}")
         lines.append(line + (f" {r['vs_gpu']:>6.2f}" if gpu else ""))
     lines.append("")
     lines.append("x ceiling: delivered/s over ceiling/s (wall clock); (CPU): the same per CPU-second, which other "
                  "load on the machine does not skew")
-    lines.append("windows/batch: distinct 8-s windows (T x stride frames) per batch / windows in the video; "
+    lines.append("windows/batch: distinct 8-s windows (T x stride frames) per batch / windows in the video; 2 h plan: "
+                 "the same in the loader's plan of a 2-hour tour with this frame rate and keyframe spacing; "
                  "total MiB: peak PSS of the loader's processes; x GPU < 1: the GPU would wait for data")
     return "\n".join(lines)
 

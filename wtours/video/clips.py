@@ -130,7 +130,9 @@ class ClipDataset(IterableDataset):
     Iterating it yields one item per clip (``clip`` ``[T, 3, H, W]``); :class:`~wtours.video.loader.ClipLoader`
     makes whole batches from it with DataLoader workers, which is how training reads it.
 
-    Design knobs (keyword only): ``lanes`` (None: the batch size: places a batch draws from),
+    ``indexes`` (one :class:`~wtours.video.index.VideoIndex` per video: use these instead of indexing the
+    files) with ``plan_only`` builds the clip plan without opening any file (``wtours bench decode``
+    plans a 2-hour tour with it). Design knobs (keyword only): ``lanes`` (None: the batch size: places a batch draws from),
     ``min_segment_frames`` (120: frames decoded per seek at least), ``batch_size`` (None: 1; the
     batch size the clips are dealt for, so that a batch mixes ``lanes`` places and resume is exact),
     ``threads`` (None: decoder threads per worker = cores / workers), ``rank``/``world_size`` (None:
@@ -142,7 +144,8 @@ class ClipDataset(IterableDataset):
                  aspect: float = 16 / 9, clips_per_epoch: int = 1024, seed: int = 0,
                  backend: str = "pyav", *, lanes: int | None = None, min_segment_frames: int = 120,
                  batch_size: int | None = None, threads: int | None = None, rank: int | None = None,
-                 world_size: int | None = None):
+                 world_size: int | None = None, indexes: Sequence[VideoIndex] | None = None,
+                 plan_only: bool = False):
         super().__init__()
         if isinstance(videos, (str, Path)):
             videos = [videos]
@@ -182,8 +185,8 @@ class ClipDataset(IterableDataset):
         self.valid_starts: list[int] = []
         self.blocks_per_segment: list[int] = []
         self.aligned: list[int] = []  # per video: its keyframe period when block starts can sit on keyframes
-        for v in videos:
-            idx = index_video(v)
+        for i, v in enumerate(videos):
+            idx = indexes[i] if indexes is not None else index_video(v)
             s = stride_frames(idx, self.stride, stride_unit)
             span = (T - 1) * s + 1
             if idx.num_frames < span:
@@ -199,6 +202,14 @@ class ClipDataset(IterableDataset):
             seg = self.min_segment_frames if self.aligned[-1] else max(self.min_segment_frames,
                                                                        5 * idx.mean_keyframe_spacing)
             self.blocks_per_segment.append(max(1, math.ceil(seg / (s * T))))
+        self._state = torch.zeros(3, dtype=torch.int64).share_memory_()  # epoch, start, start's epoch
+        self._state[2] = -1
+        self._counters = torch.zeros(_MAX_STAT_ROWS, len(_STATS), dtype=torch.int64).share_memory_()
+        self._cum_cycle: list[int] = [0]
+        if plan_only:  # the clip plan of given indexes (what a loader would deliver), nothing to decode
+            self._files, self._geoms, self.pixel_format = [], [], "yuv420p"
+            self.matrices = np.full(len(videos), BT601, dtype=np.int64)
+            return
         # fail early for streams the backend refuses (decord: AV1, HEVC with B-frames, ...)
         self._files = [open_video(v, backend, index=i) for v, i in zip(videos, self.indexes)]
         self._geoms = [make_geometry(i.width, i.height, self.short_side, self.aspect) for i in self.indexes]
@@ -209,11 +220,6 @@ class ClipDataset(IterableDataset):
         if backend == "pyav":
             self._files = [LoaderVideo(v, i, pixel_format=self.pixel_format) for v, i in zip(videos, self.indexes)]
         self.matrices = np.array([stream_matrix(v) if yuv else BT601 for v in videos], dtype=np.int64)
-        # shared between the main process and DataLoader workers (also persistent ones)
-        self._state = torch.zeros(3, dtype=torch.int64).share_memory_()  # epoch, start, start's epoch
-        self._state[2] = -1
-        self._counters = torch.zeros(_MAX_STAT_ROWS, len(_STATS), dtype=torch.int64).share_memory_()
-        self._cum_cycle: list[int] = [0]
 
     # -- public controls --------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
