@@ -47,7 +47,7 @@ def make_clip_dataset(cfg: VideoPretrainConfig, videos: Sequence[str], world: in
                                 seed=cfg.seed, sampling=d.sampling, batch_size=d.batch_size)
     return ClipDataset(list(videos), frames_per_clip=d.frames_per_clip, stride=d.stride, stride_unit=d.stride_unit,
                        short_side=d.short_side, aspect=d.aspect, clips_per_epoch=bpe * d.batch_size * world,
-                       seed=cfg.seed, backend=d.backend, batch_size=d.batch_size)
+                       seed=cfg.seed, backend=d.backend, batch_size=d.batch_size, lanes=d.lanes)
 
 
 def batches_per_epoch(cfg: VideoPretrainConfig, world: int) -> int:

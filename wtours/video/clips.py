@@ -6,6 +6,8 @@ A clip is ``T = frames_per_clip`` frames ``s`` frames apart (``s`` = the stride 
 
     {"clip": uint8 Tensor[T, 3, H, W], "video": int, "start": int, "frames": LongTensor[T], "sample": int}
 
+(training reads whole batches through :class:`~wtours.video.loader.ClipLoader` instead, see below)
+
 with the same ``H, W`` for every video: the frame is scaled to cover ``clip_size(short_side,
 aspect)`` in the decoder's scaler and the overflowing side is centre-cropped.
 
@@ -35,18 +37,26 @@ is the concatenation of cycles; epoch ``e`` is the stream slice ``[e*C', (e+1)*C
 ``C' = world * ceil(clips_per_epoch / world)``, so each rank gets the same number of clips and
 DDP never hangs. Rank ``r`` takes the ``r``-th contiguous part.
 
-Shuffling: each DataLoader worker takes a contiguous run of its rank's clips (whole segments), groups
-``segments_per_group`` segments, decodes them and emits the group's clips in a seeded random order,
-so a batch mixes clips from several places of the videos instead of near-duplicates from one.
-Memory per worker ~ ``segments_per_group * s*T*M`` frames at the output size (3 x 480 x 256x456x3
-bytes = 500 MB at the defaults; lower ``segments_per_group`` to save memory).
+A segment is ``M`` blocks with ``s*T*M >= min_segment_frames``, and at least ``SEGMENT_GOPS = 2``
+keyframe intervals unless blocks can start on keyframes (a proxy from ``wtours prepare``: one keyframe
+per second and a stride of whole seconds), so the frames decoded in vain after a seek (GOP/2 on
+average) stay near 1/4 (measured 1.15-1.25 decoded per delivered on a 4K GOP-120 file); more GOPs per
+segment lower that but grow the loader's pool in proportion (``lanes`` segments are held at once).
 
-Resume: ``sample`` numbers a clip's position in the rank's epoch. Positions are dealt to workers in
-blocks of ``batch_size`` in the DataLoader's round-robin order, so with ``batch_size`` equal to the
-DataLoader's, samples are delivered in ``sample`` order and ``set_start(n)`` skips exactly the first
-``n`` delivered samples (the remaining ones are the same clips in the same places as in an
-uninterrupted run, given the same seed, world size, workers and batch size). Without
-``batch_size`` positions are dealt one at a time (exact for ``batch_size=1``).
+Shuffling (lanes): a batch of ``B`` clips takes one clip from each of ``lanes`` (default ``B``, at
+most 32) contiguous parts of the rank's epoch in canonical order (:func:`~wtours.video.loader.lane_order`),
+and the clips of a segment come in a seeded random order, so a batch covers ``lanes`` places of the
+tour, far apart (15.9 distinct 8-s windows per batch of 16 in the plan of a 2-hour tour; the previous
+worker-local shuffle of 3 segments gave ~2.9). Each segment is still decoded once, in one pass:
+:class:`~wtours.video.loader.ClipLoader` decodes it into a shared pool and keeps its clips there until
+their batches come, which costs memory (about ``lanes x s*T*M`` frames, see the loader).
+
+Resume: ``sample`` numbers a clip's position in the rank's epoch; the plan (which clip each position
+holds, which segment decodes it) is a function of the seed, the epoch, the rank, the world size and
+the batch size, not of the workers or of timing, so ``set_start(n)`` skips exactly the first ``n``
+positions with any number of workers. Iterating the dataset itself (without the loader) yields the
+same clips one by one in ``sample`` order (in DataLoader workers: blocks of ``batch_size`` dealt
+round-robin).
 
 Everything is deterministic for ``(seed, epoch)`` (and the world/worker layout), the dataset is
 picklable (spawned workers too), containers are opened lazily in the process that decodes, and
@@ -72,6 +82,7 @@ from wtours.video.yuv import BT601, LoaderVideo, stream_matrix, yuv420_to_rgb
 
 log = logging.getLogger(__name__)
 
+SEGMENT_GOPS = 2  # keyframe intervals per segment at least, when blocks cannot start on keyframes (see above)
 DEFAULT_LANES = 32  # lanes when not given: the batch size, at most this (memory grows with the lanes)
 _MAX_STAT_ROWS = 257  # row 0: the main process, row w+1: DataLoader worker w
 _STATS = ("decoded_frames", "delivered_frames", "corrupt_packets", "missing_frames")
@@ -198,9 +209,9 @@ class ClipDataset(IterableDataset):
             self.valid_starts.append(idx.num_frames - span + 1)
             g = regular_gop(idx)
             self.aligned.append(g if g and s % g == 0 else 0)
-            # a seek wastes ~GOP/2 frames unless blocks start on keyframes: then segments of >= 5 GOPs
+            # a seek wastes ~GOP/2 frames unless blocks start on keyframes: then segments of >= SEGMENT_GOPS GOPs
             seg = self.min_segment_frames if self.aligned[-1] else max(self.min_segment_frames,
-                                                                       5 * idx.mean_keyframe_spacing)
+                                                                       SEGMENT_GOPS * idx.mean_keyframe_spacing)
             self.blocks_per_segment.append(max(1, math.ceil(seg / (s * T))))
         self._state = torch.zeros(3, dtype=torch.int64).share_memory_()  # epoch, start, start's epoch
         self._state[2] = -1

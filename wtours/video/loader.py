@@ -336,6 +336,18 @@ def shm_free_bytes(path: str = "/dev/shm") -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+def mem_available_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 class ClipLoader:
     """Batches of a clip dataset (see the module docstring). An iterable for Lightning's ``fit``.
 
@@ -404,12 +416,15 @@ class ClipLoader:
         # a later epoch may need a little more: room for 25 % more than this one
         size = need + max(0, held_clips(plan, self.batch_size)) // 4
         nbytes = size * self.clip_bytes
-        free = shm_free_bytes()
+        free, avail = shm_free_bytes(), mem_available_bytes()
+        fix = "lower data.lanes, data.num_workers or data.short_side, or train on a proxy (data.proxy: auto)"
         if free is not None and nbytes > free:
             raise UserError(
                 f"the clip pool needs {nbytes / 2**30:.1f} GiB of shared memory and /dev/shm has "
-                f"{free / 2**30:.1f} GiB free: lower data.num_workers, data.batch_size or data.short_side, or "
-                "give the container more (docker run --shm-size)")
+                f"{free / 2**30:.1f} GiB free: {fix}, or give the container more (docker run --shm-size)")
+        if avail is not None and nbytes > 0.75 * avail:
+            raise UserError(f"the clip pool needs {nbytes / 2**30:.1f} GiB and this machine has "
+                            f"{avail / 2**30:.1f} GiB of memory available (the pool may take 3/4 of it): {fix}")
         biggest = int(plan.task_sizes.max()) if plan.num_tasks else 1
         ring = 4 * self.num_workers + 16
         pool = torch.empty((size, *self.dataset.slot_shape), dtype=torch.uint8).share_memory_()
