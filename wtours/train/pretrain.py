@@ -240,6 +240,7 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
         if n_tmp:
             print(f"wtours pretrain: removed {n_tmp} temp file(s) ({size / 2**20:.1f} MiB) left by killed writes "
                   f"in {stage}", file=sys.stderr)
+    synthetic = False
     if cfg.data.frames:
         if cfg.videos:
             raise UserError("give either --video files or --frames (data.frames), not both")
@@ -248,6 +249,7 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
                             path=cfg.data.frames)
     elif not cfg.videos:
         cfg.videos = synth_videos(cfg, run_dir, progress=show)
+        synthetic = True
     for v in cfg.videos:
         if not Path(v).is_file():
             raise UserError("video not found" if not Path(v).exists() else "not a file", path=v)
@@ -265,7 +267,12 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
     cfg_hash = training_hash(cfg)
     if resumed is not None:
         check_config(resumed, cfg_hash, to_dict(cfg), ckpt_path)
-    dataset = make_clip_dataset(cfg, cfg.videos)  # indexes the videos; too-short ones fail here
+    decoded = list(cfg.videos)
+    if not cfg.data.frames and not synthetic:  # data.proxy: auto: a 4K source is decoded from a cached proxy
+        from wtours.video.prepare import training_videos
+
+        decoded = training_videos(cfg.videos, cfg.data.short_side, cfg.data.proxy, progress=main_process and show)
+    dataset = make_clip_dataset(cfg, decoded)  # indexes the videos; too-short ones fail here
     write_text(run_dir / "config.yaml", "".join(f"# {n}\n" for n in notes) + to_yaml(cfg))
     accelerator, on_gpu = resolve_accelerator(cfg)
     if not on_gpu and cfg.trainer.cpu_threads > 0:

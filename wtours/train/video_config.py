@@ -62,6 +62,12 @@ class DataConfig:
     num_workers: int = 8
     backend: str = "pyav"
     prefetch_factor: int = 2
+    # auto: decode a cached H.264 proxy at short_side (made once by `wtours prepare`) of any video whose short
+    # side is >= 1.5x short_side; off: decode the videos as given
+    proxy: Literal["auto", "off"] = "auto"
+    # places of the tour a batch draws from (None: the batch size, at most 32); the loader's shared clip pool
+    # holds about lanes x (one decode segment: 8 s, or 5 keyframe intervals) frames: fewer lanes, less memory
+    lanes: Optional[int] = None
     # clips from folders of frames (YouTube-VOS layout: <frames>/JPEGImages/<video>/*.jpg) instead of videos
     frames: Optional[str] = None
     sampling: Literal["stride", "uniform", "dense"] = "stride"  # frame folders only (TimeT: uniform)
@@ -72,6 +78,8 @@ class DataConfig:
         positive(self, "stride")
         at_least(self, 0, "num_workers")
         at_least(self, 16, "short_side")
+        if self.lanes is not None and self.lanes < 1:
+            raise ValueError(f"lanes must be >= 1 or null, got {self.lanes}")
         if self.clips_per_epoch != CLIPS_PER_EPOCH_FRAMES and self.clips_per_epoch < self.batch_size:
             raise ValueError(f"clips_per_epoch ({self.clips_per_epoch}) must be >= batch_size ({self.batch_size}) "
                              f"or '{CLIPS_PER_EPOCH_FRAMES}'")

@@ -1,7 +1,11 @@
 """Stage-1 data: a LightningDataModule over :class:`wtours.video.clips.ClipDataset`.
 
-CPU DataLoader workers only decode and resize (uint8 clips ``[B, T, 3, H, W]``); all augmentation
-runs batched on the device (:mod:`wtours.augment`). The dataset shards itself over ranks and
+CPU workers only decode and resize, into a shared pool from which
+:class:`~wtours.video.loader.ClipLoader` assembles batches of decoder pixels (I420 planes); the
+DataModule's ``on_after_batch_transfer`` turns them into the uint8 RGB clips ``[B, T, 3, H, W]`` of
+the training step on the device, and all augmentation runs batched there (:mod:`wtours.augment`).
+Frame folders (:class:`~wtours.video.frames.FrameFolderClips`) take the same path, one decode task per
+batch. The dataset shards itself over ranks and
 workers (Lightning injects no sampler into an ``IterableDataset``), every rank gets exactly
 ``batches_per_epoch`` full batches (so DDP never waits on a rank with fewer), and the position in
 the clip stream is a function of ``trainer.global_step``:
@@ -22,10 +26,9 @@ from typing import Any, Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader
-
 from wtours.train.schedules import steps_per_epoch
 from wtours.train.video_config import VideoPretrainConfig
+from wtours.video.loader import ClipLoader, loader_source, to_clip_chw
 
 
 def make_clip_dataset(cfg: VideoPretrainConfig, videos: Sequence[str], world: int = 1) -> Any:
@@ -44,7 +47,7 @@ def make_clip_dataset(cfg: VideoPretrainConfig, videos: Sequence[str], world: in
                                 seed=cfg.seed, sampling=d.sampling, batch_size=d.batch_size)
     return ClipDataset(list(videos), frames_per_clip=d.frames_per_clip, stride=d.stride, stride_unit=d.stride_unit,
                        short_side=d.short_side, aspect=d.aspect, clips_per_epoch=bpe * d.batch_size * world,
-                       seed=cfg.seed, backend=d.backend, batch_size=d.batch_size)
+                       seed=cfg.seed, backend=d.backend, batch_size=d.batch_size, lanes=d.lanes)
 
 
 def batches_per_epoch(cfg: VideoPretrainConfig, world: int) -> int:
@@ -62,6 +65,7 @@ class VideoDataModule(pl.LightningDataModule):
         self.world = world
         self.bpe = batches_per_epoch(cfg, world)
         self.dataset.clips_per_epoch = self.bpe * cfg.data.batch_size * world
+        self.loader: ClipLoader | None = None
 
     def position(self, global_step: int) -> tuple[int, int]:
         """``(data epoch, first sample of this rank's epoch)`` after ``global_step`` optimizer steps."""
@@ -74,17 +78,29 @@ class VideoDataModule(pl.LightningDataModule):
         self.dataset.set_epoch(epoch)
         self.dataset.set_start(start)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ClipLoader:
         step = self.trainer.global_step if self.trainer is not None else 0
         self.seek(step)
         from wtours.video.clips import worker_context
 
         d = self.cfg.data
         workers = d.num_workers
-        return DataLoader(self.dataset, batch_size=d.batch_size, num_workers=workers, drop_last=True,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-                          prefetch_factor=d.prefetch_factor if workers > 0 else None,
-                          multiprocessing_context=worker_context(workers))
+        if self.loader is not None:
+            self.loader.close()  # Lightning rebuilds the loader after a restore: stop the old workers
+        self.loader = ClipLoader(loader_source(self.dataset), d.batch_size, num_workers=workers, drop_last=True,
+                                 pin_memory=torch.cuda.is_available(), prefetch_factor=max(2, d.prefetch_factor),
+                                 multiprocessing_context=worker_context(workers))
+        return self.loader
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """The loader ships decoder pixels (I420, or RGB channels-last); the step wants RGB ``[B, T, 3, H, W]``:
+        made here, on the device."""
+        return to_clip_chw(batch) if isinstance(batch, dict) else batch
+
+    def teardown(self, stage: str) -> None:
+        if self.loader is not None:
+            self.loader.close()
+            self.loader = None
 
 
 class DataEpochCallback(Callback):

@@ -6,6 +6,8 @@ A clip is ``T = frames_per_clip`` frames ``s`` frames apart (``s`` = the stride 
 
     {"clip": uint8 Tensor[T, 3, H, W], "video": int, "start": int, "frames": LongTensor[T], "sample": int}
 
+(training reads whole batches through :class:`~wtours.video.loader.ClipLoader` instead, see below)
+
 with the same ``H, W`` for every video: the frame is scaled to cover ``clip_size(short_side,
 aspect)`` in the decoder's scaler and the overflowing side is centre-cropped.
 
@@ -35,18 +37,26 @@ is the concatenation of cycles; epoch ``e`` is the stream slice ``[e*C', (e+1)*C
 ``C' = world * ceil(clips_per_epoch / world)``, so each rank gets the same number of clips and
 DDP never hangs. Rank ``r`` takes the ``r``-th contiguous part.
 
-Shuffling: each DataLoader worker takes a contiguous run of its rank's clips (whole segments), groups
-``segments_per_group`` segments, decodes them and emits the group's clips in a seeded random order,
-so a batch mixes clips from several places of the videos instead of near-duplicates from one.
-Memory per worker ~ ``segments_per_group * s*T*M`` frames at the output size (3 x 480 x 256x456x3
-bytes = 500 MB at the defaults; lower ``segments_per_group`` to save memory).
+A segment is ``M`` blocks with ``s*T*M >= min_segment_frames``, and at least ``SEGMENT_GOPS = 2``
+keyframe intervals unless blocks can start on keyframes (a proxy from ``wtours prepare``: one keyframe
+per second and a stride of whole seconds), so the frames decoded in vain after a seek (GOP/2 on
+average) stay near 1/4 (measured 1.15-1.25 decoded per delivered on a 4K GOP-120 file); more GOPs per
+segment lower that but grow the loader's pool in proportion (``lanes`` segments are held at once).
 
-Resume: ``sample`` numbers a clip's position in the rank's epoch. Positions are dealt to workers in
-blocks of ``batch_size`` in the DataLoader's round-robin order, so with ``batch_size`` equal to the
-DataLoader's, samples are delivered in ``sample`` order and ``set_start(n)`` skips exactly the first
-``n`` delivered samples (the remaining ones are the same clips in the same places as in an
-uninterrupted run, given the same seed, world size, workers and batch size). Without
-``batch_size`` positions are dealt one at a time (exact for ``batch_size=1``).
+Shuffling (lanes): a batch of ``B`` clips takes one clip from each of ``lanes`` (default ``B``, at
+most 32) contiguous parts of the rank's epoch in canonical order (:func:`~wtours.video.loader.lane_order`),
+and the clips of a segment come in a seeded random order, so a batch covers ``lanes`` places of the
+tour, far apart (15.9 distinct 8-s windows per batch of 16 in the plan of a 2-hour tour; the previous
+worker-local shuffle of 3 segments gave ~2.9). Each segment is still decoded once, in one pass:
+:class:`~wtours.video.loader.ClipLoader` decodes it into a shared pool and keeps its clips there until
+their batches come, which costs memory (about ``lanes x s*T*M`` frames, see the loader).
+
+Resume: ``sample`` numbers a clip's position in the rank's epoch; the plan (which clip each position
+holds, which segment decodes it) is a function of the seed, the epoch, the rank, the world size and
+the batch size, not of the workers or of timing, so ``set_start(n)`` skips exactly the first ``n``
+positions with any number of workers. Iterating the dataset itself (without the loader) yields the
+same clips one by one in ``sample`` order (in DataLoader workers: blocks of ``batch_size`` dealt
+round-robin).
 
 Everything is deterministic for ``(seed, epoch)`` (and the world/worker layout), the dataset is
 picklable (spawned workers too), containers are opened lazily in the process that decodes, and
@@ -68,9 +78,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 from wtours.errors import UserError, VideoError
 from wtours.video.decode import BACKENDS, clip_size, make_geometry, open_video
 from wtours.video.index import VideoIndex, index_video
+from wtours.video.yuv import BT601, LoaderVideo, stream_matrix, yuv420_to_rgb
 
 log = logging.getLogger(__name__)
 
+SEGMENT_GOPS = 2  # keyframe intervals per segment at least, when blocks cannot start on keyframes (see above)
+DEFAULT_LANES = 32  # lanes when not given: the batch size, at most this (memory grows with the lanes)
 _MAX_STAT_ROWS = 257  # row 0: the main process, row w+1: DataLoader worker w
 _STATS = ("decoded_frames", "delivered_frames", "corrupt_packets", "missing_frames")
 
@@ -101,26 +114,49 @@ def worker_context(num_workers: int) -> str | None:
     return WORKER_CONTEXT if num_workers > 0 else None
 
 
+def regular_gop(index: VideoIndex) -> int:
+    """The keyframe period ``g`` when keyframes sit exactly at frames ``0, g, 2g, ...`` (a proxy from
+    ``wtours prepare``, a fixed-keyint encode), else 0."""
+    k = np.asarray(index.keyframes, dtype=np.int64)
+    if k.size < 2 or k[0] != 0:
+        return 0
+    g = int(k[1])
+    if g < 1 or not np.array_equal(k, np.arange(0, g * k.size, g)) or g * k.size < index.num_frames - g + 1:
+        return 0
+    return g
+
+
+def _assign(arr: np.ndarray, dst: np.ndarray) -> None:
+    dst[...] = arr
+
+
 def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])
+
 
 
 class ClipDataset(IterableDataset):
     """Sharded, deterministic, resumable clips of ``frames_per_clip`` frames (see the module doc).
 
-    Design knobs (keyword only): ``segments_per_group`` (3: segments mixed by one worker's shuffle),
-    ``min_segment_frames`` (120: frames decoded per seek at least), ``batch_size`` (None: the
-    DataLoader's batch size, for exact resume with workers), ``threads`` (None: decoder threads per
-    worker = cores / workers), ``rank``/``world_size`` (None: from torch.distributed, else the
-    RANK/WORLD_SIZE environment, else 0/1).
+    Iterating it yields one item per clip (``clip`` ``[T, 3, H, W]``); :class:`~wtours.video.loader.ClipLoader`
+    makes whole batches from it with DataLoader workers, which is how training reads it.
+
+    ``indexes`` (one :class:`~wtours.video.index.VideoIndex` per video: use these instead of indexing the
+    files) with ``plan_only`` builds the clip plan without opening any file (``wtours bench decode``
+    plans a 2-hour tour with it). Design knobs (keyword only): ``lanes`` (None: the batch size: places a batch draws from),
+    ``min_segment_frames`` (120: frames decoded per seek at least), ``batch_size`` (None: 1; the
+    batch size the clips are dealt for, so that a batch mixes ``lanes`` places and resume is exact),
+    ``threads`` (None: decoder threads per worker = cores / workers), ``rank``/``world_size`` (None:
+    from torch.distributed, else the RANK/WORLD_SIZE environment, else 0/1).
     """
 
     def __init__(self, videos: Sequence[str | Path], frames_per_clip: int = 8, stride: float = 60,
                  stride_unit: Literal["frames", "seconds"] = "frames", short_side: int = 256,
                  aspect: float = 16 / 9, clips_per_epoch: int = 1024, seed: int = 0,
-                 backend: str = "pyav", *, segments_per_group: int = 3, min_segment_frames: int = 120,
+                 backend: str = "pyav", *, lanes: int | None = None, min_segment_frames: int = 120,
                  batch_size: int | None = None, threads: int | None = None, rank: int | None = None,
-                 world_size: int | None = None):
+                 world_size: int | None = None, indexes: Sequence[VideoIndex] | None = None,
+                 plan_only: bool = False):
         super().__init__()
         if isinstance(videos, (str, Path)):
             videos = [videos]
@@ -130,15 +166,16 @@ class ClipDataset(IterableDataset):
         if backend not in BACKENDS:
             raise UserError(f"unknown video backend {backend!r} (choose from {', '.join(BACKENDS)})")
         for name, val in (("frames_per_clip", frames_per_clip), ("clips_per_epoch", clips_per_epoch),
-                          ("short_side", short_side), ("segments_per_group", segments_per_group)):
+                          ("short_side", short_side)):
             if int(val) < 1:
                 raise UserError(f"{name} must be >= 1, got {val}")
         if not stride > 0:
             raise UserError(f"stride must be > 0, got {stride}")
         if not aspect > 0:
             raise UserError(f"aspect must be > 0, got {aspect}")
-        if batch_size is not None and int(batch_size) < 1:
-            raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        for name, val in (("batch_size", batch_size), ("lanes", lanes)):
+            if val is not None and int(val) < 1:
+                raise UserError(f"{name} must be >= 1, got {val}")
         self.videos = videos
         self.frames_per_clip = int(frames_per_clip)
         self.stride, self.stride_unit = float(stride), stride_unit
@@ -146,7 +183,7 @@ class ClipDataset(IterableDataset):
         self.clips_per_epoch = int(clips_per_epoch)
         self.seed = int(seed)
         self.backend = backend
-        self.segments_per_group = int(segments_per_group)
+        self.lanes = None if lanes is None else int(lanes)
         self.min_segment_frames = int(min_segment_frames)
         self.batch_size = None if batch_size is None else int(batch_size)
         self.threads = threads
@@ -158,8 +195,9 @@ class ClipDataset(IterableDataset):
         self.strides: list[int] = []
         self.valid_starts: list[int] = []
         self.blocks_per_segment: list[int] = []
-        for v in videos:
-            idx = index_video(v)
+        self.aligned: list[int] = []  # per video: its keyframe period when block starts can sit on keyframes
+        for i, v in enumerate(videos):
+            idx = indexes[i] if indexes is not None else index_video(v)
             s = stride_frames(idx, self.stride, stride_unit)
             span = (T - 1) * s + 1
             if idx.num_frames < span:
@@ -169,15 +207,30 @@ class ClipDataset(IterableDataset):
             self.indexes.append(idx)
             self.strides.append(s)
             self.valid_starts.append(idx.num_frames - span + 1)
-            self.blocks_per_segment.append(max(1, math.ceil(self.min_segment_frames / (s * T))))
-        # fail early for streams the backend refuses (decord: AV1, HEVC with B-frames, ...)
-        self._files = [open_video(v, backend, index=i) for v, i in zip(videos, self.indexes)]
-        self._geoms = [make_geometry(i.width, i.height, self.short_side, self.aspect) for i in self.indexes]
-        # shared between the main process and DataLoader workers (also persistent ones)
+            g = regular_gop(idx)
+            self.aligned.append(g if g and s % g == 0 else 0)
+            # a seek wastes ~GOP/2 frames unless blocks start on keyframes: then segments of >= SEGMENT_GOPS GOPs
+            seg = self.min_segment_frames if self.aligned[-1] else max(self.min_segment_frames,
+                                                                       SEGMENT_GOPS * idx.mean_keyframe_spacing)
+            self.blocks_per_segment.append(max(1, math.ceil(seg / (s * T))))
         self._state = torch.zeros(3, dtype=torch.int64).share_memory_()  # epoch, start, start's epoch
         self._state[2] = -1
         self._counters = torch.zeros(_MAX_STAT_ROWS, len(_STATS), dtype=torch.int64).share_memory_()
         self._cum_cycle: list[int] = [0]
+        if plan_only:  # the clip plan of given indexes (what a loader would deliver), nothing to decode
+            self._files, self._geoms, self.pixel_format = [], [], "yuv420p"
+            self.matrices = np.full(len(videos), BT601, dtype=np.int64)
+            return
+        # fail early for streams the backend refuses (decord: AV1, HEVC with B-frames, ...)
+        self._files = [open_video(v, backend, index=i) for v, i in zip(videos, self.indexes)]
+        self._geoms = [make_geometry(i.width, i.height, self.short_side, self.aspect) for i in self.indexes]
+        # frames travel as the decoder makes them (I420) and become RGB on the device (wtours.video.yuv),
+        # except for decord (RGB only) and rotated footage (turned upright in RGB)
+        yuv = backend == "pyav" and not any(i.orientation for i in self.indexes)
+        self.pixel_format = "yuv420p" if yuv else "rgb24"
+        if backend == "pyav":
+            self._files = [LoaderVideo(v, i, pixel_format=self.pixel_format) for v, i in zip(videos, self.indexes)]
+        self.matrices = np.array([stream_matrix(v) if yuv else BT601 for v in videos], dtype=np.int64)
 
     # -- public controls --------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -194,6 +247,11 @@ class ClipDataset(IterableDataset):
     @property
     def epoch(self) -> int:
         return int(self._state[0])
+
+    def position(self) -> tuple[int, int]:
+        """``(epoch, first sample)`` the next iteration delivers."""
+        epoch = int(self._state[0])
+        return epoch, (int(self._state[1]) if int(self._state[2]) == epoch else 0)
 
     def rank_world(self) -> tuple[int, int]:
         if self._rank is not None or self._world is not None:
@@ -230,9 +288,37 @@ class ClipDataset(IterableDataset):
     def reset_stats(self) -> None:
         self._counters.zero_()
 
+    def count_delivered(self, row: int, clips: int) -> None:
+        self._counters[row, 1] += int(clips) * self.frames_per_clip
+
     @property
     def clip_shape(self) -> tuple[int, int, int, int]:
         return (self.frames_per_clip, 3, self.out_h, self.out_w)
+
+    @property
+    def slot_shape(self) -> tuple[int, ...]:
+        """One clip as the loader ships it: ``(T, H * 3/2, W)`` I420 planes, or ``(T, H, W, 3)`` RGB."""
+        if self.pixel_format == "yuv420p":
+            return (self.frames_per_clip, self.out_h * 3 // 2, self.out_w)
+        return (self.frames_per_clip, self.out_h, self.out_w, 3)
+
+    def batch_fields(self, plan, items: np.ndarray, batch: torch.Tensor) -> dict:
+        """The pixels of a loader batch: ``clip_yuv`` + ``yuv_matrix``, or ``clip_hwc``
+        (:func:`wtours.video.loader.to_clip_chw` makes ``clip [B, T, 3, H, W]`` of either)."""
+        if self.pixel_format == "yuv420p":
+            return {"clip_yuv": batch, "yuv_matrix": torch.from_numpy(self.matrices[plan.video[items]])}
+        return {"clip_hwc": batch}
+
+    def to_rgb(self, clips: np.ndarray, video: int) -> torch.Tensor:
+        """Slots ``[..., *slot_shape]`` of one video -> RGB ``uint8 [..., T, 3, H, W]`` (CPU)."""
+        x = torch.from_numpy(np.ascontiguousarray(clips))
+        if self.pixel_format == "yuv420p":
+            return yuv420_to_rgb(x, int(self.matrices[video]))
+        return x.movedim(-1, -3).contiguous()
+
+    def window_frames(self) -> np.ndarray:
+        """Per video: the frames of one clip window, ``T x stride`` (8 s at 8 frames 1 s apart)."""
+        return np.asarray(self.strides, dtype=np.int64) * self.frames_per_clip
 
     # -- pickling ---------------------------------------------------------------------------------
     def __getstate__(self):
@@ -250,6 +336,9 @@ class ClipDataset(IterableDataset):
         sT = s * T
         g = _rng(self.seed, 7919, v, cycle // T)
         u = int(g.integers(0, s))
+        gop = self.aligned[v]
+        if gop:  # keyframes every gop frames and gop | s: blocks start on keyframes (no frame decoded in vain)
+            u = u // gop * gop
         k = int(g.permutation(T)[cycle % T])
         o = k * s + u
         j0 = -((o + s - 1) // sT)  # first block whose starts [base, base+s) reach 0
@@ -286,6 +375,7 @@ class ClipDataset(IterableDataset):
             s, V = self.strides[v], self.valid_starts[v]
             st = (seg_parts[si][:, None] + np.arange(s)[None, :]).reshape(-1)
             st = st[(st >= 0) & (st < V)]
+            st = st[_rng(self.seed, 2221, cycle, rank_in_cycle).permutation(st.size)]  # order within the segment
             vids.append(np.full(st.size, v, dtype=np.int64))
             starts.append(st.astype(np.int64))
             segs.append(np.full(st.size, (cycle << 24) + rank_in_cycle, dtype=np.int64))
@@ -313,104 +403,124 @@ class ClipDataset(IterableDataset):
         return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
 
     def rank_clips(self, epoch: int, rank: int | None = None, world: int | None = None):
-        """The clips of one rank in one epoch, in canonical order: (video, start, segment id)."""
+        """The clips of one rank in one epoch in canonical order (segments whole): (video, start, segment id)."""
         r, w = self.rank_world() if rank is None else (rank, world or 1)
         per = math.ceil(self.clips_per_epoch / w)
         return self._stream_slice(epoch * per * w + r * per, per)
 
-    def plan(self, epoch: int, rank: int, world: int, num_workers: int):
-        """Delivery plan of one rank: per sample position ``p``: (video, start, group id)."""
-        key = (epoch, rank, world, num_workers)
+    def sample_clips(self, epoch: int, rank: int | None = None, world: int | None = None,
+                     batch_size: int | None = None):
+        """The clip of every sample position of one rank's epoch: (video, start, segment id) arrays.
+
+        Positions are dealt to ``lanes`` lanes (:func:`~wtours.video.loader.lane_order`), so the
+        ``B`` clips of a batch come from ``min(lanes, B)`` different segments of the canonical order.
+        """
+        from wtours.video.loader import lane_order
+
+        vids, starts, segs = self.rank_clips(epoch, rank, world)
+        B = int(batch_size or self.batch_size or 1)
+        q = lane_order(vids.size, B, self.lanes_for(B))
+        return vids[q], starts[q], segs[q]
+
+    def lanes_for(self, batch_size: int) -> int:
+        """Places a batch of ``batch_size`` draws from: ``lanes``, else the batch size up to :data:`DEFAULT_LANES`."""
+        return max(1, min(int(batch_size), self.lanes or DEFAULT_LANES))
+
+    def loader_plan(self, epoch: int, start: int = 0, batch_size: int | None = None, end: int | None = None,
+                    select: np.ndarray | None = None):
+        """The :class:`~wtours.video.loader.TaskPlan` of this rank's epoch from ``start`` to ``end``:
+        one decode task per segment (``select``: a bool mask over those positions to keep)."""
+        from wtours.video.loader import make_plan
+
+        r, w = self.rank_world()
+        B = int(batch_size or self.batch_size or 1)
+        key = (epoch, r, w, B, self.lanes)
         cache = self.__dict__.setdefault("_plan_cache", {})
         if key not in cache:
             cache.clear()
-            cache[key] = self._build_plan(epoch, rank, world, num_workers)
-        return cache[key]
+            cache[key] = self.sample_clips(epoch, r, w, B)
+        vids, starts, segs = cache[key]
+        end = vids.size if end is None else min(int(end), vids.size)
+        pos = np.arange(min(int(start), end), end, dtype=np.int64)
+        if select is not None:
+            pos = pos[np.asarray(select, dtype=bool)]
+        v, st = vids[pos], starts[pos]
+        frames = st[:, None] + np.asarray(self.strides, np.int64)[v][:, None] * np.arange(self.frames_per_clip)[None, :]
+        return make_plan(pos, v, st, frames, segs[pos])
 
-    def _build_plan(self, epoch: int, rank: int, world: int, nw: int):
-        vids, starts, segs = self.rank_clips(epoch, rank, world)
-        per = vids.size
-        B = self.batch_size or 1
-        p = np.arange(per)
-        owner = (p // B) % nw
-        pv = np.empty(per, np.int64)
-        ps = np.empty(per, np.int64)
-        pg = np.empty(per, np.int64)
-        off = 0
-        for w in range(nw):
-            slots = p[owner == w]
-            n = slots.size
-            v, st, sg = vids[off: off + n], starts[off: off + n], segs[off: off + n]
-            off += n
-            if n == 0:
-                continue
-            seg_ord = np.concatenate([[0], np.cumsum(sg[1:] != sg[:-1])])
-            grp = seg_ord // self.segments_per_group
-            emit = []
-            for g in range(int(grp[-1]) + 1):
-                members = np.nonzero(grp == g)[0]
-                emit.append(members[_rng(self.seed, 31337, epoch, rank, w, g).permutation(members.size)])
-            emit = np.concatenate(emit)
-            pv[slots], ps[slots] = v[emit], st[emit]
-            pg[slots] = w * (1 << 32) + grp[emit]
-        return pv, ps, pg
-
-    # -- iteration --------------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
-        row = 0 if info is None else 1 + (wid % (_MAX_STAT_ROWS - 1))
-        rank, world = self.rank_world()
-        epoch = int(self._state[0])
-        start = int(self._state[1]) if int(self._state[2]) == epoch else 0
-        pv, ps, pg = self.plan(epoch, rank, world, nw)
-        B = self.batch_size or 1
-        slots = np.arange(start, pv.size)
-        slots = slots[((slots - start) // B) % nw == wid]
-        if slots.size == 0:
-            return
+    # -- decoding ---------------------------------------------------------------------------------
+    def worker_setup(self, num_workers: int) -> None:
+        """Decoder threads for one of ``num_workers`` workers (cores / workers unless ``threads``)."""
         threads = self.threads
         if threads is None:
             try:
                 cores = len(os.sched_getaffinity(0))
             except AttributeError:
                 cores = os.cpu_count() or 1
-            threads = max(1, cores // nw)
+            threads = max(1, cores // max(1, num_workers))
         for f in self._files:
             f.threads = int(threads)
-        T = self.frames_per_clip
-        ar = np.arange(T, dtype=np.int64)
-        cut = np.nonzero(pg[slots][1:] != pg[slots][:-1])[0] + 1
-        try:
-            for chunk in np.split(slots, cut):
-                frames_of = {}
-                for v in np.unique(pv[chunk]).tolist():
-                    sel = chunk[pv[chunk] == v]
-                    fr = np.unique((ps[sel][:, None] + self.strides[v] * ar[None, :]).reshape(-1))
-                    frames_of[v] = (fr, self._decode(v, fr, row))
-                for p in chunk.tolist():
-                    v, st = int(pv[p]), int(ps[p])
-                    fidx = st + self.strides[v] * ar
-                    fr, buf = frames_of[v]
-                    clip = buf[np.searchsorted(fr, fidx)].transpose(0, 3, 1, 2)
-                    self._counters[row, 1] += T
-                    yield {"clip": torch.from_numpy(np.ascontiguousarray(clip)), "video": v, "start": st,
-                           "frames": torch.from_numpy(fidx), "sample": int(p)}
-        finally:
-            for f in self._files:
-                f.close()
 
-    def _decode(self, v: int, frames: np.ndarray, row: int) -> np.ndarray:
+    def worker_close(self) -> None:
+        for f in self._files:
+            f.close()
+
+    def run_task(self, plan, k: int, pool: np.ndarray, slots: np.ndarray, row: int = 0, stop=None) -> bool:
+        """Decode task ``k`` of ``plan`` (one segment) into ``pool[slots]`` (``[n, T, H, W, 3]``, the
+        task's clips in order). Every frame is decoded once, in one pass over the segment, and
+        written where its clips want it. False when ``stop()`` said so (the pool is then partly written)."""
+        items = plan.items(k)
+        v = int(plan.video[items[0]])
+        fidx = plan.frames[items]  # [n, T]
+        flat = fidx.reshape(-1)
+        order = np.argsort(flat, kind="stable")
+        uniq, first = np.unique(flat[order], return_index=True)
+        bounds = np.append(first, flat.size)
+        T = self.frames_per_clip
         f, geom = self._files[v], self._geoms[v]
         before = dict(f.stats)
-        buf = np.empty((frames.size, geom.out_h, geom.out_w, 3), dtype=np.uint8)
-        k = 0
-        for _, arr in f.iter_frames(frames, geom):
-            buf[k] = arr
-            k += 1
-        c = self._counters[row]
-        c[0] += f.stats["decoded_frames"] - before["decoded_frames"]
-        c[2] += f.stats["corrupt_packets"] - before["corrupt_packets"]
-        c[3] += f.stats["missing_frames"] - before["missing_frames"]
-        return buf
+        ok = True
+        write = getattr(f, "write", None) or _assign
+        try:
+            for u, (_, arr) in enumerate(f.iter_frames(uniq, geom)):
+                for d in order[bounds[u]: bounds[u + 1]].tolist():
+                    write(arr, pool[slots[d // T], d % T])
+                if stop is not None and stop():
+                    ok = False
+                    break
+        finally:
+            c = self._counters[row]
+            c[0] += f.stats["decoded_frames"] - before["decoded_frames"]
+            c[2] += f.stats["corrupt_packets"] - before["corrupt_packets"]
+            c[3] += f.stats["missing_frames"] - before["missing_frames"]
+        return ok
 
+    # -- iteration --------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        """One item per clip in sample order. In DataLoader workers, positions are dealt in blocks of
+        ``batch_size`` round-robin (a plain DataLoader then delivers them in sample order); each worker
+        decodes every segment its positions need, so :class:`~wtours.video.loader.ClipLoader` is the
+        efficient way to read it with workers."""
+        from wtours.video.loader import run_inline
+
+        info = get_worker_info()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        row = 0 if info is None else 1 + (wid % (_MAX_STAT_ROWS - 1))
+        epoch, start = self.position()
+        B = self.batch_size or 1
+        per = self.samples_per_rank
+        select = None
+        if nw > 1:
+            select = ((np.arange(min(start, per), per) - start) // B) % nw == wid
+        plan = self.loader_plan(epoch, start, B, per, select)
+        if plan.positions.size == 0:
+            return
+        self.worker_setup(nw)
+        try:
+            for items, batch in run_inline(self, plan, B, False, row):
+                for j, i in enumerate(items.tolist()):
+                    yield {"clip": self.to_rgb(batch[j], int(plan.video[i])),
+                           "video": int(plan.video[i]), "start": int(plan.start[i]),
+                           "frames": torch.from_numpy(plan.frames[i].copy()), "sample": int(plan.positions[i])}
+        finally:
+            self.worker_close()

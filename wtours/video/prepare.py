@@ -1,4 +1,4 @@
-"""``wtours prepare``: one-time transcode of a (4K) video to a training proxy.
+"""``wtours prepare``: one-time transcode of a (4K) video to a training proxy; the automatic proxy of ``wtours pretrain``.
 
 The proxy is H.264 (libx264, ``yuv420p``) at a smaller short side with a keyframe every ``gop``
 frames (default: one per second; scene-cut keyframes off, so the spacing is exact). Decoding it is
@@ -14,9 +14,12 @@ no display matrix, so every decoder reads it the right way up.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import sys
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -164,6 +167,117 @@ def prepare_video(video: str | Path, short_side: int = 480, out: str | Path | No
     os.chmod(out, 0o666 & ~umask)  # the temp file was private (0600)
     index_video(out, rebuild=True)
     return out
+
+
+# -- the automatic training proxy (``wtours pretrain``, ``data.proxy: auto``) -------------------------
+
+PROXY_VERSION = 1  # bump when the proxy's encoding changes: old cache entries are then ignored
+PROXY_MIN_SCALE = 1.5  # make a proxy when the source's short side is at least this times the training one
+
+
+def proxy_cache_dir() -> Path:
+    """``<wtours cache>/proxy`` (``$WTOURS_CACHE/proxy`` when set, else ``~/.cache/wtours/proxy``)."""
+    from wtours.video.index import cache_dir
+
+    return cache_dir().parent / "proxy"
+
+
+def needs_proxy(video: str | Path, short_side: int) -> bool:
+    """True when ``video`` is larger than training at ``short_side`` needs (short side >= 1.5x)."""
+    idx = index_video(video)
+    return min(idx.width, idx.height) >= PROXY_MIN_SCALE * int(short_side)
+
+
+def proxy_path(video: str | Path, short_side: int, gop: int | None = None, crf: int = 20,
+               preset: str = "veryfast") -> Path:
+    """Where the cached proxy of ``video`` lives: keyed by the source's identity (absolute path, size,
+    modification time) and the proxy's settings, so a changed source gets a new proxy."""
+    import hashlib
+
+    src = Path(video).resolve()
+    st = src.stat()
+    key = f"{src}|{st.st_size}|{st.st_mtime_ns}|{short_side}|{gop}|{crf}|{preset}|v{PROXY_VERSION}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    return proxy_cache_dir() / f"{src.stem}-{digest}-{short_side}p.mp4"
+
+
+def ensure_proxy(video: str | Path, short_side: int, *, gop: int | None = None, crf: int = 20,
+                 preset: str = "veryfast", progress: bool = True, wait_s: float = 0.5) -> Path:
+    """The cached H.264 training proxy of ``video`` at ``short_side`` (:func:`prepare_video`), made once.
+
+    The transcode is atomic (temp file + rename). Processes that ask for the same proxy at once (the
+    ranks of a ``torchrun`` job on one node) share one transcode: the first takes a lock file, the
+    others wait for the proxy (a lock whose process died is taken over)."""
+    out = proxy_path(video, short_side, gop, crf, preset)
+    if out.is_file():
+        return out
+    from wtours.fsutil import ensure_dir
+
+    ensure_dir(out.parent)
+    lock = out.with_name(out.name + ".lock")
+    while True:
+        if out.is_file():
+            return out
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if not _lock_alive(lock):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lock)
+                continue
+            time.sleep(wait_s)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        try:
+            if out.is_file():
+                return out
+            idx = index_video(video)
+            if progress:
+                print(f"wtours: making a {short_side}p training proxy of {video} ({idx.width}x{idx.height}, "
+                      f"{idx.num_frames} frames), once; cached as {out}", file=sys.stderr)
+            t0 = time.perf_counter()
+            prepare_video(video, short_side, out=out, gop=gop, crf=crf, preset=preset, progress=progress)
+            if progress:
+                dt = time.perf_counter() - t0
+                print(f"wtours: proxy ready in {dt:.0f} s ({idx.num_frames / max(dt, 1e-9):.1f} frames/s)",
+                      file=sys.stderr)
+            return out
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+
+
+def training_videos(videos, short_side: int, mode: str = "auto", progress: bool = True) -> list[str]:
+    """The files the loader decodes for ``videos`` trained at ``short_side``: with ``mode="auto"`` a
+    cached proxy (:func:`ensure_proxy`) for every video whose short side is >= 1.5x the training one,
+    the video itself otherwise; ``mode="off"``: the videos as given."""
+    if mode not in ("auto", "off"):
+        raise UserError(f"data.proxy must be 'auto' or 'off', got {mode!r}")
+    out = []
+    for v in videos:
+        if mode == "auto" and needs_proxy(v, short_side):
+            out.append(str(ensure_proxy(v, short_side, progress=progress)))
+        else:
+            out.append(str(v))
+    return out
+
+
+def _lock_alive(lock: Path) -> bool:
+    """Whether the process named in a lock file (``host pid``) still runs (other hosts: assumed yes)."""
+    try:
+        host, pid = lock.read_text().split()
+    except (OSError, ValueError):
+        return True  # being written right now
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True
 
 
 def cli_main(args) -> int:
