@@ -367,6 +367,12 @@ def loss_endpoints(metrics_csv: str | Path, key: str = "train/loss") -> tuple[fl
 
 
 def cli_main(args: Any) -> int:
+    from wtours.pipeline.run import pipeline_mode
+
+    if pipeline_mode(args):  # no stage-1-only option (--config, --init, --frames, --resume): the whole chain
+        from wtours.pipeline.run import cli_main as pipeline_main
+
+        return pipeline_main(args)
     cfg = load_pretrain_config(args.config, args.overrides, args.max_steps, args.video,
                                init=getattr(args, "init", None), frames=getattr(args, "frames", None))
     run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
