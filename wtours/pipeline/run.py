@@ -391,9 +391,10 @@ def cli_main(args: Any) -> int:
     """``wtours pretrain`` in pipeline mode."""
     from wtours.pipeline.spec import DEFAULT_PIPELINE, load_pipeline, select_stages
 
-    if args.max_steps is not None:
-        raise UserError("--max-steps: in pipeline mode set each stage's length: --set <stage>.trainer.max_steps=N")
     pipe = load_pipeline(args.pipeline or DEFAULT_PIPELINE, args.overrides)
+    if args.max_steps is not None:
+        sets = " ".join(f"--set {s.name}.trainer.max_steps={args.max_steps}" for s in pipe.stages if s.trains)
+        raise UserError(f"--max-steps: in pipeline mode each training stage has its own length: {sets}")
     stages = select_stages(pipe, args.stages)
     out = Path(args.out) if args.out else Path("runs") / pipe.name
     runner = PipelineRun(pipe, out, stages, videos=args.video, images=args.images, davis=args.davis,

@@ -8,7 +8,8 @@ Each stage folder holds ``status.json`` (written atomically)::
      "config": {...},                        # that config view, flattened (names the keys that changed)
      "input": {"stage": "video", "backbone_checksum": "sha256:..."} | null,
      "backbone": "neco/stage2/backbone.pt",  # relative to the run directory (training stages, once done)
-     "backbone_checksum": "sha256:...", "arch": "vit_nano_patch8_64",
+     "backbone_checksum": "sha256:...",     # of its weights (arch + state_dict), see backbone_checksum
+     "arch": "vit_nano_patch8_64", "seed": 0, "steps": 40,
      "started": "...", "finished": "...", "seconds": 12.3, "runs": 1}
 
 A stage is *done* for a command when its status says ``done`` with the same fingerprint and (training
@@ -75,9 +76,13 @@ def write_status(stage_dir: Path, status: dict[str, Any]) -> dict[str, Any]:
 
 
 def backbone_checksum(path: Path) -> tuple[str | None, str | None]:
-    """``(checksum, arch)`` of an exported ``backbone.pt`` (verified), ``(None, None)`` if absent or damaged."""
+    """``(checksum, arch)`` of an exported ``backbone.pt``, ``(None, None)`` if absent or damaged.
+
+    The file's own checksum is verified; the one returned covers the weights alone (``arch`` and
+    ``state_dict``, not ``meta``, which holds paths), so the same weights have the same checksum in any
+    run directory."""
     from wtours.errors import UserError
-    from wtours.integrity import CHECKSUM_KEY, load_verified
+    from wtours.integrity import load_verified
 
     if not path.is_file():
         return None, None
@@ -85,6 +90,6 @@ def backbone_checksum(path: Path) -> tuple[str | None, str | None]:
         obj, verified = load_verified(path)
     except UserError:
         return None, None
-    if not verified or not isinstance(obj, dict):
+    if not verified or not isinstance(obj, dict) or "state_dict" not in obj:
         return None, None
-    return (obj.get("meta") or {}).get(CHECKSUM_KEY), obj.get("arch")
+    return content_digest({"arch": obj.get("arch"), "state_dict": obj["state_dict"]}), obj.get("arch")
