@@ -28,9 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
-from wtours.config import REPO_ROOT
+from wtours.config import REPO_ROOT, load_yaml_file
 from wtours.errors import UserError
 from wtours.pipeline.status import flatten
 
@@ -131,14 +129,7 @@ def _err(path: Path, msg: str) -> UserError:
 def load_pipeline(spec: str | Path, sets: Sequence[str] = ()) -> Pipeline:
     """Read, validate and order a pipeline; ``sets`` are ``stage.key=value`` overrides (``--set``)."""
     path = resolve_pipeline_path(spec)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise _err(path, f"invalid YAML{where}: {getattr(e, 'problem', e)}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise _err(path, f"cannot read pipeline: {e}") from None
+    data = load_yaml_file(path, "pipeline")
     if not isinstance(data, dict):
         raise _err(path, "a pipeline file must hold a mapping with a 'stages' mapping")
     unknown = sorted(set(map(str, data)) - set(TOP_KEYS))

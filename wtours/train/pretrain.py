@@ -1,5 +1,8 @@
 """``wtours pretrain``: stage 1, DoRA video pretraining of a ViT from scratch.
 
+Without any of ``--config``, ``--init``, ``--frames``, ``--resume`` the command runs a pipeline instead (the whole
+chain, :mod:`wtours.pipeline.run`); with one of them, stage 1 alone as described here.
+
     wtours pretrain --video venice.mp4 --config configs/video/dora_vits16.yaml --out runs/venice
     wtours pretrain --out runs/demo --config configs/video/tiny.yaml      # synthetic tour, CPU
 
