@@ -40,6 +40,7 @@ from wtours.pipeline.status import (backbone_checksum, changed_keys, digest, fin
                                     read_status, write_status)
 
 STAGE_SUBDIR = {"video": "stage1", "neco": "stage2"}
+RANK_WAIT_S = 6 * 3600.0  # how long ranks > 0 wait for rank 0 to finish a stage (and its eval stages)
 
 
 def _say(msg: str) -> None:
@@ -79,6 +80,7 @@ class PipelineRun:
         self.devices, self.num_nodes, self.trust, self.fresh = devices, num_nodes, trust, fresh
         self.progress, self.callbacks, self.command = progress, dict(callbacks or {}), command
         self.main = launch_rank_zero()
+        self.say = _say if self.main else (lambda msg: None)  # ranks > 0 stay quiet
         self.datasets: list[tuple[str, str, Path]] = []  # (kind, label, root)
         self.docs: dict[str, dict] = {}
 
@@ -140,6 +142,11 @@ class PipelineRun:
         if stage.input is None:
             return None, {}
         st = read_status(self.stage_dir(stage.input))
+        waited = 0.0
+        while not self.main and st.get("state") != "done" and waited < RANK_WAIT_S:
+            time.sleep(1.0)  # ranks > 0: rank 0 exports the input's backbone, then marks it done
+            waited += 1.0
+            st = read_status(self.stage_dir(stage.input))
         bb = self.out / st["backbone"] if st.get("backbone") else None
         if st.get("state") != "done" or bb is None or not bb.is_file():
             raise UserError(f"stage '{stage.name}' takes the backbone of stage '{stage.input}', which has not "
@@ -190,7 +197,7 @@ class PipelineRun:
                 if not (self.stage_dir(s) / "status.json").is_file():
                     write_status(ensure_dir(self.stage_dir(s)), {"stage": s.name, "kind": s.kind, "state": "pending"})
             chain = " -> ".join(s.name for s in self.selected)
-            _say(f"{self.pipe.name} ({self.pipe.path.name}) into {self.out}: {chain}; training on "
+            self.say(f"{self.pipe.name} ({self.pipe.path.name}) into {self.out}: {chain}; training on "
                  f"{len(self.videos)} video(s), evaluating on {', '.join(lab for _, lab, _ in self.datasets)}")
         n = len(self.selected)
         for i, stage in enumerate(self.selected, 1):
@@ -238,10 +245,10 @@ class PipelineRun:
             keys = changed_keys(st.get("config"), flatten(view))
             shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
             later = self.pipe.downstream(stage.name)
-            _say(f"stage '{stage.name}': config changed since the last run ({shown or 'config'}): re-running it"
+            self.say(f"stage '{stage.name}': config changed since the last run ({shown or 'config'}): re-running it"
                  + (f" and every stage after it ({', '.join(later)})" if later else ""))
         if not self.fresh and self.is_done(stage, st, fp):
-            _say(f"{tag}: done earlier ({_fmt_s(st.get('seconds'))}): skipped")
+            self.say(f"{tag}: done earlier ({_fmt_s(st.get('seconds'))}): skipped")
             return
         same = st.get("fingerprint") == fp and not self.fresh
         status = {"stage": stage.name, "kind": stage.kind, "state": "running", "fingerprint": fp,
@@ -267,7 +274,7 @@ class PipelineRun:
         status.update(extra, state="done", finished=now())
         if self.main:
             write_status(d, status)
-        _say(f"{tag}: done in {_fmt_s(status['seconds'])}"
+        self.say(f"{tag}: done in {_fmt_s(status['seconds'])}"
              + (f", backbone {status['backbone']}" if status.get("backbone") else ""))
 
     def is_done(self, stage: Stage, st: dict, fp: str) -> bool:
@@ -285,7 +292,7 @@ class PipelineRun:
         sub = d / STAGE_SUBDIR[stage.kind]
         resume = "last" if same and (sub / "last.ckpt").is_file() else None
         fresh = resume is None and sub.exists()
-        _say(f"{tag}: {stage.kind} stage, config {stage.config}"
+        self.say(f"{tag}: {stage.kind} stage, config {stage.config}"
              + (f", overrides {' '.join(stage.overrides)}" if stage.overrides else "")
              + (f", from {stage.input}'s backbone" if stage.input else "")
              + ("; continuing its last checkpoint" if resume else ""))
@@ -303,7 +310,7 @@ class PipelineRun:
         checksum, arch = backbone_checksum(bb) if self.main else (None, None)
         first, last = summary.get("first_loss"), summary.get("last_loss")
         if self.main and first is not None and last is not None:
-            _say(f"{tag}: loss {first:.4f} -> {last:.4f} after {summary.get('steps')} steps")
+            self.say(f"{tag}: loss {first:.4f} -> {last:.4f} after {summary.get('steps')} steps")
         return {"backbone": _rel(bb, self.out), "backbone_checksum": checksum, "arch": arch, "seed": cfg.seed,
                 "steps": summary.get("steps")}
 
@@ -329,7 +336,7 @@ class PipelineRun:
                                        ("trained", str(input_bb), d / key / "trained")):
                 m = reusable_metrics(out_dir, kind, root, spec, cfg) if enc == "random" else None
                 if m is None:
-                    _say(f"{tag}: clustering {spec if enc == 'random' else _rel(spec, self.out)} on {label}")
+                    self.say(f"{tag}: clustering {spec if enc == 'random' else _rel(spec, self.out)} on {label}")
                     m = evaluate_clustering(kind, root, spec, out_dir, copy.deepcopy(cfg), verbose=False,
                                             trust=self.trust)
                 encoders[enc] = {"spec": spec if enc == "random" else _rel(spec, self.out),
