@@ -62,6 +62,17 @@ def _fmt_s(s: float | None) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
+def _close_process_group() -> None:
+    """Under torchrun / srun: wait for every rank (rank 0 ran the eval stages alone), then close the process
+    group that the training stages' DDP opened, so that no rank exits with its communication threads alive
+    (an abort at exit otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 class PipelineRun:
     """One invocation: the data, the stage configs and their fingerprints, the stages run in order."""
 
@@ -157,33 +168,26 @@ class PipelineRun:
         """The stage's config (data and input filled in) and the view of it that its fingerprint covers."""
         from wtours.config import to_dict
 
+        init = str(input_bb) if input_bb else None
+        cfg = load_stage_config(stage, videos=self.videos, init=init, images=self.images,
+                                frames_from=() if self.images else self.videos)
         if stage.kind == "video":
-            from wtours.train.pretrain import load_pretrain_config
             from wtours.train.video_config import training_view
 
-            cfg = load_pretrain_config(stage.config, stage.overrides, videos=self.videos,
-                                       init=str(input_bb) if input_bb else None)
             view = training_view(to_dict(cfg))
             view["videos"] = [_rel(v, self.out) for v in cfg.videos]
             view["model"] = {k: v for k, v in view["model"].items() if k != "init"}  # the input checksum covers it
         elif stage.kind == "neco":
-            from wtours.train.neco import load_neco_config
             from wtours.train.neco_config import neco_training_view
 
-            cfg = load_neco_config(stage.config, stage.overrides, init=str(input_bb),
-                                   images=self.images, frames_from=() if self.images else self.videos)
             view = neco_training_view(to_dict(cfg))
             view.pop("init", None)
             view["frames_from"] = [_rel(v, self.out) for v in cfg.frames_from]
             view["images"] = _rel(cfg.images, self.out) if cfg.images else ""
         else:
-            from wtours.config import load_config
             from wtours.eval.cli import eval_key
-            from wtours.eval.config import EvalConfig
 
-            cfg = load_config(EvalConfig, stage.config, stage.overrides)
-            view = {**eval_key(to_dict(cfg)),
-                    "datasets": [[k, _rel(r, self.out)] for k, _, r in self.datasets]}
+            view = {**eval_key(to_dict(cfg)), "datasets": [[k, _rel(r, self.out)] for k, _, r in self.datasets]}
         return cfg, view
 
     # ------------------------------------------------------------------------------------------- the run
@@ -204,6 +208,7 @@ class PipelineRun:
             if stage.kind == "eval" and not self.main:
                 continue
             self.run_stage(stage, f"[{i}/{n}] {stage.name}")
+        _close_process_group()
         result: dict[str, Any] = {"out": str(self.out), "stages": {}}
         if self.main:
             from wtours.pipeline.report import write_reports

@@ -217,18 +217,21 @@ def load_pipeline(spec: str | Path, sets: Sequence[str] = ()) -> Pipeline:
     return pipe
 
 
-def load_stage_config(stage: Stage) -> Any:
-    """The stage's config dataclass (defaults <- file <- overrides), validated."""
+def load_stage_config(stage: Stage, videos: Sequence[str] = (), init: str | None = None, images: str | None = None,
+                      frames_from: Sequence[str] = ()) -> Any:
+    """The stage's config dataclass (defaults <- file <- overrides), validated; a training stage's data and
+    input (``init``) filled in as its command line would (``videos`` for stage 1, ``images`` or
+    ``frames_from`` for NeCo)."""
     from wtours.config import load_config
 
     if stage.kind == "video":
         from wtours.train.pretrain import load_pretrain_config
 
-        return load_pretrain_config(stage.config, stage.overrides)
+        return load_pretrain_config(stage.config, stage.overrides, videos=videos, init=init)
     if stage.kind == "neco":
         from wtours.train.neco import load_neco_config
 
-        return load_neco_config(stage.config, stage.overrides)
+        return load_neco_config(stage.config, stage.overrides, init=init, images=images, frames_from=frames_from)
     from wtours.eval.config import EvalConfig
 
     return load_config(EvalConfig, stage.config, stage.overrides)
