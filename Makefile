@@ -1,5 +1,6 @@
 # The two commands of the README's Quick start, and the proof that training learns:
-#   make demo   - the main job on the embedded default data (a synthetic walking tour)
+#   make demo   - the main job on the embedded default data: the tiny pipeline (video stage -> eval -> NeCo ->
+#                 eval -> report) on a synthetic walking tour, runs/demo/ (a few minutes on 2 CPU cores)
 #   make test   - the whole test suite
 #   make proof  - proof that training learns: stage 1 vs random init over 3 seeds (writes runs/proof/
 #                 and the README's proof block; ~10+ minutes on 2 CPU cores)
@@ -13,7 +14,7 @@ venv:
 	@WTOURS_VENV=$(VENV) bash scripts/setup_venv.sh
 
 demo: venv
-	$(VENV)/bin/wtours pretrain --out runs/demo --config configs/video/tiny.yaml
+	$(VENV)/bin/wtours pretrain --pipeline tiny --out runs/demo
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)

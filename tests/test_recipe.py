@@ -76,7 +76,7 @@ def test_pretrain_resolves_records_and_resumes_with_frames(tmp_path, test_videos
             "crops.local_size=16", "crops.local_number=2", "model.arch=vit_tiny_patch16_224", "model.out_dim=64",
             "model.hidden_dim=32", "model.bottleneck_dim=16", "tracking.objects=2", "tracking.sinkhorn_iters=3",
             "trainer.max_steps=2", "trainer.checkpoint_every=2", "log.picture_every=0", "log.tensorboard=false"]
-    argv = ["pretrain", "--video", video, "--out", str(tmp_path / "run"), *sum((["--set", s] for s in sets), [])]
+    argv = ["pretrain", "--config", "video/default", "--video", video, "--out", str(tmp_path / "run"), *sum((["--set", s] for s in sets), [])]
     assert main(argv) == 0
     err = capsys.readouterr().err
     n = 600 - 100  # frames - span + 1

@@ -43,7 +43,7 @@ def synth(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dora_timet_run(synth, tmp_path_factory):
     out = tmp_path_factory.mktemp("dt") / "run"
-    rc = main(["pretrain", "--video", str(synth.video), "--out", str(out),
+    rc = main(["pretrain", "--config", "video/default", "--video", str(synth.video), "--out", str(out),
                *_sets(MICRO + ["objective.dora=1", "objective.timet=1"])])
     assert rc == 0
     return out

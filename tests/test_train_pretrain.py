@@ -40,7 +40,7 @@ def _weights(run_dir):
 
 def test_cli_run_writes_artefacts_and_a_timm_loadable_backbone(tmp_path, video, capsys):
     out = tmp_path / "run"
-    rc = main(["pretrain", "--video", video, "--out", str(out), *sum((["--set", s] for s in MICRO), [])])
+    rc = main(["pretrain", "--config", "video/default", "--video", video, "--out", str(out), *sum((["--set", s] for s in MICRO), [])])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "loss: first" in printed and "after 4 steps" in printed
@@ -74,7 +74,7 @@ def test_cli_run_writes_artefacts_and_a_timm_loadable_backbone(tmp_path, video, 
 
 def test_rerunning_into_a_run_directory_continues_it_and_fresh_starts_over(tmp_path, video, capsys):
     out = tmp_path / "run"
-    args = ["pretrain", "--video", video, "--out", str(out), *sum((["--set", s] for s in MICRO), [])]
+    args = ["pretrain", "--config", "video/default", "--video", video, "--out", str(out), *sum((["--set", s] for s in MICRO), [])]
     assert main(args) == 0
     sd, _ = _weights(out)
     capsys.readouterr()
@@ -154,28 +154,28 @@ def _err(capsys, argv):
 
 
 def test_user_errors_exit_2_with_one_line(tmp_path, video, capsys):
-    rc, err = _err(capsys, ["pretrain", "--video", video, "--out", str(tmp_path / "a"), "--set", "optim.lrr=1"])
+    rc, err = _err(capsys, ["pretrain", "--config", "video/default", "--video", video, "--out", str(tmp_path / "a"), "--set", "optim.lrr=1"])
     assert rc == 2 and len(err) == 1 and "unknown config key 'optim.lrr'" in err[0] and "min_lr" in err[0]
-    rc, err = _err(capsys, ["pretrain", "--video", video, "--out", str(tmp_path / "a"), "--set", "data.batch_size=x"])
+    rc, err = _err(capsys, ["pretrain", "--config", "video/default", "--video", video, "--out", str(tmp_path / "a"), "--set", "data.batch_size=x"])
     assert rc == 2 and len(err) == 1 and "data.batch_size" in err[0]
-    rc, err = _err(capsys, ["pretrain", "--video", video, "--out", str(tmp_path / "a"), "--resume"])
+    rc, err = _err(capsys, ["pretrain", "--config", "video/default", "--video", video, "--out", str(tmp_path / "a"), "--resume"])
     assert rc == 2 and len(err) == 1 and "last.ckpt" in err[0] and "not found" in err[0]
-    rc, err = _err(capsys, ["pretrain", "--video", str(tmp_path / "missing.mp4"), "--out", str(tmp_path / "a")])
+    rc, err = _err(capsys, ["pretrain", "--config", "video/default", "--video", str(tmp_path / "missing.mp4"), "--out", str(tmp_path / "a")])
     assert rc == 2 and len(err) == 1 and "missing.mp4" in err[0]
     # a clip longer than the video (30 frames)
-    rc, err = _err(capsys, ["pretrain", "--video", video, "--out", str(tmp_path / "b"),
+    rc, err = _err(capsys, ["pretrain", "--config", "video/default", "--video", video, "--out", str(tmp_path / "b"),
                             *sum((["--set", s] for s in MICRO), []), "--set", "data.stride=100"])
     assert rc == 2 and len(err) == 1 and "too short" in err[0]
-    rc, err = _err(capsys, ["pretrain", "--video", video, "--out", str(tmp_path / "c"), "--set", "crops.global_size=40"])
+    rc, err = _err(capsys, ["pretrain", "--config", "video/default", "--video", video, "--out", str(tmp_path / "c"), "--set", "crops.global_size=40"])
     assert rc == 2 and len(err) == 1 and "patch size" in err[0]
 
 
 def test_resume_with_another_config_is_refused(tmp_path, video, capsys):
     out = tmp_path / "run"
     sets = sum((["--set", s] for s in MICRO), [])
-    assert main(["pretrain", "--video", video, "--out", str(out), *sets, "--max-steps", "3"]) == 0
+    assert main(["pretrain", "--config", "video/default", "--video", video, "--out", str(out), *sets, "--max-steps", "3"]) == 0
     capsys.readouterr()
-    rc, err = _err(capsys, ["pretrain", "--video", video, "--out", str(out), *sets, "--max-steps", "3",
+    rc, err = _err(capsys, ["pretrain", "--config", "video/default", "--video", video, "--out", str(out), *sets, "--max-steps", "3",
                             "--set", "optim.lr=0.1", "--resume"])
     assert rc == 2 and len(err) == 1 and "another config" in err[0] and "optim.lr" in err[0]
 
@@ -187,7 +187,7 @@ def test_cuda_out_of_memory_names_the_settings_to_lower(tmp_path, video, monkeyp
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(pretrain, "run_pretrain", oom)
-    rc, err = _err(capsys, ["pretrain", "--video", video, "--out", str(tmp_path / "a")])
+    rc, err = _err(capsys, ["pretrain", "--config", "video/default", "--video", video, "--out", str(tmp_path / "a")])
     assert rc == 2 and len(err) == 1
     assert "CUDA out of memory" in err[0] and "data.batch_size=16" in err[0] and "crops.local_number" in err[0]
     assert "model.arch" in err[0]
@@ -199,7 +199,7 @@ def test_ddp_on_two_cpu_processes(tmp_path, video):
     import sys
 
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "wtours.cli", "pretrain", "--video", video, "--out", str(out), "--devices", "2",
+    cmd = [sys.executable, "-m", "wtours.cli", "pretrain", "--config", "video/default", "--video", video, "--out", str(out), "--devices", "2",
            *sum((["--set", s] for s in MICRO), []), "--set", "trainer.accelerator=cpu"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]

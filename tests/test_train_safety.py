@@ -36,7 +36,7 @@ def synth(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, synth):
     out = tmp_path_factory.mktemp("finished") / "run"
-    assert main(["pretrain", "--video", synth[0], "--out", str(out), *SETS]) == 0
+    assert main(["pretrain", "--config", "video/default", "--video", synth[0], "--out", str(out), *SETS]) == 0
     return out
 
 
@@ -63,7 +63,7 @@ def test_a_damaged_last_ckpt_is_refused_and_the_backbone_kept(finished, synth, t
     before = bb.read_bytes()
     capsys.readouterr()
     for extra in ([], ["--resume"]):  # auto-resume and explicit --resume
-        assert main(["pretrain", "--video", synth[0], "--out", str(run), *SETS, *extra]) == 2
+        assert main(["pretrain", "--config", "video/default", "--video", synth[0], "--out", str(run), *SETS, *extra]) == 2
         _one_line(capsys, f"{ckpt}: checksum mismatch: the file is damaged", "--fresh")
         assert bb.read_bytes() == before
 
@@ -98,7 +98,7 @@ def test_stale_temp_files_of_killed_writes_are_removed_at_start(finished, synth,
     keep = [stage / "notes.tmp", stage / ".last.ckpt.tmp", run / ".config.yaml.abcdefgh.tmp"]
     for p in stale + keep:
         p.write_bytes(b"x" * 1000)
-    assert main(["pretrain", "--video", synth[0], "--out", str(run), *SETS]) == 0
+    assert main(["pretrain", "--config", "video/default", "--video", synth[0], "--out", str(run), *SETS]) == 0
     assert "removed 2 temp file(s)" in capsys.readouterr().err
     assert not any(p.exists() for p in stale)
     assert all(p.read_bytes() == b"x" * 1000 for p in keep)
@@ -112,7 +112,7 @@ def test_a_killed_fresh_start_never_lets_a_rerun_continue_the_old_run(finished, 
     run = _copy(finished, tmp_path)
     old_bb = (run / "stage1" / "backbone.pt").read_bytes()
     real = pretrain.run_pretrain
-    args = ["pretrain", "--video", synth[0], "--out", str(run), *SETS]
+    args = ["pretrain", "--config", "video/default", "--video", synth[0], "--out", str(run), *SETS]
     monkeypatch.setattr(pretrain, "run_pretrain", functools.partial(real, extra_callbacks=[_killer(1)]))
     with pytest.raises(_Kill):  # --fresh, killed before its first checkpoint
         main([*args, "--fresh"])
@@ -133,7 +133,7 @@ def test_a_killed_fresh_start_never_lets_a_rerun_continue_the_old_run(finished, 
 
 def test_a_diverging_run_stops_keeps_the_last_good_checkpoint_and_exports_nothing(synth, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["pretrain", "--video", synth[0], "--out", str(out), *SETS,
+    rc = main(["pretrain", "--config", "video/default", "--video", synth[0], "--out", str(out), *SETS,
                "--set", "optim.lr=100000.0", "--set", "optim.clip_grad=0"])
     assert rc == 2
     line = _one_line(capsys, "training diverged", "nothing exported", "lower optim.lr (now 100000)",
@@ -162,7 +162,7 @@ def test_a_checkpoint_write_that_fails_keeps_the_old_file(finished, synth, tmp_p
 
     monkeypatch.setattr(fsutil, "_fdopen", fdopen, raising=False)
     capsys.readouterr()
-    assert main(["pretrain", "--video", synth[0], "--out", str(run), *SETS]) == rc
+    assert main(["pretrain", "--config", "video/default", "--video", synth[0], "--out", str(run), *SETS]) == rc
     err = capsys.readouterr().err
     assert needle in err.strip().splitlines()[-1] and "Traceback" not in err and "enforce fail" not in err
     assert ckpt.read_bytes() == before
@@ -177,7 +177,7 @@ def test_hostile_and_impossible_requests_are_one_line_errors(finished, synth, tm
     ck = torch.load(finished / "stage1" / "last.ckpt", weights_only=True)
     ck["x"] = _RunsCode(marker)
     torch.save(ck, evil)
-    base = ["pretrain", "--video", synth[0], "--out", str(tmp_path / "a"), *SETS]
+    base = ["pretrain", "--config", "video/default", "--video", synth[0], "--out", str(tmp_path / "a"), *SETS]
     assert main([*base, "--resume", str(evil)]) == 2
     _one_line(capsys, f"{evil}: contains pickled Python objects that could run code", "--trust-checkpoint")
     assert main(["eval", "clustering", "--dataset", "synth", "--root", str(synth[1]), "--checkpoint", str(evil),

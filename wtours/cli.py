@@ -104,22 +104,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     p = _sub(subs, "pretrain", "wtours.train.pretrain",
-             "stage 1: video pretraining of a ViT (DoRA and/or TimeT; from scratch or from --init)",
-             "wtours pretrain --video venice.mp4 --config configs/video/dora_vits16.yaml --out runs/venice\n"
-             "  wtours pretrain --config video/timet_vits16 --init runs/venice/stage1/backbone.pt --frames YTVOS/train")
+             "the whole chain (a pipeline: video stage -> NeCo -> evaluation -> report, resumable stage by "
+             "stage), or with --config / --init / --frames / --resume stage 1 alone (DoRA and/or TimeT)",
+             "wtours pretrain --video venice.mp4 --out runs/venice                  # pipelines/walking-tours.yaml\n"
+             "  wtours pretrain --pipeline tiny --out runs/demo                        # CPU demo, synthetic tour\n"
+             "  wtours pretrain --video venice.mp4 --davis DAVIS --set neco.optim.lr_head=1e-3 --stages neco,eval_neco\n"
+             "  wtours pretrain --video venice.mp4 --config configs/video/dora_vits16.yaml --out runs/venice  # stage 1\n"
+             "  wtours pretrain --config video/timet_vits16 --init runs/venice/stage1/backbone.pt --frames YTVOS/train\n"
+             "\n"
+             "modes: without --config, --init, --frames and --resume, 'wtours pretrain' runs a pipeline (default\n"
+             "walking-tours; --set keys name their stage first: video.optim.lr=1e-4); re-running the same command\n"
+             "skips finished stages and continues an interrupted one; a changed stage config re-runs that stage and\n"
+             "every stage after it. With any of those four options it runs stage 1 alone into --out (as before).")
     p.add_argument("--video", action="append", default=[], metavar="PATH",
                    help="training video; repeatable (default: a synthetic walking tour)")
+    p.add_argument("--pipeline", metavar="NAME|FILE", default=None,
+                   help="pipeline mode: a pipeline under pipelines/ (walking-tours [default], dora-only, "
+                        "timet-finetune, tiny) or a YAML file")
+    p.add_argument("--stages", metavar="A,B", default=None,
+                   help="pipeline mode: run only these stages (their inputs must have finished in --out)")
+    p.add_argument("--davis", metavar="ROOT", default=None,
+                   help="pipeline mode: evaluate on this DAVIS-2017 root (default: the synthetic tour's ground truth)")
+    p.add_argument("--ytvos", metavar="ROOT", default=None, help="pipeline mode: also / instead evaluate on YouTube-VOS")
+    p.add_argument("--images", metavar="DIR", default=None,
+                   help="pipeline mode: NeCo trains on these images (default: frames of the training videos)")
     p.add_argument("--frames", metavar="DIR", default=None,
                    help="train on folders of frames instead (YouTube-VOS layout: DIR/JPEGImages/<video>/*.jpg)")
     p.add_argument("--init", metavar="BACKBONE", default=None,
                    help="start from these weights (backbone.pt or a timm ViT state dict) instead of random init")
     _add_config_args(p)
-    p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<config name>)")
+    p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<pipeline name>, or runs/<config name> "
+                                                "for stage 1 alone)")
     p.add_argument("--resume", nargs="?", const="last", metavar="CKPT",
-                   help="continue a run: a checkpoint path, or 'last' in --out (the default when given bare); "
-                        "a run directory that holds stage1/last.ckpt is continued anyway unless --fresh")
+                   help="stage 1 alone: continue a run: a checkpoint path, or 'last' in --out (the default when given "
+                        "bare); a run directory that holds stage1/last.ckpt is continued anyway unless --fresh")
     p.add_argument("--fresh", action="store_true",
-                   help="start from scratch even if --out holds a run (its checkpoints and metrics are replaced)")
+                   help="start from scratch even if --out holds a run (pipeline mode: re-run every selected stage)")
     p.add_argument("--devices", default=None, help="GPUs per node (int or 'auto')")
     p.add_argument("--num-nodes", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None, help="shortcut for --set trainer.max_steps=N")

@@ -43,17 +43,22 @@ def resolve_config_path(path: str | Path) -> Path:
     raise ConfigError("config file not found", path=p)
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping (following ``base:``), with one-line errors."""
-    p = resolve_config_path(path)
+def load_yaml_file(p: Path, what: str = "config") -> Any:
+    """``yaml.safe_load`` of file ``p``; a syntax error or an unreadable file is a one-line ConfigError."""
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise ConfigError(f"invalid YAML{where}: {getattr(e, 'problem', e)}", path=p) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config: {e}", path=p) from None
+        raise ConfigError(f"cannot read {what}: {e}", path=p) from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping (following ``base:``), with one-line errors."""
+    p = resolve_config_path(path)
+    data = load_yaml_file(p)
     if data is None:
         data = {}
     if not isinstance(data, dict):

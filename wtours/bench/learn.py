@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from wtours.errors import ConfigError, UserError
+from wtours.eval.report import scores_of
 from wtours.fsutil import atomic_open, ensure_dir, write_json, write_text
 
 DATASETS = ("davis", "ytvos")
@@ -59,8 +60,6 @@ GOAL_METRICS = ("C", "F")
 STD_KIND = "sample standard deviation over seeds (ddof=1)"
 SEPARATION_DEF = "(mean_t - mean_r) / sqrt((std_t^2 + std_r^2) / 2)"
 GOAL_TEXT = (f"C and F above random by >= {GOAL_POINTS:g} points and > {GOAL_SEPARATION:g} std apart")
-# eval settings that change no score (a finished evaluation is reused across them)
-_COSMETIC_EVAL_KEYS = ("progress", "overlays", "gif", "workers")
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -85,14 +84,6 @@ def separation(mean_t: float, std_t: float | None, mean_r: float, std_r: float |
     if pooled == 0:
         return None
     return (mean_t - mean_r) / pooled
-
-
-def scores_of(metrics: dict, ks: Sequence[int]) -> dict[str, float]:
-    """The per-evaluation scores the proof compares: F, C, D and ``K=<k>`` (overclustering mIoU)."""
-    out = {k: float(metrics[k]) for k in ("F", "C", "D")}
-    for k in ks:
-        out[f"K={k}"] = float(metrics["overclustering"][str(k)]["miou"])
-    return out
 
 
 def aggregate(per_seed: dict[str, dict[str, dict[str, dict[str, float]]]], seeds: Sequence[int],
@@ -262,10 +253,6 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _eval_key(cfg_dict: dict) -> dict:
-    return {k: v for k, v in json.loads(json.dumps(cfg_dict)).items() if k not in _COSMETIC_EVAL_KEYS}
-
-
 class _Times:
     """Seconds per phase, kept in ``<out>/phase_times.json`` so a re-run reports what reused phases cost."""
 
@@ -335,21 +322,12 @@ def _train_seed(cfg: Any, run_dir: Path, times: _Times, phase: str, quiet: bool)
 def _evaluate(dataset: str, root: Path, spec: str, out_dir: Path, ecfg: Any, times: _Times, phase: str,
               quiet: bool, sha256: str | None = None) -> dict:
     """One clustering evaluation (reused when its metrics.json matches spec, data, config and checksum)."""
-    from wtours.config import to_dict
-    from wtours.eval.cli import evaluate_clustering
+    from wtours.eval.cli import evaluate_clustering, reusable_metrics
 
-    m = _read_json(out_dir / "metrics.json")
-    if isinstance(m, dict):
-        try:
-            same = (m["encoder"]["spec"] == spec and m["settings"]["dataset"] == dataset
-                    and Path(m["settings"]["root"]).resolve() == root.resolve()
-                    and _eval_key(m["settings"]["config"]) == _eval_key(to_dict(ecfg))
-                    and (sha256 is None or m["encoder"].get("sha256") == sha256))
-        except (KeyError, TypeError):
-            same = False
-        if same:
-            times.reused(phase, (m.get("timing") or {}).get("total"))
-            return m
+    m = reusable_metrics(out_dir, dataset, root, spec, ecfg, sha256)
+    if m is not None:
+        times.reused(phase, (m.get("timing") or {}).get("total"))
+        return m
     _say(quiet, f"{phase}: clustering {spec} on {dataset}")
     t0 = time.perf_counter()
     m = evaluate_clustering(dataset, root, spec, out_dir, copy.deepcopy(ecfg), verbose=False)

@@ -14,6 +14,7 @@ Writes into ``--out`` (default ``runs/eval/<dataset>``):
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -104,6 +105,30 @@ def _sha256(path: str) -> str | None:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# eval settings that change no score (a finished evaluation is reused across them)
+COSMETIC_EVAL_KEYS = ("progress", "overlays", "gif", "workers")
+
+
+def eval_key(cfg_dict: dict) -> dict:
+    """The part of an eval config (:func:`wtours.config.to_dict`) that decides the scores."""
+    return {k: v for k, v in json.loads(json.dumps(cfg_dict)).items() if k not in COSMETIC_EVAL_KEYS}
+
+
+def reusable_metrics(out_dir: str | Path, dataset: str, root: str | Path, spec: str, cfg: EvalConfig,
+                     sha256: str | None = None) -> dict | None:
+    """The ``metrics.json`` in ``out_dir`` when it evaluated this encoder ``spec`` (and file ``sha256``, when
+    given) on this dataset and root with an eval config of the same :func:`eval_key`; else None."""
+    try:
+        m = json.loads((Path(out_dir) / "metrics.json").read_text())
+        same = (m["encoder"]["spec"] == spec and m["settings"]["dataset"] == dataset
+                and Path(m["settings"]["root"]).resolve() == Path(root).resolve()
+                and eval_key(m["settings"]["config"]) == eval_key(to_dict(cfg))
+                and (sha256 is None or m["encoder"].get("sha256") == sha256))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return m if same else None
 
 
 def _aggregate(runs: list[dict]) -> dict:

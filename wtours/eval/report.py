@@ -19,6 +19,14 @@ REFERENCE = {
 }
 
 
+def scores_of(metrics: dict, ks) -> dict[str, float]:
+    """The scores an evaluation is compared by: F, C, D and ``K=<k>`` (overclustering mIoU) for each k of ``ks``."""
+    out = {k: float(metrics[k]) for k in ("F", "C", "D")}
+    for k in ks:
+        out[f"K={k}"] = float(metrics["overclustering"][str(k)]["miou"])
+    return out
+
+
 def palette() -> np.ndarray:
     """The DAVIS / PASCAL VOC colour map [256, 3] uint8 (label 0 black)."""
     from wtours.video.synth import davis_palette

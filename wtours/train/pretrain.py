@@ -1,5 +1,8 @@
 """``wtours pretrain``: stage 1, DoRA video pretraining of a ViT from scratch.
 
+Without any of ``--config``, ``--init``, ``--frames``, ``--resume`` the command runs a pipeline instead (the whole
+chain, :mod:`wtours.pipeline.run`); with one of them, stage 1 alone as described here.
+
     wtours pretrain --video venice.mp4 --config configs/video/dora_vits16.yaml --out runs/venice
     wtours pretrain --out runs/demo --config configs/video/tiny.yaml      # synthetic tour, CPU
 
@@ -374,6 +377,12 @@ def loss_endpoints(metrics_csv: str | Path, key: str = "train/loss") -> tuple[fl
 
 
 def cli_main(args: Any) -> int:
+    from wtours.pipeline.run import pipeline_mode
+
+    if pipeline_mode(args):  # no stage-1-only option (--config, --init, --frames, --resume): the whole chain
+        from wtours.pipeline.run import cli_main as pipeline_main
+
+        return pipeline_main(args)
     cfg = load_pretrain_config(args.config, args.overrides, args.max_steps, args.video,
                                init=getattr(args, "init", None), frames=getattr(args, "frames", None))
     run_dir = Path(args.out) if args.out else Path("runs") / cfg.name

@@ -1,0 +1,183 @@
+"""The tiny pipeline end to end on CPU (micro sizes): run directory, status files, tables, report; a re-run skips
+everything; a changed stage-2 key re-runs stage 2 and the stages after it only; a kill during stage 2 resumes
+it exactly without re-training stage 1; the video stage under torchrun (2 gloo ranks)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from wtours.cli import main
+from wtours.integrity import content_digest
+
+pytestmark = pytest.mark.slow
+
+MICRO = {
+    "video": ["trainer.max_steps=2", "trainer.checkpoint_every=2", "log.picture_every=2", "log.tensorboard=false",
+              "data.num_workers=0", "data.synth.width=160", "data.synth.height=90", "data.synth.seconds=4",
+              "data.synth.sequences=2", "data.synth.seq_frames=4"],
+    "neco": ["trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.log_every=1", "data.frames=24",
+             "data.batch_size=4", "log.picture_every=2", "log.tensorboard=false"],
+    "eval_video": ["repeats=1", "niter=5"],
+    "eval_neco": ["repeats=1", "niter=5"],
+}
+SETS = [x for stage, items in MICRO.items() for item in items for x in ("--set", f"{stage}.{item}")]
+STAGES = ("video", "eval_video", "neco", "eval_neco")
+
+
+def _status(run, stage):
+    return json.loads((run / stage / "status.json").read_text())
+
+
+def _bytes(run, *stages):
+    return {s: (run / s / "status.json").read_bytes() for s in stages}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("pipe") / "run"
+    so, se = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
+        rc = main(["pretrain", "--pipeline", "tiny", "--out", str(out), *SETS])
+    assert rc == 0, se.getvalue()[-3000:]
+    return out, so.getvalue(), se.getvalue()
+
+
+def test_tiny_pipeline_end_to_end(tiny_run, capsys):
+    out, stdout, stderr = tiny_run
+    for s in STAGES:
+        st = _status(out, s)
+        assert st["state"] == "done" and st["fingerprint"].startswith("sha256:") and st["seconds"] > 0
+    for s, sub in (("video", "stage1"), ("neco", "stage2")):
+        st = _status(out, s)
+        assert st["backbone"] == f"{s}/{sub}/backbone.pt" and st["arch"] == "vit_nano_patch8_64"
+        bb = torch.load(out / st["backbone"], map_location="cpu", weights_only=True)
+        assert st["backbone_checksum"] == content_digest({"arch": bb["arch"], "state_dict": bb["state_dict"]})
+    assert _status(out, "neco")["input"]["backbone_checksum"] == _status(out, "video")["backbone_checksum"]
+    assert (out / "pipeline.yaml").is_file() and (out / "data" / "synth" / "davis").is_dir()
+    for s, inp in (("eval_video", "video"), ("eval_neco", "neco")):
+        doc = json.loads((out / s / "metrics.json").read_text())
+        assert doc["input"] == inp and doc["metric_names"] == ["F", "C", "D", "K=20"]
+        enc = doc["datasets"]["synth"]["encoders"]
+        assert enc["random"]["spec"] == "random:vit_nano_patch8_64@0"
+        for e in enc.values():
+            assert set(e["scores"]) == {"F", "C", "D", "K=20"} and all(0 <= v <= 100 for v in e["scores"].values())
+    # the per-stage tables and the summary, printed
+    assert "eval_video: video vs random init, mIoU %" in stdout and "eval_neco: neco vs random init" in stdout
+    summary = stdout.split("tiny: mIoU % per stage")[1]
+    assert "random init (vit_nano_patch8_64)" in summary and "after video" in summary and "after neco" in summary
+    assert "[1/4] video: done in" in stderr and "[4/4] eval_neco: done in" in stderr
+    # the report
+    md = (out / "report.md").read_text()
+    for part in ("## Pipeline", "| video | video | video/dora_timet_tiny", "## Results (measured here)",
+                 "Published numbers (not measured here)", "| davis | TimeT | 53.7 | 53.0 | 20.5 |", "| NeCo | 17.8",
+                 "](video/loss.png)", "](video/stage1/pictures/masks_step000002.png)", "](neco/loss.png)",
+                 "random init: synth-000](random/synth/vit_nano_patch8_64@0/overlays/synth-000.png)",
+                 "after video: synth-000](eval_video/synth/trained/overlays/synth-000.png)",
+                 "after neco: synth-000](eval_neco/synth/trained/overlays/synth-000.png)"):
+        assert part in md, part
+    page = (out / "report.html").read_text()
+    n_img = md.count("![")
+    assert page.count('src="data:image/png;base64,') == n_img >= 6 and page.count("src=") == n_img
+
+    # the same command again: every stage is skipped, nothing is rewritten
+    before = _bytes(out, *STAGES)
+    backbone_mtime = (out / "video" / "stage1" / "backbone.pt").stat().st_mtime_ns
+    assert main(["pretrain", "--pipeline", "tiny", "--out", str(out), *SETS]) == 0
+    err = capsys.readouterr().err
+    assert all(f"{s}: done earlier" in err for s in STAGES), err
+    assert _bytes(out, *STAGES) == before
+    assert (out / "video" / "stage1" / "backbone.pt").stat().st_mtime_ns == backbone_mtime
+
+
+def test_a_changed_stage2_key_reruns_stage2_and_the_stages_after_it_only(tiny_run, tmp_path, capsys):
+    src, _, _ = tiny_run
+    run = tmp_path / "moved"
+    shutil.copytree(src, run)  # a copied run directory keeps its finished stages
+    before = _bytes(run, *STAGES)
+    assert main(["pretrain", "--pipeline", "tiny", "--out", str(run), *SETS, "--set", "neco.optim.lr_head=0.002"]) == 0
+    err = capsys.readouterr().err
+    changed = [ln for ln in err.splitlines() if "config changed" in ln]
+    assert changed == ["pipeline: stage 'neco': config changed since the last run (optim.lr_head): re-running it and "
+                       "every stage after it (eval_neco)"]
+    assert "video: done earlier" in err and "eval_video: done earlier" in err
+    after = _bytes(run, *STAGES)
+    assert after["video"] == before["video"] and after["eval_video"] == before["eval_video"]
+    old, new = json.loads(before["neco"]), _status(run, "neco")
+    assert new["state"] == "done" and new["backbone_checksum"] != old["backbone_checksum"]
+    assert new["config"]["optim.lr_head"] == 0.002
+    assert _status(run, "eval_neco")["input"]["backbone_checksum"] == new["backbone_checksum"]
+
+
+class _Kill(RuntimeError):
+    pass
+
+
+def _killer(at_step):
+    from lightning.pytorch.callbacks import Callback
+
+    class Killer(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == at_step:
+                raise _Kill(f"killed at step {trainer.global_step}")
+
+    return Killer()
+
+
+def test_kill_during_stage2_then_rerun_continues_it_exactly_without_retraining_stage1(tiny_run, tmp_path, capsys):
+    from wtours.pipeline.run import run_pipeline
+    from wtours.pipeline.spec import load_pipeline, select_stages
+
+    src, _, _ = tiny_run
+    run = tmp_path / "killed"
+    shutil.copytree(src, run)
+    for s in ("neco", "eval_neco"):  # as if stage 2 had never run
+        shutil.rmtree(run / s)
+    video_status = (run / "video" / "status.json").read_bytes()
+    bb_mtime = (run / "video" / "stage1" / "backbone.pt").stat().st_mtime_ns
+    sets = [x for x in SETS if x != "--set"]
+    pipe = load_pipeline("tiny", sets)
+    with pytest.raises(_Kill):
+        run_pipeline(pipe, run, stages=select_stages(pipe, "video,neco"), callbacks={"neco": [_killer(3)]},
+                     progress=False)
+    st = _status(run, "neco")
+    assert st["state"] == "running" and (run / "neco" / "stage2" / "last.ckpt").is_file()
+    assert not (run / "neco" / "stage2" / "backbone.pt").exists()
+    capsys.readouterr()
+    assert main(["pretrain", "--pipeline", "tiny", "--out", str(run), *SETS]) == 0
+    err = capsys.readouterr().err
+    assert "video: done earlier" in err and "neco: neco stage" in err and "continuing its last checkpoint" in err
+    assert (run / "video" / "status.json").read_bytes() == video_status
+    assert (run / "video" / "stage1" / "backbone.pt").stat().st_mtime_ns == bb_mtime
+    st = _status(run, "neco")
+    assert st["state"] == "done" and st["runs"] == 2 and st["steps"] == 4
+    resumed = torch.load(run / "neco" / "stage2" / "backbone.pt", map_location="cpu", weights_only=True)["state_dict"]
+    whole = torch.load(src / "neco" / "stage2" / "backbone.pt", map_location="cpu", weights_only=True)["state_dict"]
+    assert resumed.keys() == whole.keys()
+    for k in whole:
+        assert torch.equal(resumed[k], whole[k]), k
+    assert _status(run, "neco")["backbone_checksum"] == _status(src, "neco")["backbone_checksum"]
+
+
+def test_torchrun_two_gloo_ranks_run_the_video_stage(tmp_path):
+    out = tmp_path / "ddp"
+    video_sets = [x for item in MICRO["video"] for x in ("--set", f"video.{item}")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "wtours.cli",
+           "pretrain", "--pipeline", "tiny", "--stages", "video", "--out", str(out), "--devices", "2",
+           *video_sets, "--set", "video.trainer.accelerator=cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "running 2 CPU processes (DDP, gloo)" in r.stderr
+    st = _status(out, "video")
+    assert st["state"] == "done" and st["steps"] == 2
+    meta = torch.load(out / "video" / "stage1" / "backbone.pt", map_location="cpu", weights_only=True)["meta"]
+    assert meta["clips_seen"] == 2 * 2 * 4  # steps x ranks x batch
+    assert _status(out, "neco")["state"] == "pending"
