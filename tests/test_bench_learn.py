@@ -95,8 +95,11 @@ def test_proof_json_holds_per_seed_metrics_for_both_datasets_and_encoders(proof)
     assert {"synth", "seed0/train", "seed1/eval_ytvos", "random1/eval_davis"} <= set(p["wall_s"]["phases"])
     assert json.loads((proof["tmp"] / "copy.json").read_text())["aggregates"] == p["aggregates"]
     # the baseline is the random init of the same arch, seeded by the training seed
+    from wtours.train.pretrain import load_pretrain_config
+
+    arch = load_pretrain_config("video/proof", []).model.arch
     specs = {_metrics(proof["out"], "random", s, "davis")["encoder"]["spec"] for s in SEEDS}
-    assert specs == {f"random:vit_tiny_patch16_224@{s}" for s in SEEDS}
+    assert specs == {f"random:{arch}@{s}" for s in SEEDS}
 
 
 def test_aggregates_are_recomputed_from_the_per_seed_metrics_files(proof):
