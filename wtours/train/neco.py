@@ -158,7 +158,7 @@ def make_dataset(cfg: NeCoConfig, stage: Path, show: bool) -> tuple[Any, tuple[i
 
 # ----------------------------------------------------------------------------- callbacks
 
-from wtours.train.callbacks import StepProgressBar  # noqa: E402
+from wtours.train.callbacks import PeriodicPictures, StepProgressBar  # noqa: E402
 
 
 class _NeCoBar(StepProgressBar):
@@ -169,20 +169,17 @@ class _NeCoBar(StepProgressBar):
         if self.bar is not None:
             self.bar.set_description("neco")
 
-from lightning.pytorch.callbacks import Callback  # noqa: E402
 
-
-class PCAPictures(Callback):
+class PCAPictures(PeriodicPictures):
     """Every ``every`` optimizer steps (and at the end): fixed images (the run's first 4, kept in the
     checkpoint) and the first 3 PCA components of the student's patch features, as
     ``pictures/pca_step{N:06d}.png`` (row 1 images, row 2 features as RGB)."""
 
     def __init__(self, out_dir: str | Path, every: int, count: int = 4) -> None:
-        self.out_dir, self.every, self.count = Path(out_dir), every, count
+        super().__init__(out_dir, every)
+        self.count = count
         self.images: Any = None
         self.sizes: Any = None
-        self._last = -1
-        self.written: list[Path] = []
 
     def state_dict(self) -> dict[str, Any]:
         return {"images": self.images, "sizes": self.sizes}
@@ -208,15 +205,6 @@ class PCAPictures(Callback):
             f.write(render_pca_png(crops, pca))
         self.written.append(path)
         return path
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if self.every > 0 and step > 0 and step % self.every == 0:
-            self.write(trainer, pl_module)
-
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.every > 0:
-            self.write(trainer, pl_module)
 
 
 def render_pca_png(crops: Any, pca: Any, min_size: int = 128) -> bytes:
