@@ -37,6 +37,7 @@ from torch import nn
 
 from wtours.config import to_dict
 from wtours.models.ema import cosine_schedule, ema_update_
+from wtours.models.heads import gelu_mlp
 from wtours.models.init_weights import build_vit
 from wtours.neco_augment import NeCoAugment
 from wtours.objectives.neco import NeCoLoss
@@ -49,17 +50,7 @@ class ProjectionHead(nn.Module):
 
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 256, nlayers: int = 3) -> None:
         super().__init__()
-        dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [out_dim]
-        layers: list[nn.Module] = []
-        for i in range(nlayers):
-            layers.append(nn.Linear(dims[i], dims[i + 1]))
-            if i < nlayers - 1:
-                layers.append(nn.GELU())
-        self.mlp = nn.Sequential(*layers)
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        self.mlp = gelu_mlp([in_dim] + [hidden_dim] * (nlayers - 1) + [out_dim])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x)
