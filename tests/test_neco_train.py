@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from test_train_pretrain import _killer, _Kill
 from wtours.cli import main
 from wtours.train.neco import load_neco_config, run_neco
 
@@ -118,21 +119,6 @@ def test_cli_run_from_a_stage1_backbone_exports_an_evaluable_backbone(tmp_path, 
     assert _ckpt(out)["global_step"] == 4
     assert main([*args, "--max-steps", "2"]) == 2  # another schedule is another run
     assert "trainer.max_steps: 4 -> 2" in capsys.readouterr().err
-
-
-class _Kill(RuntimeError):
-    pass
-
-
-def _killer(at_step):
-    from lightning.pytorch.callbacks import Callback
-
-    class Killer(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step >= at_step:
-                raise _Kill(f"killed at step {trainer.global_step}")
-
-    return Killer()
 
 
 @pytest.mark.slow

@@ -275,13 +275,9 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the clip augmenter
 
 
-class ClipAugment:
-    """DoRA multi-crop of uint8 clips on their own device (see the module docstring).
-
-    Args:
-        cfg: a :class:`wtours.train.video_config.CropsConfig` (or anything with its fields).
-        seed: seeds the CPU generator of all random parameters (give each rank its own).
-    """
+class SeededAugment:
+    """An augmenter's config ``cfg`` and the seeded CPU ``generator`` all its random parameters come
+    from; ``state_dict`` / ``load_state_dict`` carry the generator through checkpoints."""
 
     def __init__(self, cfg: Any, seed: int = 0) -> None:
         self.cfg = cfg
@@ -293,6 +289,15 @@ class ClipAugment:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+
+
+class ClipAugment(SeededAugment):
+    """DoRA multi-crop of uint8 clips on their own device (see the module docstring).
+
+    Args:
+        cfg: a :class:`wtours.train.video_config.CropsConfig` (or anything with its fields).
+        seed: seeds the CPU generator of all random parameters (give each rank its own).
+    """
 
     def _photometric(self, n_groups: int, per_group: int, blur_p: float) -> PhotometricParams:
         """Params for ``n_groups x per_group`` images; shared within a group in "clip" mode."""

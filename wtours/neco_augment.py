@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from wtours.augment import apply_photometric, crop_resize, normalize, sample_photometric
+from wtours.augment import SeededAugment, apply_photometric, crop_resize, normalize, sample_photometric
 
 
 @dataclass
@@ -196,24 +196,13 @@ def overlap_feasibility(cfg: Any, height: int, width: int, trials: int = 256, se
 # ----------------------------------------------------------------------------- the augmenter
 
 
-class NeCoAugment:
+class NeCoAugment(SeededAugment):
     """NeCo multi-crop of uint8 canvases on their own device (see the module docstring).
 
     Args:
         cfg: a :class:`wtours.train.neco_config.NeCoCropsConfig`.
         seed: seeds the CPU generator of all random parameters (give each rank its own).
     """
-
-    def __init__(self, cfg: Any, seed: int = 0) -> None:
-        self.cfg = cfg
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(int(seed))
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, sizes: torch.Tensor) -> NeCoViews:

@@ -80,6 +80,24 @@ def _meta_vit(arch: str) -> tuple[ViTGeometry | None, str | None]:
                        depth=len(model.blocks)), None
 
 
+def fit_problem(want: dict[str, Any], sd: dict[str, Any]) -> str | None:
+    """Why state dict ``sd`` does not load into a model whose state dict is ``want`` (the first key of
+    another shape, the missing and unexpected keys; ``pos_embed`` may differ in size), None if it does."""
+    missing = sorted(set(want) - set(sd))
+    unexpected = sorted(set(sd) - set(want))
+    bad = sorted(k for k in set(want) & set(sd) if k != "pos_embed" and tuple(want[k].shape) != tuple(sd[k].shape))
+    if not (missing or unexpected or bad):
+        return None
+    parts = []
+    if bad:
+        parts.append(f"{bad[0]} has shape {tuple(sd[bad[0]].shape)}, arch expects {tuple(want[bad[0]].shape)}")
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    return "; ".join(parts)
+
+
 def vit_arch_problem(arch: str) -> str | None:
     """Why ``arch`` is not a timm VisionTransformer name (None when it is); builds nothing real."""
     return _meta_vit(arch)[1]
@@ -269,19 +287,9 @@ def load_backbone(spec: str, arch: str | None = None, trust: bool = False) -> tu
     model = create_vit(arch, num_classes=0, dynamic_img_size=True)
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
     want = model.state_dict()
-    missing = sorted(set(want) - set(sd))
-    unexpected = sorted(set(sd) - set(want))
-    bad_shape = [k for k in set(want) & set(sd) if want[k].shape != sd[k].shape and k != "pos_embed"]
-    if missing or unexpected or bad_shape:
-        parts = []
-        if bad_shape:
-            k = sorted(bad_shape)[0]
-            parts.append(f"{k} has shape {tuple(sd[k].shape)}, arch expects {tuple(want[k].shape)}")
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        raise UserError(f"weights do not match arch '{arch}': " + "; ".join(parts), path=path)
+    problem = fit_problem(want, sd)
+    if problem:
+        raise UserError(f"weights do not match arch '{arch}': {problem}", path=path)
     if sd["pos_embed"].shape != want["pos_embed"].shape:
         from timm.layers import resample_abs_pos_embed
 

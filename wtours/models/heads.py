@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import contextlib
 
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +62,22 @@ def _fp32(x: torch.Tensor):
     if torch.amp.is_autocast_available(x.device.type):
         return torch.autocast(device_type=x.device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+def gelu_mlp(dims: Sequence[int]) -> nn.Sequential:
+    """Linear layers ``dims[0] -> dims[1] -> ... -> dims[-1]`` with GELU between them (none after the
+    last); weights truncated-normal (std 0.02), biases zero (the TimeT and NeCo projection heads)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(dims) - 2:
+            layers.append(nn.GELU())
+    mlp = nn.Sequential(*layers)
+    for m in mlp:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+    return mlp
 
 
 class DINOHead(nn.Module):

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from wtours.errors import UserError
-from wtours.models.backbone_io import create_vit, infer_arch, read_state_dict, vit_arch_problem
+from wtours.models.backbone_io import create_vit, fit_problem, infer_arch, read_state_dict, vit_arch_problem
 
 _DINOV2_BY_DIM = {384: "small", 768: "base", 1024: "large"}
 
@@ -154,18 +154,9 @@ def check_fits(arch: str, sd: dict[str, torch.Tensor], path: Any, what: str = "-
     size: :func:`build_vit` resamples them)."""
     with torch.device("meta"):
         want = create_vit(arch, num_classes=0, dynamic_img_size=True).state_dict()
-    missing = sorted(set(want) - set(sd))
-    unexpected = sorted(set(sd) - set(want))
-    bad = sorted(k for k in set(want) & set(sd) if k != "pos_embed" and tuple(want[k].shape) != tuple(sd[k].shape))
-    if missing or unexpected or bad:
-        parts = []
-        if bad:
-            parts.append(f"{bad[0]} has shape {tuple(sd[bad[0]].shape)}, arch expects {tuple(want[bad[0]].shape)}")
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        raise UserError(f"{what}: weights do not match arch '{arch}': " + "; ".join(parts), path=path)
+    problem = fit_problem(want, sd)
+    if problem:
+        raise UserError(f"{what}: weights do not match arch '{arch}': {problem}", path=path)
 
 
 def build_vit(arch: str, sd: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> torch.nn.Module:

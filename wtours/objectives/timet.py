@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wtours.models.heads import gelu_mlp
 from wtours.objectives.sinkhorn import sinkhorn_knopp
 
 __all__ = ["TimeTHead", "window_mask", "context_frames", "forward_labels", "timet_targets", "timet_loss",
@@ -76,17 +77,7 @@ class TimeTHead(nn.Module):
     def __init__(self, in_dim: int, hidden: tuple[int, ...] = (1024, 1024, 512), out_dim: int = 256,
                  prototypes: int = 200) -> None:
         super().__init__()
-        dims = [in_dim, *hidden, out_dim]
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-            layers.append(nn.Linear(a, b))
-            if i < len(dims) - 2:
-                layers.append(nn.GELU())
-        self.mlp = nn.Sequential(*layers)
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        self.mlp = gelu_mlp([in_dim, *hidden, out_dim])
         self.prototypes = nn.Parameter(F.normalize(torch.randn(prototypes, out_dim), dim=-1))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

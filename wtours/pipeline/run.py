@@ -81,7 +81,7 @@ class PipelineRun:
                  ytvos: str | None = None, devices: Any = None, num_nodes: int | None = None,
                  trust: bool = False, fresh: bool = False, progress: bool | None = None,
                  callbacks: dict[str, Sequence[Any]] | None = None, command: str = "") -> None:
-        from wtours.train.pretrain import launch_rank_zero
+        from wtours.train.stage_run import launch_rank_zero
 
         self.pipe, self.out = pipe, Path(out)
         self.selected = list(stages) if stages is not None else list(pipe.stages)

@@ -159,15 +159,35 @@ def render_masks_png(frames: torch.Tensor, masks: torch.Tensor, grid: tuple[int,
     return buf.getvalue()
 
 
-class MaskPictures(Callback):
-    """Every ``every`` optimizer steps (and at the end): tracked masks on a fixed clip -> PNG."""
+class PeriodicPictures(Callback):
+    """Calls ``write(trainer, pl_module)`` every ``every`` optimizer steps (0: never) and at the end of
+    training; subclasses write their pictures under ``out_dir`` and list them in ``written``."""
 
     def __init__(self, out_dir: str | Path, every: int) -> None:
         self.out_dir = Path(out_dir)
         self.every = every
-        self.clip: torch.Tensor | None = None
         self._last = -1
         self.written: list[Path] = []
+
+    def write(self, trainer: Any, pl_module: Any) -> Path | None:
+        raise NotImplementedError
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every > 0 and step > 0 and step % self.every == 0:
+            self.write(trainer, pl_module)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.every > 0:
+            self.write(trainer, pl_module)
+
+
+class MaskPictures(PeriodicPictures):
+    """Every ``every`` optimizer steps (and at the end): tracked masks on a fixed clip -> PNG."""
+
+    def __init__(self, out_dir: str | Path, every: int) -> None:
+        super().__init__(out_dir, every)
+        self.clip: torch.Tensor | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"clip": self.clip}
@@ -196,15 +216,6 @@ class MaskPictures(Callback):
             f.write(render_masks_png(frames, masks, grid, maps))
         self.written.append(path)
         return path
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if self.every > 0 and step > 0 and step % self.every == 0:
-            self.write(trainer, pl_module)
-
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.every > 0:
-            self.write(trainer, pl_module)
 
 
 class CollapseWarning(Callback):

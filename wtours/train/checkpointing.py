@@ -11,13 +11,19 @@ the previous or the new complete file. Every checkpoint carries a checksum of it
 :func:`check_resume` (= :func:`read_checkpoint_meta` + :func:`check_config`) opens a checkpoint
 before ``trainer.fit(ckpt_path=...)`` and compares the config hash it was written with
 (``checkpoint["wtours"]["config_hash"]``) with the current one, naming the keys that differ.
+
+:func:`rng_state` / :func:`set_rng_state`: the process's random streams, as both stages keep them in
+``checkpoint["wtours"]["rng"]`` for exact resume.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from wtours.errors import UserError
@@ -116,3 +122,22 @@ def check_resume(path: str | Path, config_hash: str, config: dict[str, Any], tru
     meta = read_checkpoint_meta(path, trust)
     check_config(meta, config_hash, config, path)
     return meta
+
+
+def rng_state() -> dict[str, Any]:
+    """The process's random streams (torch, python, numpy, CUDA) for ``checkpoint["wtours"]["rng"]``;
+    numpy's global state with tensors instead of arrays (loads with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(rng: dict[str, Any]) -> None:
+    """Restore the streams of :func:`rng_state` (CUDA's only on as many devices as were saved)."""
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])

@@ -1,7 +1,7 @@
 """``stage1/metrics.csv``: a Lightning logger of our own that keeps a run's history across resumes.
 
 A subclass of the public ``lightning.pytorch.loggers.Logger``; it writes the file Lightning's
-``CSVLogger`` writes (and :mod:`wtours.report`, :func:`wtours.train.pretrain.loss_endpoints` read): a
+``CSVLogger`` writes (and :mod:`wtours.report`, :func:`wtours.train.stage_run.loss_endpoints` read): a
 header of the sorted column names (``epoch``, ``step``, ``train/...``, ``perf/...``), one row per logging
 step, empty cells for what was not logged at that step.
 

@@ -25,9 +25,7 @@ export nothing. Multi-GPU: ``--devices N --num-nodes M`` (DDP).
 
 from __future__ import annotations
 
-import math
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -38,6 +36,9 @@ from wtours.config import load_config, to_dict, to_yaml
 from wtours.errors import ConfigError, UserError
 from wtours.fsutil import ensure_dir, remove_stale_temps, write_text
 from wtours.train.neco_config import NeCoConfig, neco_training_hash, neco_training_view
+from wtours.train.stage_run import (auto_resume, check_run_options, drop_set_aside, fresh_start, launch_rank_zero,
+                                    loss_endpoints, print_loss_line)
+from wtours.train.trainer_setup import parse_devices, resolve_accelerator, step_options
 
 STAGE = "stage2"
 CONFIG_FILE = "config_neco.yaml"
@@ -63,34 +64,6 @@ def load_neco_config(config: str | None, overrides: Sequence[str], max_steps: in
 
 
 # ----------------------------------------------------------------------------- small run helpers
-
-
-def _launch_rank_zero() -> bool:
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "JSM_NAMESPACE_RANK"):
-        if os.environ.get(var, "").strip() not in ("", "0"):
-            return False
-    return True
-
-
-def _devices(spec: Any) -> Any:
-    if spec is None or str(spec).strip() == "auto":
-        return "auto"
-    s = str(spec).strip()
-    try:
-        n = int(s)
-    except ValueError:
-        if "," in s:
-            return [int(x) for x in s.split(",") if x.strip()]
-        raise UserError(f"--devices: expected an integer or 'auto', got {spec!r}") from None
-    if n < 1 and n != -1:
-        raise UserError(f"--devices: must be >= 1 (or -1 for all), got {n}")
-    return n
-
-
-def _precision(p: str, on_gpu: bool) -> str:
-    if p == "auto":
-        return "bf16-mixed" if on_gpu else "32-true"
-    return {"32": "32-true"}.get(p, p)
 
 
 def _read_resume(path: Path, trust: bool) -> dict[str, Any]:
@@ -124,23 +97,6 @@ def _check_same_config(meta: dict[str, Any], cfg: NeCoConfig, path: Path) -> Non
     more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
     raise UserError(f"checkpoint was written with another config ({detail or 'hash differs'}{more}); resume with the "
                     "same config, or start over with --fresh or another --out", path=path)
-
-
-def _set_aside(stage: Path) -> Path | None:
-    if not stage.exists():
-        return None
-    old = stage.with_name(f"{stage.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-    try:
-        os.replace(stage, old)
-    except OSError as e:
-        raise UserError(f"--fresh: cannot move the previous run aside ({e.strerror or e})", path=stage) from None
-    return old
-
-
-def _drop_set_aside(stage: Path) -> None:
-    for old in stage.parent.glob(f"{stage.name}.old-*"):
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _patch_size(arch: str) -> int:
@@ -202,7 +158,7 @@ def make_dataset(cfg: NeCoConfig, stage: Path, show: bool) -> tuple[Any, tuple[i
 
 # ----------------------------------------------------------------------------- callbacks
 
-from wtours.train.callbacks import StepProgressBar  # noqa: E402
+from wtours.train.callbacks import PeriodicPictures, StepProgressBar  # noqa: E402
 
 
 class _NeCoBar(StepProgressBar):
@@ -213,20 +169,17 @@ class _NeCoBar(StepProgressBar):
         if self.bar is not None:
             self.bar.set_description("neco")
 
-from lightning.pytorch.callbacks import Callback  # noqa: E402
 
-
-class PCAPictures(Callback):
+class PCAPictures(PeriodicPictures):
     """Every ``every`` optimizer steps (and at the end): fixed images (the run's first 4, kept in the
     checkpoint) and the first 3 PCA components of the student's patch features, as
     ``pictures/pca_step{N:06d}.png`` (row 1 images, row 2 features as RGB)."""
 
     def __init__(self, out_dir: str | Path, every: int, count: int = 4) -> None:
-        self.out_dir, self.every, self.count = Path(out_dir), every, count
+        super().__init__(out_dir, every)
+        self.count = count
         self.images: Any = None
         self.sizes: Any = None
-        self._last = -1
-        self.written: list[Path] = []
 
     def state_dict(self) -> dict[str, Any]:
         return {"images": self.images, "sizes": self.sizes}
@@ -252,15 +205,6 @@ class PCAPictures(Callback):
             f.write(render_pca_png(crops, pca))
         self.written.append(path)
         return path
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if self.every > 0 and step > 0 and step % self.every == 0:
-            self.write(trainer, pl_module)
-
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.every > 0:
-            self.write(trainer, pl_module)
 
 
 def render_pca_png(crops: Any, pca: Any, min_size: int = 128) -> bytes:
@@ -299,8 +243,6 @@ def run_neco(cfg: NeCoConfig, run_dir: str | Path, resume: str | None = None, de
     ``fresh`` sets an existing ``stage2/`` aside first; ``trust`` reads files that need pickle
     (``--init``, ``resume``). ``extra_callbacks`` are added to the Trainer (tests simulate a kill).
     """
-    import logging
-
     import lightning.pytorch as pl
     import torch
     from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -316,16 +258,8 @@ def run_neco(cfg: NeCoConfig, run_dir: str | Path, resume: str | None = None, de
     from wtours.train.neco_data import NeCoDataModule
     from wtours.train.neco_module import NeCoModule
 
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    if fresh and resume is not None:
-        raise UserError("--fresh and --resume contradict each other")
-    if num_nodes is not None and num_nodes < 1:
-        raise UserError(f"--num-nodes: must be >= 1, got {num_nodes}")
-    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.accelerator: '{cfg.trainer.accelerator}' needs a CUDA GPU, and torch finds none "
-                          "here; use trainer.accelerator=auto or cpu")
-    on_gpu = cfg.trainer.accelerator != "cpu" and torch.cuda.is_available()
+    check_run_options(cfg, resume, fresh, num_nodes)
+    accelerator, on_gpu = resolve_accelerator(cfg)
     if cfg.loss.sorter == "torchsort":
         from wtours.objectives.sorting import torchsort_problem
 
@@ -334,8 +268,8 @@ def run_neco(cfg: NeCoConfig, run_dir: str | Path, resume: str | None = None, de
             raise ConfigError(f"loss.sorter: {problem}")
     if not on_gpu and cfg.trainer.cpu_threads > 0:
         torch.set_num_threads(cfg.trainer.cpu_threads)
-    dev = _devices(devices if devices is not None else cfg.trainer.devices)
-    main_process = _launch_rank_zero()
+    dev = parse_devices(devices if devices is not None else cfg.trainer.devices)
+    main_process = launch_rank_zero()
     run_dir = Path(run_dir)
     ckpt_path = None
     if resume is not None:
@@ -356,19 +290,13 @@ def run_neco(cfg: NeCoConfig, run_dir: str | Path, resume: str | None = None, de
     show = cfg.log.progress if progress is None else progress
     stage = run_dir / STAGE
     if fresh and main_process:
-        old = _set_aside(stage)
-        if old is not None:
-            print(f"wtours neco: --fresh: moved the previous run's {STAGE}/ aside to {old.name}/ (deleted once the new "
-                  "run saves its first checkpoint)", file=sys.stderr)
+        fresh_start(stage, "wtours neco")
     stage = ensure_dir(stage)
     if main_process:
         remove_stale_temps(stage)
     dataset, canvas, described = make_dataset(cfg, stage, show)
     check_crops(cfg, arch, canvas)
     write_text(run_dir / CONFIG_FILE, to_yaml(cfg))
-    accelerator = cfg.trainer.accelerator if cfg.trainer.accelerator != "cuda" else "gpu"
-    if not on_gpu and accelerator == "auto":
-        accelerator = "cpu"
     loggers: list[Any] = [ResumableCSVLogger(run_dir, STAGE, keep_until_step=resumed_step)]
     if cfg.log.tensorboard:
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name=STAGE, version="tb", default_hp_metric=False))
@@ -384,19 +312,18 @@ def run_neco(cfg: NeCoConfig, run_dir: str | Path, resume: str | None = None, de
 
     def saved(path: Path, step: int) -> None:
         guard.saved(step)
-        _drop_set_aside(stage)
+        drop_set_aside(stage)
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(GPU available but not used).*")
         try:
             trainer = pl.Trainer(
                 accelerator=accelerator, devices=dev, num_nodes=num_nodes or cfg.trainer.num_nodes,
-                precision=_precision(cfg.trainer.precision, on_gpu), max_epochs=-1, max_steps=1,
+                **step_options(cfg, on_gpu), max_epochs=-1, max_steps=1,
                 callbacks=[bar, throughput, pictures, guard, ckpt_cb, *extra_callbacks],
-                accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, log_every_n_steps=cfg.trainer.log_every,
+                log_every_n_steps=cfg.trainer.log_every,
                 logger=loggers, plugins=[AtomicCheckpointIO(trust=trust, on_saved=saved)], limit_val_batches=0,
                 num_sanity_val_steps=0, enable_model_summary=False, default_root_dir=str(run_dir),
-                deterministic=cfg.trainer.deterministic or None, benchmark=on_gpu or None,
                 use_distributed_sampler=False)
         except (MisconfigurationException, TypeError, ValueError) as e:
             msg = " ".join(str(e).split())[:300]
@@ -445,7 +372,7 @@ def run_neco(cfg: NeCoConfig, run_dir: str | Path, resume: str | None = None, de
         summary["backbone"] = str(stage / "backbone.pt")
         for lg in loggers:
             lg.save()
-        first, last = _loss_endpoints(stage / "metrics.csv")
+        first, last = loss_endpoints(stage / "metrics.csv")
         summary.update(first_loss=first, last_loss=last, pictures=[str(p) for p in pictures.written])
         from wtours.report import write_report
 
@@ -453,37 +380,13 @@ def run_neco(cfg: NeCoConfig, run_dir: str | Path, resume: str | None = None, de
     return summary
 
 
-def _loss_endpoints(metrics_csv: Path, key: str = "train/loss") -> tuple[float | None, float | None]:
-    import csv
-
-    vals = []
-    try:
-        with open(metrics_csv, newline="") as f:
-            for row in csv.DictReader(f):
-                v = row.get(key)
-                if v not in (None, ""):
-                    vals.append((int(float(row.get("step") or 0)), float(v)))
-    except OSError:
-        return None, None
-    if not vals:
-        return None, None
-    vals.sort()
-    return vals[0][1], vals[-1][1]
-
-
 def cli_main(args: Any) -> int:
     cfg = load_neco_config(args.config, args.overrides, args.max_steps, args.init, args.images, args.frames_from)
     run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
     import torch
 
-    resume = args.resume
-    fresh = getattr(args, "fresh", False)
-    if fresh:
-        if resume is not None:
-            raise UserError("--fresh and --resume contradict each other")
-    elif resume is None and (run_dir / STAGE / "last.ckpt").is_file():
-        print(f"wtours neco: {run_dir} holds a stage-2 run: continuing it (--fresh starts over)", file=sys.stderr)
-        resume = "last"
+    resume, fresh = auto_resume(args, run_dir / STAGE / "last.ckpt",
+                                f"wtours neco: {run_dir} holds a stage-2 run: continuing it (--fresh starts over)")
     if not cfg.init and resume is None:
         raise UserError("--init: give the encoder to start from (a stage-1 backbone.pt, a timm ViT state dict, "
                         "DINOv2 weights, or random:<timm arch>)")
@@ -498,11 +401,7 @@ def cli_main(args: Any) -> int:
         hint = f"; continue by running the same command again (checkpoint: {last})" if last.is_file() else ""
         print(f"wtours neco: stopped before the end{hint}", file=sys.stderr)
         raise
-    first, last_loss = summary.get("first_loss"), summary.get("last_loss")
-    if first is not None and last_loss is not None and math.isfinite(first):
-        kl = _loss_endpoints(run_dir / STAGE / "metrics.csv", "train/kl")
-        kl_txt = f"; student-teacher KL {kl[0]:.4f} -> {kl[1]:.4f}" if None not in kl else ""
-        print(f"loss: first {first:.4f} -> last {last_loss:.4f} after {summary['steps']} steps{kl_txt}")
+    print_loss_line(summary, run_dir / STAGE / "metrics.csv")
     if summary.get("skipped_images"):
         eg = f" (e.g. {summary['bad_images'][0]})" if summary.get("bad_images") else ""
         print(f"wtours neco: skipped {summary['skipped_images']} unreadable image(s){eg}", file=sys.stderr)

@@ -27,21 +27,21 @@ Randomness in a step (crops, references, drop-path) is a pure function of
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from wtours.config import to_dict
 from wtours.models.ema import cosine_schedule, ema_update_
+from wtours.models.heads import gelu_mlp
 from wtours.models.init_weights import build_vit
 from wtours.neco_augment import NeCoAugment
 from wtours.objectives.neco import NeCoLoss
+from wtours.train.checkpointing import rng_state, set_rng_state
 from wtours.train.neco_config import NeCoConfig, neco_training_hash
 
 
@@ -50,17 +50,7 @@ class ProjectionHead(nn.Module):
 
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 256, nlayers: int = 3) -> None:
         super().__init__()
-        dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [out_dim]
-        layers: list[nn.Module] = []
-        for i in range(nlayers):
-            layers.append(nn.Linear(dims[i], dims[i + 1]))
-            if i < nlayers - 1:
-                layers.append(nn.GELU())
-        self.mlp = nn.Sequential(*layers)
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        self.mlp = gelu_mlp([in_dim] + [hidden_dim] * (nlayers - 1) + [out_dim])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x)
@@ -256,8 +246,7 @@ class NeCoModule(pl.LightningModule):
             "ema_updates": self.ema_updates,
             "augment": self.augment.state_dict(),
             "queue_counters": self.neco.counters(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "rng": rng_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -269,12 +258,7 @@ class NeCoModule(pl.LightningModule):
             self.neco.load_counters(st["queue_counters"])
         rng = st.get("rng")
         if rng:
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-            name, keys, pos, has_gauss, cached = rng["numpy"]
-            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-            if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            set_rng_state(rng)
 
     # ------------------------------------------------------------------ pictures
 
@@ -305,9 +289,3 @@ class NeCoModule(pl.LightningModule):
         proj = ((proj - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
         g = s // self.patch
         return crops, proj.reshape(m, g, g, 3).permute(0, 3, 1, 2)
-
-
-def _numpy_state() -> tuple:
-    """numpy's global RNG state with tensors instead of arrays (loads with ``weights_only=True``)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))

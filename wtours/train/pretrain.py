@@ -31,20 +31,18 @@ detected by Lightning).
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 import os
-import shutil
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 from wtours.config import load_config, to_dict, to_yaml
-from wtours.errors import ConfigError, UserError
+from wtours.errors import UserError
 from wtours.fsutil import ensure_dir, remove_stale_temps, write_text
+from wtours.train.stage_run import (auto_resume, check_run_options, drop_set_aside,  # noqa: F401 (public here too)
+                                    fresh_start, launch_rank_zero, loss_endpoints, print_loss_line, set_stage_aside)
 from wtours.train.video_config import VideoPretrainConfig, training_hash
 
 OOM_HINT = ("lower data.batch_size (e.g. --set data.batch_size=8, with trainer.accumulate_grad_batches=2 to keep "
@@ -109,35 +107,6 @@ def synth_videos(cfg: VideoPretrainConfig, run_dir: Path, progress: bool = True)
     res = synthesize(out_dir=out, width=s.width, height=s.height, fps=s.fps, seconds=s.seconds, seed=s.seed,
                      sequences=s.sequences, seq_frames=s.seq_frames, progress=progress)
     return [str(res.video)]
-
-
-def launch_rank_zero() -> bool:
-    """True in the process that starts a run (not in ranks > 0 of torchrun / srun / Lightning's DDP
-    launcher): the one that prepares the run directory."""
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "JSM_NAMESPACE_RANK"):
-        v = os.environ.get(var, "").strip()
-        if v not in ("", "0"):
-            return False
-    return True
-
-
-def set_stage_aside(stage: Path) -> Path | None:
-    """``--fresh``: rename ``stage`` to ``<stage>.old-<time>`` (atomic) -> the new name, None if absent."""
-    if not stage.exists():
-        return None
-    old = stage.with_name(f"{stage.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-    try:
-        os.replace(stage, old)
-    except OSError as e:
-        raise UserError(f"--fresh: cannot move the previous run aside ({e.strerror or e})", path=stage) from None
-    return old
-
-
-def drop_set_aside(stage: Path) -> None:
-    """Delete the ``<stage>.old-*`` directories left by ``--fresh`` (once the new run has a checkpoint)."""
-    for old in stage.parent.glob(f"{stage.name}.old-*"):
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def crop_detail_warning(cfg: VideoPretrainConfig, videos: Sequence[str] = ()) -> str | None:
@@ -210,17 +179,7 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
     from wtours.train.video_data import DataEpochCallback, VideoDataModule, make_clip_dataset
     from wtours.train.video_module import DoRAModule
 
-    import logging
-
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)  # no "GPU available: ..." banners
-    if fresh and resume is not None:
-        raise UserError("--fresh and --resume contradict each other")
-    if num_nodes is not None and num_nodes < 1:
-        raise UserError(f"--num-nodes: must be >= 1, got {num_nodes}")
-    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.accelerator: '{cfg.trainer.accelerator}' needs a CUDA GPU, and torch finds none "
-                          "here; use trainer.accelerator=auto or cpu")
+    check_run_options(cfg, resume, fresh, num_nodes)
     dev = parse_devices(devices if devices is not None else cfg.trainer.devices)
     main_process = launch_rank_zero()
     # the checkpoint to resume from is read (verified, weights_only) before anything is written
@@ -233,10 +192,7 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
     run_dir = ensure_dir(run_dir)
     show = cfg.log.progress if progress is None else progress
     if fresh and main_process:
-        old = set_stage_aside(run_dir / "stage1")
-        if old is not None:
-            print(f"wtours pretrain: --fresh: moved the previous run's stage1/ aside to {old.name}/ (deleted once "
-                  "the new run saves its first checkpoint)", file=sys.stderr)
+        fresh_start(run_dir / "stage1", "wtours pretrain")
     stage = ensure_dir(run_dir / "stage1")
     if main_process:
         n_tmp, size = remove_stale_temps(stage)
@@ -359,23 +315,6 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
     return summary
 
 
-def loss_endpoints(metrics_csv: str | Path, key: str = "train/loss") -> tuple[float | None, float | None]:
-    """First and last logged ``key`` of a run (None when none was logged)."""
-    vals = []
-    try:
-        with open(metrics_csv, newline="") as f:
-            for row in csv.DictReader(f):
-                v = row.get(key)
-                if v not in (None, ""):
-                    vals.append((int(float(row.get("step") or 0)), float(v)))
-    except OSError:
-        return None, None
-    if not vals:
-        return None, None
-    vals.sort()
-    return vals[0][1], vals[-1][1]
-
-
 def cli_main(args: Any) -> int:
     from wtours.pipeline.run import pipeline_mode
 
@@ -388,16 +327,10 @@ def cli_main(args: Any) -> int:
     run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
     import torch
 
-    resume = args.resume
-    fresh = getattr(args, "fresh", False)
-    if fresh:
-        if resume is not None:
-            raise UserError("--fresh and --resume contradict each other")
-    elif resume is None and (run_dir / "stage1" / "last.ckpt").is_file():
-        # auto-resume (as DINOv2 and solo-learn do): re-running a command continues its run, and a finished
-        # run only re-exports; --fresh starts over
-        print(f"wtours pretrain: {run_dir} holds a run: continuing it (--fresh starts over)", file=sys.stderr)
-        resume = "last"
+    # auto-resume (as DINOv2 and solo-learn do): re-running a command continues its run, and a finished
+    # run only re-exports; --fresh starts over
+    resume, fresh = auto_resume(args, run_dir / "stage1" / "last.ckpt",
+                                f"wtours pretrain: {run_dir} holds a run: continuing it (--fresh starts over)")
     try:
         summary = run_pretrain(cfg, run_dir, resume=resume, devices=args.devices, num_nodes=args.num_nodes,
                                fresh=fresh, trust=getattr(args, "trust_checkpoint", False))
@@ -410,11 +343,7 @@ def cli_main(args: Any) -> int:
         hint = f"; continue with --resume (checkpoint: {last})" if last.is_file() else ""
         print(f"wtours pretrain: stopped before the end{hint}", file=sys.stderr)
         raise
-    first, last_loss = summary.get("first_loss"), summary.get("last_loss")
-    if first is not None and last_loss is not None and math.isfinite(first):
-        kl = loss_endpoints(run_dir / "stage1" / "metrics.csv", "train/kl")
-        kl_txt = f"; student-teacher KL {kl[0]:.4f} -> {kl[1]:.4f}" if None not in kl else ""
-        print(f"loss: first {first:.4f} -> last {last_loss:.4f} after {summary['steps']} steps{kl_txt}")
+    print_loss_line(summary, run_dir / "stage1" / "metrics.csv")
     if summary.get("backbone"):
         print(f"backbone: {summary['backbone']}")
         print(f"report: {summary['report']}")

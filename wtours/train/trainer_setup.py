@@ -1,4 +1,6 @@
-"""How stage 1 sets up its ``pl.Trainer``: shared by ``wtours pretrain`` and ``wtours bench train``.
+"""How stage 1 sets up its ``pl.Trainer``: shared by ``wtours pretrain`` and ``wtours bench train``
+(``wtours neco`` uses :func:`parse_devices`, :func:`resolve_accelerator` and :func:`step_options` too:
+they read only the ``trainer`` section, which both stages' configs have).
 
 * :func:`step_options`: the Trainer arguments that define what one training step computes
   (precision, gradient accumulation, determinism, cuDNN autotuning). Both commands pass exactly

@@ -48,11 +48,9 @@ would have, on every rank.
 from __future__ import annotations
 
 import hashlib
-import random
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch import nn
 
@@ -70,7 +68,7 @@ from wtours.objectives.dora import (
 )
 from wtours.objectives.interface import ObjectiveSet, StepInputs, StepValues
 from wtours.objectives.timet import TimeTObjective
-from wtours.train.checkpointing import CHECKPOINT_LAYOUT
+from wtours.train.checkpointing import CHECKPOINT_LAYOUT, rng_state, set_rng_state
 from wtours.train.schedules import Schedules, build_schedules, steps_per_epoch
 from wtours.train.video_config import VideoPretrainConfig, training_hash
 
@@ -273,8 +271,7 @@ class DoRAModule(pl.LightningModule):
             "layout": CHECKPOINT_LAYOUT,
             "augment": self.augment.state_dict(),
             "generator": self.generator.get_state(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "rng": rng_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -286,11 +283,7 @@ class DoRAModule(pl.LightningModule):
             self.generator.set_state(st["generator"])
         rng = st.get("rng")
         if rng:
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-            _set_numpy_state(rng["numpy"])
-            if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            set_rng_state(rng)
 
     # ------------------------------------------------------------------ pictures
 
@@ -363,17 +356,6 @@ def apply_schedules_(optimizer: torch.optim.Optimizer, values: StepValues) -> No
         group["lr"] = values.lr * group.get("lr_scale", 1.0)
         if group.get("apply_wd", True):
             group["weight_decay"] = values.wd
-
-
-def _numpy_state() -> tuple:
-    """numpy's global RNG state with tensors instead of arrays (loads with ``weights_only=True``)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
-
-
-def _set_numpy_state(state: tuple) -> None:
-    name, keys, pos, has_gauss, cached = state
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 @torch.no_grad()

@@ -135,7 +135,93 @@ def _rng(*key: int) -> np.random.Generator:
 
 
 
-class ClipDataset(IterableDataset):
+class _EpochControls:
+    """The public controls :class:`ClipDataset` and :class:`~wtours.video.frames.FrameFolderClips` share.
+
+    State lives in tensors shared between the main process and DataLoader workers (also persistent
+    ones), made by :meth:`_init_shared_state`: ``_state`` (epoch, start, start's epoch) and
+    ``_counters`` (row 0: the main process, row w+1: DataLoader worker w; one column per name in the
+    class's ``_STATS``). Needs ``_rank``, ``_world``, ``clips_per_epoch``, ``frames_per_clip``,
+    ``out_h`` and ``out_w``.
+    """
+
+    _STATS: tuple[str, ...] = _STATS
+
+    def _init_shared_state(self) -> None:
+        self._state = torch.zeros(3, dtype=torch.int64).share_memory_()  # epoch, start, start's epoch
+        self._state[2] = -1
+        self._counters = torch.zeros(_MAX_STAT_ROWS, len(self._STATS), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch to iterate (clears a ``set_start`` made for another epoch)."""
+        self._state[0] = int(epoch)
+
+    def set_start(self, sample: int) -> None:
+        """Resume the current epoch: skip its first ``sample`` samples (per rank). Call after set_epoch."""
+        if sample < 0:
+            raise UserError(f"set_start needs a sample >= 0, got {sample}")
+        self._state[1] = int(sample)
+        self._state[2] = int(self._state[0])
+
+    @property
+    def epoch(self) -> int:
+        return int(self._state[0])
+
+    def position(self) -> tuple[int, int]:
+        """``(epoch, first sample)`` the next iteration delivers."""
+        epoch = int(self._state[0])
+        return epoch, (int(self._state[1]) if int(self._state[2]) == epoch else 0)
+
+    def rank_world(self) -> tuple[int, int]:
+        if self._rank is not None or self._world is not None:
+            r, w = int(self._rank or 0), int(self._world or 1)
+        else:
+            r, w = 0, 1
+            try:
+                import torch.distributed as dist
+
+                if dist.is_available() and dist.is_initialized():
+                    r, w = dist.get_rank(), dist.get_world_size()
+                else:
+                    raise RuntimeError
+            except Exception:
+                r, w = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if not 0 <= r < w:
+            raise UserError(f"bad rank/world size: {r}/{w}")
+        return r, w
+
+    @property
+    def samples_per_rank(self) -> int:
+        return math.ceil(self.clips_per_epoch / self.rank_world()[1])
+
+    def __len__(self) -> int:
+        return self.samples_per_rank
+
+    def stats(self) -> dict[str, float]:
+        """Counters summed over this process and its DataLoader workers (``ratio``: decoded per delivered)."""
+        d = dict(zip(self._STATS, (int(x) for x in self._counters.sum(0).tolist())))
+        d["ratio"] = d["decoded_frames"] / d["delivered_frames"] if d["delivered_frames"] else float("nan")
+        return d
+
+    def reset_stats(self) -> None:
+        self._counters.zero_()
+
+    @property
+    def clip_shape(self) -> tuple[int, int, int, int]:
+        return (self.frames_per_clip, 3, self.out_h, self.out_w)
+
+    def _pickle_state(self, *drop: str) -> dict:
+        """``__dict__`` less ``drop``, with the rank and world size fixed (spawned workers cannot see
+        the process group)."""
+        d = self.__dict__.copy()
+        for k in drop:
+            d.pop(k, None)
+        if d.get("_rank") is None and d.get("_world") is None:
+            d["_rank"], d["_world"] = self.rank_world()
+        return d
+
+
+class ClipDataset(_EpochControls, IterableDataset):
     """Sharded, deterministic, resumable clips of ``frames_per_clip`` frames (see the module doc).
 
     Iterating it yields one item per clip (``clip`` ``[T, 3, H, W]``); :class:`~wtours.video.loader.ClipLoader`
@@ -213,9 +299,7 @@ class ClipDataset(IterableDataset):
             seg = self.min_segment_frames if self.aligned[-1] else max(self.min_segment_frames,
                                                                        SEGMENT_GOPS * idx.mean_keyframe_spacing)
             self.blocks_per_segment.append(max(1, math.ceil(seg / (s * T))))
-        self._state = torch.zeros(3, dtype=torch.int64).share_memory_()  # epoch, start, start's epoch
-        self._state[2] = -1
-        self._counters = torch.zeros(_MAX_STAT_ROWS, len(_STATS), dtype=torch.int64).share_memory_()
+        self._init_shared_state()
         self._cum_cycle: list[int] = [0]
         if plan_only:  # the clip plan of given indexes (what a loader would deliver), nothing to decode
             self._files, self._geoms, self.pixel_format = [], [], "yuv420p"
@@ -232,68 +316,9 @@ class ClipDataset(IterableDataset):
             self._files = [LoaderVideo(v, i, pixel_format=self.pixel_format) for v, i in zip(videos, self.indexes)]
         self.matrices = np.array([stream_matrix(v) if yuv else BT601 for v in videos], dtype=np.int64)
 
-    # -- public controls --------------------------------------------------------------------------
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch to iterate (clears a ``set_start`` made for another epoch)."""
-        self._state[0] = int(epoch)
-
-    def set_start(self, sample: int) -> None:
-        """Resume the current epoch: skip its first ``sample`` samples (per rank). Call after set_epoch."""
-        if sample < 0:
-            raise UserError(f"set_start needs a sample >= 0, got {sample}")
-        self._state[1] = int(sample)
-        self._state[2] = int(self._state[0])
-
-    @property
-    def epoch(self) -> int:
-        return int(self._state[0])
-
-    def position(self) -> tuple[int, int]:
-        """``(epoch, first sample)`` the next iteration delivers."""
-        epoch = int(self._state[0])
-        return epoch, (int(self._state[1]) if int(self._state[2]) == epoch else 0)
-
-    def rank_world(self) -> tuple[int, int]:
-        if self._rank is not None or self._world is not None:
-            r, w = int(self._rank or 0), int(self._world or 1)
-        else:
-            r, w = 0, 1
-            try:
-                import torch.distributed as dist
-
-                if dist.is_available() and dist.is_initialized():
-                    r, w = dist.get_rank(), dist.get_world_size()
-                else:
-                    raise RuntimeError
-            except Exception:
-                r, w = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        if not 0 <= r < w:
-            raise UserError(f"bad rank/world size: {r}/{w}")
-        return r, w
-
-    @property
-    def samples_per_rank(self) -> int:
-        return math.ceil(self.clips_per_epoch / self.rank_world()[1])
-
-    def __len__(self) -> int:
-        return self.samples_per_rank
-
-    def stats(self) -> dict[str, float]:
-        """Counters summed over this process and its DataLoader workers."""
-        tot = self._counters.sum(0).tolist()
-        d = dict(zip(_STATS, (int(x) for x in tot)))
-        d["ratio"] = d["decoded_frames"] / d["delivered_frames"] if d["delivered_frames"] else float("nan")
-        return d
-
-    def reset_stats(self) -> None:
-        self._counters.zero_()
-
+    # -- public controls (set_epoch, set_start, position, rank_world, stats, ...: _EpochControls) --
     def count_delivered(self, row: int, clips: int) -> None:
         self._counters[row, 1] += int(clips) * self.frames_per_clip
-
-    @property
-    def clip_shape(self) -> tuple[int, int, int, int]:
-        return (self.frames_per_clip, 3, self.out_h, self.out_w)
 
     @property
     def slot_shape(self) -> tuple[int, ...]:
@@ -322,12 +347,7 @@ class ClipDataset(IterableDataset):
 
     # -- pickling ---------------------------------------------------------------------------------
     def __getstate__(self):
-        d = self.__dict__.copy()
-        d.pop("_cycle_cache", None)
-        d.pop("_plan_cache", None)
-        if d.get("_rank") is None and d.get("_world") is None:
-            d["_rank"], d["_world"] = self.rank_world()  # spawned workers cannot see the process group
-        return d
+        return self._pickle_state("_cycle_cache", "_plan_cache")
 
     # -- the clip stream --------------------------------------------------------------------------
     def _video_blocks(self, v: int, cycle: int) -> tuple[np.ndarray, np.ndarray]:

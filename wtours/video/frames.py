@@ -72,7 +72,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from wtours.errors import UserError
-from wtours.video.clips import _MAX_STAT_ROWS, _rng
+from wtours.video.clips import _MAX_STAT_ROWS, _EpochControls, _rng
 from wtours.video.decode import clip_size, make_geometry
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def read_video_list(videos: Sequence[str] | str | Path) -> list[str]:
     return list(dict.fromkeys(n for n in names if n))
 
 
-class FrameFolderClips(IterableDataset):
+class FrameFolderClips(_EpochControls, IterableDataset):
     """Sharded, deterministic, resumable clips from folders of frames (see the module doc).
 
     ``videos``: restrict to (and order by) these video names, or a list file of names (``str`` /
@@ -151,6 +151,8 @@ class FrameFolderClips(IterableDataset):
     size, for exact resume with workers. ``rank``/``world_size``: None = from torch.distributed, else
     RANK/WORLD_SIZE, else 0/1. ``draft``: fast JPEG decode at reduced DCT scale (see the module doc).
     """
+
+    _STATS = _STATS
 
     def __init__(self, root: str | Path, frames_per_clip: int = 4, stride: int = 1, short_side: int = 256,
                  aspect: float = 16 / 9, clips_per_epoch: int = 1024, seed: int = 0, *,
@@ -214,76 +216,15 @@ class FrameFolderClips(IterableDataset):
             raise UserError(f"no video under {base} has the {need} a clip needs ({sampling} sampling of {T} "
                             f"frames; the longest has {longest})")
         log.info("%s: %d videos, %d frames", base, len(self.videos), sum(map(len, self.frame_files)))
-        # shared between the main process and DataLoader workers (also persistent ones)
-        self._state = torch.zeros(3, dtype=torch.int64).share_memory_()  # epoch, start, start's epoch
-        self._state[2] = -1
-        self._counters = torch.zeros(_MAX_STAT_ROWS, len(_STATS), dtype=torch.int64).share_memory_()
+        self._init_shared_state()  # shared between the main process and DataLoader workers
 
-    # -- public controls (as ClipDataset) ---------------------------------------------------------
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch to iterate (clears a ``set_start`` made for another epoch)."""
-        self._state[0] = int(epoch)
-
-    def set_start(self, sample: int) -> None:
-        """Resume the current epoch: skip its first ``sample`` samples (per rank). Call after set_epoch."""
-        if sample < 0:
-            raise UserError(f"set_start needs a sample >= 0, got {sample}")
-        self._state[1] = int(sample)
-        self._state[2] = int(self._state[0])
-
-    @property
-    def epoch(self) -> int:
-        return int(self._state[0])
-
-    def rank_world(self) -> tuple[int, int]:
-        if self._rank is not None or self._world is not None:
-            r, w = int(self._rank or 0), int(self._world or 1)
-        else:
-            r, w = 0, 1
-            try:
-                import torch.distributed as dist
-
-                if dist.is_available() and dist.is_initialized():
-                    r, w = dist.get_rank(), dist.get_world_size()
-                else:
-                    raise RuntimeError
-            except Exception:
-                r, w = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        if not 0 <= r < w:
-            raise UserError(f"bad rank/world size: {r}/{w}")
-        return r, w
-
-    @property
-    def samples_per_rank(self) -> int:
-        return math.ceil(self.clips_per_epoch / self.rank_world()[1])
-
-    def __len__(self) -> int:
-        return self.samples_per_rank
-
-    def stats(self) -> dict[str, float]:
-        """Counters summed over this process and its DataLoader workers (``ratio``: decoded per delivered)."""
-        d = dict(zip(_STATS, (int(x) for x in self._counters.sum(0).tolist())))
-        d["ratio"] = d["decoded_frames"] / d["delivered_frames"] if d["delivered_frames"] else float("nan")
-        return d
-
-    def reset_stats(self) -> None:
-        self._counters.zero_()
-
-    @property
-    def clip_shape(self) -> tuple[int, int, int, int]:
-        return (self.frames_per_clip, 3, self.out_h, self.out_w)
-
+    # -- public controls (set_epoch, set_start, position, rank_world, stats, ...: _EpochControls) --
     def video_dir(self, v: int) -> Path:
         return self.frames_root / self.videos[v]
 
     # -- pickling ---------------------------------------------------------------------------------
     def __getstate__(self):
-        d = self.__dict__.copy()
-        for k in ("_perm_cache", "_bad", "_logged"):
-            d.pop(k, None)
-        if d.get("_rank") is None and d.get("_world") is None:
-            d["_rank"], d["_world"] = self.rank_world()  # spawned workers cannot see the process group
-        return d
+        return self._pickle_state("_perm_cache", "_bad", "_logged")
 
     # -- the clip plan ----------------------------------------------------------------------------
     def _video_at(self, q: int) -> int:
@@ -332,8 +273,7 @@ class FrameFolderClips(IterableDataset):
         wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
         row = 0 if info is None else 1 + (wid % (_MAX_STAT_ROWS - 1))
         rank, world = self.rank_world()
-        epoch = int(self._state[0])
-        start = int(self._state[1]) if int(self._state[2]) == epoch else 0
+        epoch, start = self.position()
         B = self.batch_size or 1
         slots = np.arange(start, self.samples_per_rank)
         slots = slots[((slots - start) // B) % nw == wid]
