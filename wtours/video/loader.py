@@ -51,19 +51,23 @@ and every frame still costs a seek). Chosen: segments decoded once, in one pass,
 one pool shared by all workers, and batches drawn across *lanes*, far-apart parts of the epoch (see
 :func:`lane_order`); a cached 540p proxy with a keyframe per second (``data.proxy: auto``) makes the
 segments short (one 8-s block) and seeks free. ``wtours bench decode`` (synthetic 4K H.264 tour, 64 s,
-30 fps, GOP 120; T = 8 frames 1 s apart, batches of 16, short side 540, 2 workers on a shared 2-core VM,
-2 runs, median)::
+30 fps, GOP 120; T = 8 frames 1 s apart, batches of 16, short side 540, 2 workers on the 2-core VM with
+nothing else running, 2 runs, median)::
 
     input              ceiling/s  delivered/s  x ceiling (CPU)  decoded/deliv.  windows/batch (2 h plan)  pool
-    4K source GOP 120     42.4        25.8      0.61    0.62         1.28         6.7/8  (15.9)          2.7 GiB
-    540p proxy GOP 30    236.4       177.9      0.75    0.75         1.02         7.0/8  (15.9)          2.3 GiB
+    4K source GOP 120     72.8        52.9      0.73    0.67         1.28         6.7/8  (15.9)          2.7 GiB
+    540p proxy GOP 30    350.5       380.2      1.08    0.89         1.02         7.0/8  (15.9)          2.3 GiB
 
-(the 64-s file has only 8 windows of 8 s; "2 h plan" counts them in the loader's plan of a 2-hour tour,
-:func:`wtours.bench.decode.planned_windows`). The 4K row pays the 4K -> 540p scaling the ceiling does
-not include; segments of 5 keyframe intervals there gave 0.79x and 1.15 decoded per delivered but a
-7.6 GiB pool, so segments take 2. Memory is the price of decoding each frame once: a lane holds its
-segment until its clips are delivered, so the pool is about ``lanes x segment`` frames (proxy:
-16 x 240 frames x 0.78 MB at 540p I420) plus one segment per worker; lower ``data.lanes`` to save it.
+With other jobs on the machine the same rows gave 0.61x and 0.75x. The 64-s file has only 8 windows of
+8 s; "2 h plan" counts them in the loader's plan of a 2-hour tour (:func:`wtours.bench.decode.planned_windows`).
+The 4K row pays the 4K -> 540p scaling that the ceiling leaves out; segments of 5 keyframe intervals
+there gave 1.15 decoded per delivered but a 7.6 GiB pool, so segments take 2. The proxy beats the
+ceiling because two single-threaded workers use 2 cores better than one decoder's frame threads.
+
+Memory is the price of decoding each frame once: a lane holds its segment until its clips are
+delivered, so the pool is about ``lanes x segment`` frames (proxy: 16 x 240 frames x 0.78 MB at 540p
+I420) plus one segment per worker; lower ``data.lanes`` to save it (a pool over 3/4 of the available
+memory is refused with one line).
 Not measured here: a GPU machine's 16 cores (no GPU was lent); there the proxy's ceiling scales with the
 cores, against the ~2,200 frames/s an H100 at 30 % MFU consumes for ``dora_vits16``. Hardware decode
 (NVDEC) is not used: PyAV's wheels ship FFmpeg without it.
