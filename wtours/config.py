@@ -229,5 +229,21 @@ def to_dict(cfg: Any) -> dict:
     return conv(cfg)
 
 
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists and empty mappings stay values)."""
+    if not isinstance(d, dict) or not d:
+        return {prefix.rstrip("."): d} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def changed_keys(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """Flattened keys whose value differs between two flattened config views (added and removed keys included)."""
+    old = old or {}
+    return sorted(k for k in set(old) | set(new) if old.get(k, object()) != new.get(k, object()))
+
+
 def to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -36,7 +36,8 @@ from typing import Any, Sequence
 from wtours.errors import ConfigError, UserError
 from wtours.fsutil import ensure_dir, write_json, write_text
 from wtours.pipeline.spec import Pipeline, Stage, load_stage_config
-from wtours.pipeline.status import (backbone_checksum, changed_keys, digest, fingerprint, flatten, now,
+from wtours.config import changed_keys, flatten
+from wtours.pipeline.status import (backbone_checksum, digest, fingerprint, now,
                                     read_status, write_status)
 
 STAGE_SUBDIR = {"video": "stage1", "neco": "stage2"}

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 from wtours.config import REPO_ROOT, load_yaml_file
 from wtours.errors import UserError
-from wtours.pipeline.status import flatten
+from wtours.config import flatten
 
 PIPELINE_DIR = REPO_ROOT / "pipelines"
 DEFAULT_PIPELINE = "walking-tours"

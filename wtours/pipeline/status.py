@@ -35,16 +35,6 @@ def now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values)."""
-    if not isinstance(d, dict) or not d:
-        return {prefix.rstrip("."): d} if prefix else {}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}{k}."))
-    return out
-
-
 def digest(obj: Any) -> str:
     """Content digest of a JSON-like object (:func:`wtours.integrity.content_digest`, after a JSON round
     trip so that tuples and lists, Paths and strings hash alike)."""
@@ -53,12 +43,6 @@ def digest(obj: Any) -> str:
 
 def fingerprint(config_digest: str, input_checksum: str | None) -> str:
     return digest({"config": config_digest, "input": input_checksum})
-
-
-def changed_keys(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
-    """Flattened keys whose value differs between two config views (added and removed keys included)."""
-    old = old or {}
-    return sorted(k for k in set(old) | set(new) if old.get(k, object()) != new.get(k, object()))
 
 
 def read_status(stage_dir: Path) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from wtours.config import changed_keys, flatten
 from wtours.errors import UserError
 from wtours.fsutil import torch_save
 from wtours.integrity import load_verified, seal
@@ -75,13 +76,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return ckpt
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix.rstrip("."): d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}."))
-    return out
+def config_changed(old_view: dict[str, Any], new_view: dict[str, Any], path: str | Path) -> UserError:
+    """The one-line error for resuming ``path`` with another config: names up to 4 changed keys of the two
+    training views (both stages use it)."""
+    old, new = flatten(old_view), flatten(new_view)
+    changed = changed_keys(old, new)
+    detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+    more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
+    return UserError(f"checkpoint was written with another config ({detail or 'hash differs'}{more}); "
+                     "resume with the same config, or start over with --fresh or another --out", path=path)
 
 
 def read_checkpoint_meta(path: str | Path, trust: bool = False) -> dict[str, Any]:
@@ -109,12 +112,7 @@ def check_config(meta: dict[str, Any], config_hash: str, config: dict[str, Any],
                         f"(checkpoint layout {layout}, this one reads {CHECKPOINT_LAYOUT}) and cannot be resumed; "
                         "start over with --fresh or another --out (an exported backbone.pt stays usable)", path=path)
     if meta.get("config_hash") != config_hash:
-        old, new = _flatten(training_view(meta.get("config", {}))), _flatten(training_view(config))
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
-        more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
-        raise UserError(f"checkpoint was written with another config ({detail or 'hash differs'}{more}); "
-                        "resume with the same config, or start over with --fresh or another --out", path=path)
+        raise config_changed(training_view(meta.get("config", {})), training_view(config), path)
 
 
 def check_resume(path: str | Path, config_hash: str, config: dict[str, Any], trust: bool = False) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from typing import Any, Sequence
 from wtours.config import load_config, to_dict, to_yaml
 from wtours.errors import ConfigError, UserError
 from wtours.fsutil import ensure_dir, remove_stale_temps, write_text
+from wtours.train.checkpointing import config_changed
 from wtours.train.neco_config import NeCoConfig, neco_training_hash, neco_training_view
 from wtours.train.stage_run import (auto_resume, check_run_options, drop_set_aside, fresh_start, launch_rank_zero,
                                     loss_endpoints, print_loss_line)
@@ -82,21 +83,7 @@ def _read_resume(path: Path, trust: bool) -> dict[str, Any]:
 def _check_same_config(meta: dict[str, Any], cfg: NeCoConfig, path: Path) -> None:
     if meta.get("config_hash") == neco_training_hash(cfg):
         return
-
-    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
-        if not isinstance(d, dict):
-            return {prefix.rstrip("."): d}
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}."))
-        return out
-
-    old, new = flat(neco_training_view(meta.get("config", {}))), flat(neco_training_view(to_dict(cfg)))
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
-    more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
-    raise UserError(f"checkpoint was written with another config ({detail or 'hash differs'}{more}); resume with the "
-                    "same config, or start over with --fresh or another --out", path=path)
+    raise config_changed(neco_training_view(meta.get("config", {})), neco_training_view(to_dict(cfg)), path)
 
 
 def _patch_size(arch: str) -> int:
