@@ -71,7 +71,11 @@ def test_cli_writes_json_and_refuses_bad_input(test_videos, tmp_path, capsys):
     for args in (["bench", "decode", str(tmp_path / "nope.mp4")],
                  ["bench", "decode", v, "--backends", "opencv"],
                  ["bench", "decode", v, "--clips", "0"],
-                 ["bench", "decode", v, "--mfu", "2"]):
+                 ["bench", "decode", v, "--mfu", "2"],
+                 ["bench", "decode", "--gop", "0"],
+                 ["bench", "decode", "--seconds", "0"],
+                 ["bench", "decode", v, "--lanes", "0"],
+                 ["bench", "decode", v, "--repeat", "0"]):
         assert main(args) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err

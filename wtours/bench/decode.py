@@ -538,6 +538,12 @@ def cli_main(args) -> int:
     bs = getattr(args, "batch_size", BATCH_DEFAULT)
     if bs < 1:
         raise UserError(f"--batch-size must be >= 1, got {bs}")
+    for name, low in (("lanes", 1), ("gop", 1), ("repeat", 1)):
+        val = getattr(args, name, None)
+        if val is not None and val < low:
+            raise UserError(f"--{name} must be >= {low}, got {val}")
+    if not getattr(args, "seconds", 1.0) > 0:
+        raise UserError(f"--seconds must be > 0, got {args.seconds}")
     mfu = getattr(args, "mfu", MFU_DEFAULT)
     if not 0 < mfu <= 1:
         raise UserError(f"--mfu must be in (0, 1], got {mfu}")
