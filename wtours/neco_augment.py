@@ -221,17 +221,18 @@ class NeCoAugment(SeededAugment):
         boxes, fallback = sample_neco_boxes(g, sizes, c)  # CPU, [B, V, 4]
         v = gn + ln
         photo = sample_photometric(g, b * v, c.jitter_p, c.brightness, c.contrast, c.saturation, c.hue,
-                                   c.grayscale_p, c.blur_p, tuple(c.blur_sigma)).to(dev)
+                                   c.grayscale_p, c.blur_p, tuple(c.blur_sigma))  # CPU: apply_photometric moves it
+        # (kept on the CPU so that its hue indices need no device-to-host copy)
         frames = images.float()
         idx = torch.arange(b, device=dev)
         bx = boxes.float().to(dev, non_blocking=True)
         gv = crop_resize(frames, bx[:, :gn].reshape(-1, 4), idx.repeat_interleave(gn), c.global_size).div_(255.0)
         sel = torch.arange(b * v).view(b, v)
-        gv = apply_photometric(gv, photo.expand(sel[:, :gn].reshape(-1).to(dev)), c.blur_sigma[1])
+        gv = apply_photometric(gv, photo.expand(sel[:, :gn].reshape(-1)), c.blur_sigma[1])
         global_views = normalize(gv).view(b, gn, 3, c.global_size, c.global_size)
         if ln > 0:
             lv = crop_resize(frames, bx[:, gn:].reshape(-1, 4), idx.repeat_interleave(ln), c.local_size).div_(255.0)
-            lv = apply_photometric(lv, photo.expand(sel[:, gn:].reshape(-1).to(dev)), c.blur_sigma[1])
+            lv = apply_photometric(lv, photo.expand(sel[:, gn:].reshape(-1)), c.blur_sigma[1])
             local_views = normalize(lv).view(b, ln, 3, c.local_size, c.local_size)
         else:
             local_views = torch.zeros(b, 0, 3, c.local_size, c.local_size, device=dev)
