@@ -259,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training seeds = random-init seeds (default: 0 1 2)")
     q.add_argument("--out", default="runs/proof", metavar="DIR", help="output folder (default: runs/proof)")
     q.add_argument("--max-steps", type=int, default=None, help="shortcut for --set trainer.max_steps=N")
+    q.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="cap each seed's training time; a seed stopped by it is exported and evaluated as it stands")
     q.add_argument("--init-from", metavar="DIR", default=None,
                    help="fine-tune: seed s starts from DIR/seed<s>/stage1/backbone.pt (an earlier bench learn --out)")
     q.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],

@@ -276,8 +276,10 @@ def _say(quiet: bool, msg: str) -> None:
         print(f"bench learn: {msg}", file=sys.stderr, flush=True)
 
 
-def _train_seed(cfg: Any, run_dir: Path, times: _Times, phase: str, quiet: bool) -> dict[str, Any]:
-    """Stage 1 of one seed (reused when its backbone.pt was written by this training config)."""
+def _train_seed(cfg: Any, run_dir: Path, times: _Times, phase: str, quiet: bool,
+                max_seconds: float | None = None) -> dict[str, Any]:
+    """Stage 1 of one seed (reused when its backbone.pt was written by this training config); ``max_seconds``
+    caps its training time (a run stopped by it is exported and evaluated as it stands)."""
     import torch
 
     from wtours.config import to_dict
@@ -296,7 +298,8 @@ def _train_seed(cfg: Any, run_dir: Path, times: _Times, phase: str, quiet: bool)
         if meta.get("config_hash") == want:
             times.reused(phase)
             _say(quiet, f"{phase}: {bb} exists (same training config): reused")
-            return {"steps": meta.get("steps"), "backbone": bb, "reused": True, "collapse_warnings": None}
+            return {"steps": meta.get("steps"), "backbone": bb, "reused": True, "collapse_warnings": None,
+                    "planned_steps": meta.get("planned_steps"), "stopped_by_time": meta.get("stopped_by_time")}
     last = run_dir / "stage1" / "last.ckpt"
     resume = None
     if last.is_file():
@@ -309,13 +312,16 @@ def _train_seed(cfg: Any, run_dir: Path, times: _Times, phase: str, quiet: bool)
     _say(quiet, f"{phase}: stage 1, seed {cfg.seed}, into {run_dir}" + (" (continuing)" if resume else ""))
     t0 = time.perf_counter()
     try:
-        summary = run_pretrain(cfg, run_dir, resume=resume, progress=False if quiet else None)
+        summary = run_pretrain(cfg, run_dir, resume=resume, progress=False if quiet else None, max_seconds=max_seconds)
     except KeyboardInterrupt:
         print(f"wtours bench learn: stopped during {phase}; run the same command again to continue "
               f"(finished seeds are kept)", file=sys.stderr)
         raise
     times.done(phase, time.perf_counter() - t0)
+    if summary.get("stopped_by_time"):
+        _say(quiet, f"{phase}: stopped by --time-limit at step {summary.get('steps')} of {summary.get('planned_steps')}")
     return {"steps": summary.get("steps"), "backbone": bb, "reused": False,
+            "planned_steps": summary.get("planned_steps"), "stopped_by_time": summary.get("stopped_by_time"),
             "collapse_warnings": len(summary.get("collapse_warnings") or [])}
 
 
@@ -351,6 +357,8 @@ def _command(args: Any) -> str:
         parts += ["--init-from", str(args.init_from)]
     if args.max_steps is not None:
         parts += ["--max-steps", str(args.max_steps)]
+    if getattr(args, "time_limit", None) is not None:
+        parts += ["--time-limit", f"{args.time_limit:g}"]
     for o in args.overrides:
         parts += ["--set", o]
     for o in args.eval_overrides:
@@ -384,6 +392,8 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
         raise UserError(f"--seeds: seeds must be >= 0, got {min(seeds)}")
     if args.max_steps is not None and args.max_steps < 1:
         raise UserError(f"--max-steps: must be >= 1, got {args.max_steps}")
+    if getattr(args, "time_limit", None) is not None and not args.time_limit > 0:
+        raise UserError(f"--time-limit: must be a positive number of seconds, got {args.time_limit}")
     if args.readme:
         check_readme(args.readme)  # refuse before hours of work, not after
     cfg = load_pretrain_config(args.config, args.overrides, args.max_steps)
@@ -426,9 +436,10 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
                                      init=None if init is None else str(init))
         resolved = resolved or to_dict(cfg_s)
         run_dir = out / f"seed{s}"
-        tr = _train_seed(cfg_s, run_dir, times, f"seed{s}/train", quiet)
+        tr = _train_seed(cfg_s, run_dir, times, f"seed{s}/train", quiet, getattr(args, "time_limit", None))
         sha = _sha256(tr["backbone"])
-        runs[str(s)] = {"run_dir": str(run_dir), "steps": tr["steps"], "backbone": str(tr["backbone"]),
+        runs[str(s)] = {"run_dir": str(run_dir), "steps": tr["steps"], "planned_steps": tr["planned_steps"],
+                        "stopped_by_time": tr["stopped_by_time"], "backbone": str(tr["backbone"]),
                         "backbone_sha256": sha, "collapse_warnings": tr["collapse_warnings"],
                         "random_spec": f"random:{cfg_s.model.arch}@{s}"}
         for enc, spec, base, digest in (("trained", str(tr["backbone"]), run_dir, sha),

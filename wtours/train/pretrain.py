@@ -31,6 +31,7 @@ detected by Lightning).
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import sys
@@ -158,11 +159,15 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
 
 def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | None = None,
                  devices: Any = None, num_nodes: int | None = None, extra_callbacks: Sequence[Any] = (),
-                 progress: bool | None = None, fresh: bool = False, trust: bool = False) -> dict[str, Any]:
+                 progress: bool | None = None, fresh: bool = False, trust: bool = False,
+                 max_seconds: float | None = None) -> dict[str, Any]:
     """Run stage 1 into ``run_dir`` (see the module docstring). Returns a summary dict.
 
     ``fresh`` sets an existing ``stage1/`` aside first; ``trust`` reads a ``resume`` checkpoint that
     needs pickle. ``extra_callbacks`` are added to the Trainer (tests use one to simulate a kill).
+    ``max_seconds`` caps this invocation's training time (Lightning's ``max_time``): a run stopped by it
+    ends like a finished one (checkpoint, guard, export) with ``summary["stopped_by_time"]`` set and
+    ``meta["planned_steps"]`` in ``backbone.pt``; the schedules keep their planned length.
     """
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -268,6 +273,7 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
         trainer = make_trainer(
             world, accelerator=accelerator, devices=dev, num_nodes=nodes, **step_options(cfg, on_gpu),
             max_epochs=-1, max_steps=sched.total_steps, callbacks=callbacks, log_every_n_steps=cfg.trainer.log_every,
+            max_time=None if max_seconds is None else datetime.timedelta(seconds=float(max_seconds)),
             logger=loggers, plugins=[AtomicCheckpointIO(trust=trust, on_saved=saved)], limit_val_batches=0,
             num_sanity_val_steps=0, enable_model_summary=False, default_root_dir=str(run_dir))
 
@@ -292,16 +298,19 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
             if trainer.interrupted:
                 raise KeyboardInterrupt from e
             raise
-    if trainer.interrupted or trainer.global_step < sched.total_steps:
+    stopped_by_time = max_seconds is not None and 0 < trainer.global_step < sched.total_steps
+    if trainer.interrupted or (trainer.global_step < sched.total_steps and not stopped_by_time):
         raise KeyboardInterrupt
-    summary: dict[str, Any] = {"steps": trainer.global_step, "run_dir": str(run_dir)}
+    summary: dict[str, Any] = {"steps": trainer.global_step, "run_dir": str(run_dir),
+                               "stopped_by_time": stopped_by_time, "planned_steps": sched.total_steps}
     trainer.save_checkpoint(str(stage / "last.ckpt"))  # the guard checks the weights first
     guard.check(trainer, module)
     if trainer.is_global_zero:
         meta = {"stage": "+".join(cfg.objective.enabled()), "objectives": cfg.objective.enabled(),
                 "steps": trainer.global_step, "config_hash": cfg_hash, "init": cfg.model.init,
                 "videos": [str(v) for v in cfg.videos], "frames": cfg.data.frames, "arch": cfg.model.arch,
-                "clips_seen": trainer.global_step * clips_per_step(cfg, world)}
+                "clips_seen": trainer.global_step * clips_per_step(cfg, world), "planned_steps": sched.total_steps,
+                "stopped_by_time": stopped_by_time}
         export_backbone(module.teacher.vit, cfg.model.arch, stage / "backbone.pt", meta)
         summary["backbone"] = str(stage / "backbone.pt")
         for lg in loggers:
