@@ -191,6 +191,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_arg(q)
     _add_config_args(q)
 
+    def instrument(name: str, handler: str, help: str, example: str, datasets: list[str]) -> argparse.ArgumentParser:
+        q = _sub(esubs, name, handler, help, example)
+        q.add_argument("--dataset", required=True, choices=datasets)
+        q.add_argument("--root", required=True, metavar="PATH", help="dataset root")
+        q.add_argument("--checkpoint", required=True, metavar="CKPT",
+                       help="backbone.pt; last.ckpt (teacher) or last.ckpt:student; a timm ViT state dict file; or "
+                            "random:<timm arch>[@seed]")
+        q.add_argument("--arch", default=None, help="timm arch for a bare state dict (default: inferred)")
+        q.add_argument("--videos", metavar="FILE", help="file with one video name per line (the evaluated videos)")
+        q.add_argument("--out", metavar="DIR", help=f"output folder (default: runs/eval/{name}/<dataset>)")
+        q.add_argument("--device", default="auto", help="cuda, cpu or auto")
+        _add_trust_arg(q)
+        _add_config_args(q)
+        return q
+
+    instrument("propagation", "wtours.eval.propagation",
+               "semi-supervised video object segmentation by label propagation (DINO's protocol), DAVIS-2017 J&F",
+               "wtours eval propagation --dataset davis --root DAVIS --checkpoint runs/venice/stage1/backbone.pt\n"
+               "  wtours eval propagation --dataset synth --root data/synth --checkpoint random:vit_nano_patch8_64 "
+               "--config eval/propagation_tiny", ["davis", "synth"])
+    for name, handler, help_, example in (
+            ("incontext", "wtours.eval.incontext",
+             "in-context segmentation by dense nearest-neighbour retrieval (Hummingbird / open-hummingbird-eval), "
+             "mIoU: memory from the training split, queries from the held-out split",
+             "wtours eval incontext --dataset ytvos --root YTVOS --checkpoint runs/venice/stage1/backbone.pt\n"
+             "  wtours eval incontext --dataset synth --root data/synth --checkpoint random:vit_nano_patch8_64 "
+             "--config eval/incontext_tiny"),
+            ("linear", "wtours.eval.linear_probe",
+             "linear segmentation probe on frozen patch features (NeCo-style), trained on the training split, "
+             "mIoU on the held-out split",
+             "wtours eval linear --dataset ytvos --root YTVOS --checkpoint runs/venice/stage1/backbone.pt\n"
+             "  wtours eval linear --dataset synth --root data/synth --checkpoint random:vit_nano_patch8_64 "
+             "--config eval/linear_tiny")):
+        q = instrument(name, handler, help_, example, ["ytvos", "synth"])
+        q.add_argument("--memory-root", metavar="PATH", default=None,
+                       help="take the memory / training frames from every video of this YTVOS-layout root instead "
+                            "(the queries are then every held-out video of --root)")
+
     p = groups["bench"] = _sub(subs, "bench", "wtours.bench.cli", "benchmarks (decode, train, eval, learn, neco)",
                                "wtours bench decode venice.mp4")
     bsubs = p.add_subparsers(dest="bench_command", metavar="<what>")
