@@ -186,3 +186,19 @@ def test_cuda_matches_cpu():
         torch.set_float32_matmul_precision(prev)
     torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-5)
     assert math.isfinite(float(gpu.sum()))
+
+
+def test_an_exported_backbone_scores_as_its_random_spec(synth_dir, tmp_path):
+    """backbone.pt of the weights random:<arch>@0 builds gives the same J&F, and its identity is recorded."""
+    from wtours.eval.propagation import PropagationConfig, evaluate_propagation
+    from wtours.models.backbone_io import create_vit, export_backbone
+
+    torch.manual_seed(0)
+    ckpt = export_backbone(create_vit("vit_nano_patch8_64", num_classes=0, dynamic_img_size=True),
+                           "vit_nano_patch8_64", tmp_path / "backbone.pt", {"stage": "test"})
+    cfg = PropagationConfig(short_side=64, long_multiple=16, size_mask_neighborhood=4, overlays=0, progress=False)
+    a = evaluate_propagation("synth", synth_dir, RANDOM + "@0", tmp_path / "a", cfg, device="cpu", verbose=False)
+    b = evaluate_propagation(dataset="synth", root=synth_dir, checkpoint=str(ckpt), out=tmp_path / "b", cfg=cfg,
+                             device="cpu", verbose=False)
+    assert a["J&F"] == b["J&F"] and a["per_object"] == b["per_object"]
+    assert b["encoder"]["sha256"] and b["encoder"]["meta"] == {"stage": "test"} and a["encoder"]["sha256"] is None
