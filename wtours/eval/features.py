@@ -158,3 +158,24 @@ def extract_features(
     return FeatureSet(
         torch.cat(grids), {s: torch.cat(g) for s, g in zip(sizes, gts)}, frame_seq, natives, seconds
     )
+
+
+def gt_patch_features(feats: FeatureSet, n_ids: int = 256, ignore: int = 255) -> FeatureSet:
+    """The **oracle** feature field of a :class:`FeatureSet`: per patch the fraction of its pixels holding each
+    raw label id (``[NF, n_ids, h, w]``, the ignore id left out), from the largest ground truth it holds.
+
+    Two patches are then alike exactly when their labels are, so an instrument scores what patch resolution
+    allows at best (``wtours bench instruments``' oracle row). Labels are raw ids, so the field is consistent
+    across separately extracted sets (memory and queries). The field is scaled by ``sqrt(n_ids)``, so that a pure
+    patch has the norm of a layer-normalised token of that width (what the linear probe's learning rate is set
+    for; the cosine- and PCA-based instruments do not see the scale)."""
+    nf, _, h, w = feats.grid.shape
+    size = max(feats.gt, key=lambda s: s[0] * s[1])
+    gt = feats.gt[size]
+    out = torch.zeros(nf, n_ids, h, w, device=feats.grid.device)
+    for i in torch.unique(gt).tolist():
+        if i == ignore or i >= n_ids:
+            continue
+        out[:, i] = torch.nn.functional.adaptive_avg_pool2d((gt == i).float()[:, None], (h, w))[:, 0]
+    out *= n_ids ** 0.5
+    return FeatureSet(out, feats.gt, feats.frame_seq, feats.native_sizes, feats.seconds)

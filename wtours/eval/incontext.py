@@ -259,9 +259,12 @@ def evaluate_incontext(
     verbose: bool = True,
     trust: bool = False,
     memory_root: str | Path | None = None,
+    feature_transform=None,
 ) -> dict:
     """Hummingbird in-context retrieval of ``checkpoint``: memory from the training split of ``root`` (or every
-    video of ``memory_root``), queries from its held-out split -> the metrics dict (also ``<out>/metrics.json``)."""
+    video of ``memory_root``), queries from its held-out split -> the metrics dict (also ``<out>/metrics.json``).
+    ``feature_transform``: ``FeatureSet -> FeatureSet`` applied after each extraction (e.g. the oracle
+    :func:`wtours.eval.features.gt_patch_features`)."""
     from wtours.config import to_dict, to_yaml
     from wtours.eval.cli import resolve_device
     from wtours.eval.common import (Timer, budget as _budget, confusion_matrix, device_settings, encoder_identity,
@@ -290,8 +293,9 @@ def evaluate_incontext(
     torch.set_float32_matmul_precision("highest")
     try:
         def feats(ds):
-            return extract_features(model, ds, dev, in_hw, [in_hw], cfg.batch_size, cfg.workers, cfg.progress,
-                                    tuple(cfg.mean), tuple(cfg.std))
+            f = extract_features(model, ds, dev, in_hw, [in_hw], cfg.batch_size, cfg.workers, cfg.progress,
+                                 tuple(cfg.mean), tuple(cfg.std))
+            return f if feature_transform is None else feature_transform(f)
 
         mem_f = feats(split.train)
         timer.lap("features_memory")

@@ -166,9 +166,10 @@ def evaluate_linear(
     verbose: bool = True,
     trust: bool = False,
     memory_root: str | Path | None = None,
+    feature_transform=None,
 ) -> dict:
     """Linear probe of ``checkpoint``: trained on the training split of ``root`` (or every video of
-    ``memory_root``), mIoU on its held-out split -> the metrics dict (also ``<out>/metrics.json``)."""
+ ``memory_root``), mIoU on its held-out split -> the metrics dict (also ``<out>/metrics.json``)."""
     from wtours.config import to_dict, to_yaml
     from wtours.eval.cli import resolve_device
     from wtours.eval.common import (Timer, confusion_matrix, device_settings, encoder_identity, load_encoder,
@@ -195,8 +196,9 @@ def evaluate_linear(
     names = ["background"] + split.categories
 
     def feats(ds, sizes):
-        return extract_features(model, ds, dev, in_hw, sizes, cfg.batch_size, cfg.workers, cfg.progress,
-                                tuple(cfg.mean), tuple(cfg.std))
+        f = extract_features(model, ds, dev, in_hw, sizes, cfg.batch_size, cfg.workers, cfg.progress,
+                             tuple(cfg.mean), tuple(cfg.std))
+        return f if feature_transform is None else feature_transform(f)
 
     prev = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")

@@ -264,9 +264,12 @@ def evaluate_propagation(
     device: str = "auto",
     verbose: bool = True,
     trust: bool = False,
+    feature_transform=None,
 ) -> dict:
     """Label propagation + J&F of ``checkpoint`` on a DAVIS-layout ``root`` (``dataset`` davis or synth) ->
-    the metrics dict (also written to ``<out>/metrics.json``; see the module doc)."""
+    the metrics dict (also written to ``<out>/metrics.json``; see the module doc). ``feature_transform``:
+    ``FeatureSet -> FeatureSet`` applied to each sequence's features (e.g.
+    :func:`wtours.eval.features.gt_patch_features`, the oracle)."""
     from wtours.config import to_dict, to_yaml
     from wtours.eval.cli import resolve_device
     from wtours.eval.common import (Timer, budget as _budget, check_dataset_kind, device_settings,
@@ -309,6 +312,8 @@ def evaluate_propagation(
             one = Dataset(data.name, data.root, [seq], data.label_kind)
             feats = extract_features(model, one, dev, in_hw, [native, grid_hw], cfg.batch_size, cfg.workers,
                                      cfg.progress, tuple(cfg.mean), tuple(cfg.std), floor_to_patch=True)
+            if feature_transform is not None:
+                feats = feature_transform(feats)
             timer.lap("features")
             sc, pred = propagate_sequence(seq.name, feats.grid, feats.gt[native], feats.gt[grid_hw][0], patch, cfg, bud)
             scores.append(sc)
