@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="take the memory / training frames from every video of this YTVOS-layout root instead "
                             "(the queries are then every held-out video of --root)")
 
-    p = groups["bench"] = _sub(subs, "bench", "wtours.bench.cli", "benchmarks (decode, train, eval, learn, neco)",
+    p = groups["bench"] = _sub(subs, "bench", "wtours.bench.cli", "benchmarks (decode, train, eval, learn, neco, instruments)",
                                "wtours bench decode venice.mp4")
     bsubs = p.add_subparsers(dest="bench_command", metavar="<what>")
     q = _sub(bsubs, "decode", "wtours.bench.decode",
@@ -307,6 +307,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the block between <!-- proof:begin --> and <!-- proof:end --> in FILE")
     q.add_argument("--json", metavar="FILE", default=None, help="also write proof.json here")
     q.add_argument("--quiet", action="store_true", help="no progress output")
+
+    q = _sub(bsubs, "instruments", "wtours.bench.instruments",
+             "calibrate the dense instruments (clustering F/C/D, propagation J&F, in-context and linear mIoU) on the "
+             "synthetic sets: random init vs raw pixels vs a ground-truth oracle (vs your encoders), over seeds",
+             "wtours bench instruments --seeds 0 1 2 --out runs/bench-instruments\n"
+             "  wtours bench instruments --encoder supervised=runs/sup/seed{seed}/stage1/backbone.pt")
+    q.add_argument("--arch", default="vit_nano_patch8_64", help="timm ViT of the random row (default: "
+                   "vit_nano_patch8_64, the proof's); its patch size is the pixels / oracle rows'")
+    q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="S", help="default: 0 1 2")
+    q.add_argument("--encoder", action="append", default=[], metavar="NAME=CHECKPOINT",
+                   help="one more row (any checkpoint form; {seed} in it is replaced by the seed); repeatable")
+    q.add_argument("--range-row", default=None, metavar="NAME",
+                   help="row whose distance from random is the dynamic range (default: the first --encoder, else oracle)")
+    q.add_argument("--data", metavar="DIR", default=None,
+                   help="a 'wtours synth' folder to use (default: written into <out>/data/synth)")
+    q.add_argument("--width", type=int, default=320, help="synthetic sets' frame width (default: 320, the proof's)")
+    q.add_argument("--height", type=int, default=180, help="... height (default: 180)")
+    q.add_argument("--sequences", type=int, default=8, help="sequences per layout (default: 8)")
+    q.add_argument("--seq-frames", type=int, default=12, help="frames per sequence (default: 12)")
+    q.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic sets (default: 0)")
+    q.add_argument("--eval-config", default="eval/proof", metavar="FILE", help="clustering config (default: eval/proof)")
+    q.add_argument("--propagation-config", default="eval/propagation_tiny", metavar="FILE")
+    q.add_argument("--incontext-config", default="eval/incontext_tiny", metavar="FILE")
+    q.add_argument("--linear-config", default="eval/linear_tiny", metavar="FILE")
+    q.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    q.add_argument("--out", default="runs/bench-instruments", metavar="DIR")
+    q.add_argument("--json", metavar="FILE", default=None, help="also write instruments.json here")
+    q.add_argument("--quiet", action="store_true")
 
     p = _sub(subs, "report", "wtours.report", "(re)write a run directory's report.md from its metrics and pictures",
              "wtours report runs/venice")
