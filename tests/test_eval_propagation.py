@@ -136,7 +136,7 @@ def test_propagation_command_end_to_end(synth_dir, tmp_path, capsys):
     m = json.loads((out / "metrics.json").read_text())
     assert 0 < m["J&F"] <= 100 and m["J&F"] == pytest.approx((m["J"] + m["F"]) / 2)
     assert m["n_sequences"] == 2 and m["n_frames"] == 12
-    assert m["settings"]["input_sizes"]["synth-000"] == [96, 144]
+    assert m["settings"]["input_sizes"]["synth-000"] == [128, 192]
     assert m["settings"]["config"]["topk"] == 5 and m["encoder"]["arch"] == "vit_nano_patch8_64"
     objs = list(csv.DictReader((out / "per_object.csv").open()))
     assert len(objs) == m["n_objects"] and objs[0]["Sequence"] == "synth-000_1"
