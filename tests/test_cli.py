@@ -8,8 +8,10 @@ import pytest
 from wtours.cli import build_parser, main
 
 LEAVES = [
-    ["download"], ["index"], ["prepare"], ["synth"], ["pretrain"], ["eval", "clustering"],
-    ["bench", "decode"], ["bench", "train"], ["bench", "eval"], ["bench", "learn"], ["report"],
+    ["download"], ["index"], ["prepare"], ["synth"], ["pretrain"], ["eval", "clustering"], ["eval", "propagation"],
+    ["eval", "incontext"], ["eval", "linear"],
+    ["bench", "decode"], ["bench", "train"], ["bench", "eval"], ["bench", "learn"], ["bench", "instruments"],
+    ["report"],
 ]
 
 
@@ -43,7 +45,7 @@ def test_every_leaf_handler_is_importable_and_has_cli_main():
     parser = build_parser()
     required = {
         "download": ["x"], "index": ["x"], "prepare": ["x"], "synth": ["--out", "x"], "pretrain": [],
-        "eval": ["clustering", "--dataset", "davis", "--root", "x", "--checkpoint", "y"],
+        "eval": ["clustering", "--dataset", "synth", "--root", "x", "--checkpoint", "y"],
         "bench": [], "report": ["x"],
     }
     for cmd in LEAVES:

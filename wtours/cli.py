@@ -191,7 +191,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_arg(q)
     _add_config_args(q)
 
-    p = groups["bench"] = _sub(subs, "bench", "wtours.bench.cli", "benchmarks (decode, train, eval, learn, neco)",
+    def instrument(name: str, handler: str, help: str, example: str, datasets: list[str]) -> argparse.ArgumentParser:
+        q = _sub(esubs, name, handler, help, example)
+        q.add_argument("--dataset", required=True, choices=datasets)
+        q.add_argument("--root", required=True, metavar="PATH", help="dataset root")
+        q.add_argument("--checkpoint", required=True, metavar="CKPT",
+                       help="backbone.pt; last.ckpt (teacher) or last.ckpt:student; a timm ViT state dict file; or "
+                            "random:<timm arch>[@seed]")
+        q.add_argument("--arch", default=None, help="timm arch for a bare state dict (default: inferred)")
+        q.add_argument("--videos", metavar="FILE", help="file with one video name per line (the evaluated videos)")
+        q.add_argument("--out", metavar="DIR", help=f"output folder (default: runs/eval/{name}/<dataset>)")
+        q.add_argument("--device", default="auto", help="cuda, cpu or auto")
+        _add_trust_arg(q)
+        _add_config_args(q)
+        return q
+
+    instrument("propagation", "wtours.eval.propagation",
+               "semi-supervised video object segmentation by label propagation (DINO's protocol), DAVIS-2017 J&F",
+               "wtours eval propagation --dataset davis --root DAVIS --checkpoint runs/venice/stage1/backbone.pt\n"
+               "  wtours eval propagation --dataset synth --root data/synth --checkpoint random:vit_nano_patch8_64 "
+               "--config eval/propagation_tiny", ["davis", "synth"])
+    for name, handler, help_, example in (
+            ("incontext", "wtours.eval.incontext",
+             "in-context segmentation by dense nearest-neighbour retrieval (Hummingbird / open-hummingbird-eval), "
+             "mIoU: memory from the training split, queries from the held-out split",
+             "wtours eval incontext --dataset ytvos --root YTVOS --checkpoint runs/venice/stage1/backbone.pt\n"
+             "  wtours eval incontext --dataset synth --root data/synth --checkpoint random:vit_nano_patch8_64 "
+             "--config eval/incontext_tiny"),
+            ("linear", "wtours.eval.linear_probe",
+             "linear segmentation probe on frozen patch features (NeCo-style), trained on the training split, "
+             "mIoU on the held-out split",
+             "wtours eval linear --dataset ytvos --root YTVOS --checkpoint runs/venice/stage1/backbone.pt\n"
+             "  wtours eval linear --dataset synth --root data/synth --checkpoint random:vit_nano_patch8_64 "
+             "--config eval/linear_tiny")):
+        q = instrument(name, handler, help_, example, ["ytvos", "synth"])
+        q.add_argument("--memory-root", metavar="PATH", default=None,
+                       help="take the memory / training frames from every video of this YTVOS-layout root instead "
+                            "(the queries are then every held-out video of --root)")
+
+    p = groups["bench"] = _sub(subs, "bench", "wtours.bench.cli", "benchmarks (decode, train, eval, learn, neco, instruments)",
                                "wtours bench decode venice.mp4")
     bsubs = p.add_subparsers(dest="bench_command", metavar="<what>")
     q = _sub(bsubs, "decode", "wtours.bench.decode",
@@ -271,6 +309,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the block between <!-- proof:begin --> and <!-- proof:end --> in FILE")
     q.add_argument("--json", metavar="FILE", default=None, help="also write proof.json here")
     q.add_argument("--quiet", action="store_true", help="no progress output")
+
+    q = _sub(bsubs, "instruments", "wtours.bench.instruments",
+             "calibrate the dense instruments (clustering F/C/D, propagation J&F, in-context and linear mIoU) on the "
+             "synthetic sets: random init vs raw pixels vs a ground-truth oracle (vs your encoders), over seeds",
+             "wtours bench instruments --seeds 0 1 2 --out runs/bench-instruments\n"
+             "  wtours bench instruments --encoder supervised=runs/sup/seed{seed}/stage1/backbone.pt")
+    q.add_argument("--arch", default="vit_nano_patch8_64", help="timm ViT of the random row (default: "
+                   "vit_nano_patch8_64, the proof's); its patch size is the pixels / oracle rows'")
+    q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="S", help="default: 0 1 2")
+    q.add_argument("--encoder", action="append", default=[], metavar="NAME=CHECKPOINT",
+                   help="one more row (any checkpoint form; {seed} in it is replaced by the seed); repeatable")
+    q.add_argument("--range-row", default=None, metavar="NAME",
+                   help="row whose distance from random is the dynamic range (default: the first --encoder, else oracle)")
+    q.add_argument("--data", metavar="DIR", default=None,
+                   help="a 'wtours synth' folder to use (default: written into <out>/data/synth)")
+    q.add_argument("--width", type=int, default=320, help="synthetic sets' frame width (default: 320, the proof's)")
+    q.add_argument("--height", type=int, default=180, help="... height (default: 180)")
+    q.add_argument("--sequences", type=int, default=8, help="sequences per layout (default: 8)")
+    q.add_argument("--seq-frames", type=int, default=12, help="frames per sequence (default: 12)")
+    q.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic sets (default: 0)")
+    q.add_argument("--eval-config", default="eval/proof", metavar="FILE", help="clustering config (default: eval/proof)")
+    q.add_argument("--propagation-config", default="eval/propagation_tiny", metavar="FILE")
+    q.add_argument("--incontext-config", default="eval/incontext_tiny", metavar="FILE")
+    q.add_argument("--linear-config", default="eval/linear_tiny", metavar="FILE")
+    q.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    q.add_argument("--out", default="runs/bench-instruments", metavar="DIR")
+    q.add_argument("--json", metavar="FILE", default=None, help="also write instruments.json here")
+    q.add_argument("--quiet", action="store_true")
 
     p = _sub(subs, "report", "wtours.report", "(re)write a run directory's report.md from its metrics and pictures",
              "wtours report runs/venice")

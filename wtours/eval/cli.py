@@ -167,8 +167,11 @@ def evaluate_clustering(
     device: str = "auto",
     verbose: bool = True,
     trust: bool = False,
+    feature_transform=None,
 ) -> dict:
-    """Run the whole evaluation and write its outputs -> the metrics dict (also in metrics.json)."""
+    """Run the whole evaluation and write its outputs -> the metrics dict (also in metrics.json).
+    ``feature_transform``: ``FeatureSet -> FeatureSet`` applied after extraction (e.g. the oracle
+    :func:`wtours.eval.features.gt_patch_features` of ``wtours bench instruments``)."""
     from wtours.models.backbone_io import load_backbone, split_spec
 
     cfg = cfg or EvalConfig()
@@ -217,8 +220,9 @@ def evaluate_clustering(
     t_load = time.perf_counter() - t_start
 
     def features(d: Dataset):
-        return extract_features(model, d, dev, tuple(cfg.input_size), [tuple(cfg.eval_size),
-                                tuple(cfg.eval_size_dataset)], cfg.batch_size, cfg.workers, cfg.progress)
+        f = extract_features(model, d, dev, tuple(cfg.input_size), [tuple(cfg.eval_size),
+                             tuple(cfg.eval_size_dataset)], cfg.batch_size, cfg.workers, cfg.progress)
+        return f if feature_transform is None else feature_transform(f)
 
     keep = list(range(min(cfg.overlays, len(seq_names))))
     runs = []

@@ -109,10 +109,16 @@ def extract_features(
     batch_size: int = 64,
     workers: int = 0,
     progress: bool = True,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+    floor_to_patch: bool = False,
 ) -> FeatureSet:
     """Run ``model`` over every selected frame of ``dataset`` -> :class:`FeatureSet`.
 
-    ``workers``: decoding threads (0: one per CPU core, at most 32)."""
+    ``workers``: decoding threads (0: one per CPU core, at most 32). ``mean`` / ``std``: the normalisation
+    (a protocol's own, e.g. DINO's 0.228 or open-hummingbird's 0.255). ``floor_to_patch``: an input size that
+    is not a multiple of the patch size is cropped (bottom / right) to one, as a strided patch conv floors it
+    (DINO's video segmentation at patch 14); otherwise such a size is the caller's error."""
     import os
 
     from tqdm import tqdm
@@ -120,8 +126,9 @@ def extract_features(
     workers = workers or min(32, os.cpu_count() or 1)
     sizes = [tuple(s) for s in dict.fromkeys(tuple(s) for s in eval_sizes)]
     model = model.to(device).eval()
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+    p = model.patch_embed.patch_size
     cuda = device.type == "cuda"
     grids, gts, natives = [], [[] for _ in sizes], []
     t0 = time.perf_counter()
@@ -132,6 +139,8 @@ def extract_features(
             if cuda:
                 x = x.pin_memory().to(device, non_blocking=True)
             x = (x.permute(0, 3, 1, 2).float() - mean) / std
+            if floor_to_patch:
+                x = x[..., : x.shape[-2] // p[0] * p[0], : x.shape[-1] // p[1] * p[1]]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                 g = patch_tokens(model, x)
             grids.append(g.float())
@@ -149,3 +158,24 @@ def extract_features(
     return FeatureSet(
         torch.cat(grids), {s: torch.cat(g) for s, g in zip(sizes, gts)}, frame_seq, natives, seconds
     )
+
+
+def gt_patch_features(feats: FeatureSet, n_ids: int = 256, ignore: int = 255) -> FeatureSet:
+    """The **oracle** feature field of a :class:`FeatureSet`: per patch the fraction of its pixels holding each
+    raw label id (``[NF, n_ids, h, w]``, the ignore id left out), from the largest ground truth it holds.
+
+    Two patches are then alike exactly when their labels are, so an instrument scores what patch resolution
+    allows at best (``wtours bench instruments``' oracle row). Labels are raw ids, so the field is consistent
+    across separately extracted sets (memory and queries). The field is scaled by ``sqrt(n_ids)``, so that a pure
+    patch has the norm of a layer-normalised token of that width (what the linear probe's learning rate is set
+    for; the cosine- and PCA-based instruments do not see the scale)."""
+    nf, _, h, w = feats.grid.shape
+    size = max(feats.gt, key=lambda s: s[0] * s[1])
+    gt = feats.gt[size]
+    out = torch.zeros(nf, n_ids, h, w, device=feats.grid.device)
+    for i in torch.unique(gt).tolist():
+        if i == ignore or i >= n_ids:
+            continue
+        out[:, i] = torch.nn.functional.adaptive_avg_pool2d((gt == i).float()[:, None], (h, w))[:, 0]
+    out *= n_ids ** 0.5
+    return FeatureSet(out, feats.gt, feats.frame_seq, feats.native_sizes, feats.seconds)

@@ -16,7 +16,8 @@ are never exported.
 ``dino_deitsmall16_pretrain.pth`` is a plain dict of tensors with exactly timm's key names and loads
 with ``weights_only=True``; such foreign files carry no checksum and load as unverified), a training
 checkpoint of ``wtours pretrain`` (``stage1/last.ckpt``), or ``random:<timm arch>[@<seed>]`` for the
-untrained baseline (init seed 0 unless given). Files are read with ``weights_only=True``; one that
+untrained baseline (init seed 0 unless given), or ``pixels:<patch>[@<position weight>]`` for the raw-pixel
+pseudo-encoder (:mod:`wtours.models.pixels`, a calibration floor; no weights). Files are read with ``weights_only=True``; one that
 needs pickle is refused unless ``trust`` (``--trust-checkpoint``).
 
 A training checkpoint holds two backbones (``student.vit.*`` and ``teacher.vit.*``; older layouts
@@ -263,6 +264,11 @@ def load_backbone(spec: str, arch: str | None = None, trust: bool = False) -> tu
     ``info["verified"]``: the file's checksum was checked (False for foreign files without one).
     ``trust`` allows files that need pickle (see :func:`wtours.integrity.safe_load`).
     """
+    if spec.startswith("pixels:"):  # the raw-pixel pseudo-encoder (wtours.models.pixels), a calibration floor
+        from wtours.models.pixels import parse_pixels_spec
+
+        enc = parse_pixels_spec(spec)
+        return enc.eval(), {"kind": "pixels", "arch": f"pixels_patch{enc.patch_embed.patch_size[0]}", "spec": spec}
     if spec.startswith("random:"):
         name, _, seed_txt = spec.split(":", 1)[1].partition("@")  # random:<arch>[@<init seed>]
         name = name or arch
