@@ -23,13 +23,17 @@ def test_bench_instruments_short(synth_dir, tmp_path, capsys):
     out = tmp_path / "bi"
     rc = main(["bench", "instruments", "--data", str(synth_dir), "--seeds", "0", "1", "--eval-config", "eval/tiny",
                "--out", str(out), "--quiet", "--encoder", "again=random:vit_nano_patch8_64@{seed}",
-               "--range-row", "oracle"])
+               "--range-row", "oracle", "--supervised-steps", "3", "--supervised-batch", "4"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| oracle |" in printed and "range: oracle − random" in printed
     r = json.loads((out / "instruments.json").read_text())
     rows = r["aggregate"]["rows"]
-    assert list(rows) == ["random", "pixels", "oracle", "again"]
+    assert list(rows) == ["random", "pixels", "oracle", "again", "supervised"]
+    sup = r["settings"]["rows"]["supervised"]
+    assert sup["0"].endswith("seed0/train/backbone.pt") and sup["1"].endswith("seed1/train/backbone.pt")
+    for k in ("F", "C", "D", "J&F", "in-context", "linear"):  # 3 steps move the weights: not random's scores
+        assert 0 <= rows["supervised"][k]["mean"] <= 100
     assert r["settings"]["rows"]["random"] == {"0": "random:vit_nano_patch8_64@0", "1": "random:vit_nano_patch8_64@1"}
     for k in ("F", "C", "D", "J&F", "in-context", "linear"):
         # the same encoder spec under another name scores exactly the same: the bench is deterministic
@@ -52,6 +56,11 @@ def test_bench_instruments_bad_arguments(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "wtours synth" in err
     assert main(["bench", "instruments", "--arch", "resnet18", "--out", str(tmp_path / "o"), "--quiet"]) == 2
     capsys.readouterr()
+    assert main(["bench", "instruments", "--encoder", "supervised=random:vit_nano_patch8_64", "--out",
+                 str(tmp_path / "o"), "--quiet"]) == 2
+    assert "'supervised' is taken" in capsys.readouterr().err
+    assert main(["bench", "instruments", "--supervised-steps", "-1", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "--supervised-steps must be >= 0" in capsys.readouterr().err
 
 
 def test_aggregate_separation():

@@ -129,12 +129,16 @@ def test_table_in_proof_md_and_stdout_shows_those_numbers(proof):
     md = (proof["out"] / "proof.md").read_text()
     for text in (md, proof["stdout"]):
         assert "| dataset | metric | random init | trained (stage 1) |" in text
+        plain = text.replace(" (primary)", "").replace("**", "")
+        rows = [(ds, ds, name) for ds in ("davis", "ytvos") for name in ("F", "C", "D", f"K={K}")]
+        rows += [("dense", "davis", "J&F"), ("dense", "ytvos", "in-context"), ("dense", "ytvos", "linear")]
+        for group, where, name in rows:
+            row = p["aggregates"][group][name]
+            cells = (f"{row['random']['mean']:.2f} ± {row['random']['std']:.2f}",
+                     f"{row['trained']['mean']:.2f} ± {row['trained']['std']:.2f}", f"{row['diff']:+.2f}")
+            assert f"| {where} | {name} | {cells[0]} | {cells[1]} | {cells[2]} |" in plain
+        assert f"- {p['primary']['text']}" in text
         for ds in ("davis", "ytvos"):
-            for name in ("F", "C", "D", f"K={K}"):
-                row = p["aggregates"][ds][name]
-                cells = (f"{row['random']['mean']:.2f} ± {row['random']['std']:.2f}",
-                         f"{row['trained']['mean']:.2f} ± {row['trained']['std']:.2f}", f"{row['diff']:+.2f}")
-                assert f"| {ds} | {name} | {cells[0]} | {cells[1]} | {cells[2]} |" in text
             verdict = "met" if p["goals"][ds]["met"] else "not met"
             assert f"{ds}: C and F above random by >= 10 points and > 3 std apart: **{verdict}**" in text
         assert "sample standard deviation" in text
@@ -151,7 +155,8 @@ def test_proof_png_is_a_picture(proof):
     with Image.open(path) as im:
         assert im.size[0] >= 600 and im.size[1] >= 300
         px = im.convert("RGB")
-        assert (0, 90, 200) in {px.getpixel((x, y)) for x in range(0, im.size[0], 3) for y in range(0, im.size[1], 3)}
+        colours = {px.getpixel((x, y)) for x in range(0, im.size[0], 3) for y in range(0, im.size[1], 3)}
+        assert (31, 119, 180) in colours  # the trained bars (matplotlib's tab:blue)
 
 
 def test_readme_block_is_replaced_and_nothing_else(proof):
@@ -160,8 +165,7 @@ def test_readme_block_is_replaced_and_nothing_else(proof):
     assert old.count(BEGIN) == 1 and old.count(END) == 1
     assert new.split(BEGIN)[0] == old.split(BEGIN)[0]
     assert new.split(END)[1] == old.split(END)[1]
-    block = new.split(BEGIN)[1].split(END)[0]
-    assert "written by `make proof`" not in block
+    block = new.split(BEGIN)[1].split(END)[0].replace(" (primary)", "").replace("**C**", "C")
     row = proof["json"]["aggregates"]["davis"]["C"]
     assert f"| davis | C | {row['random']['mean']:.2f} ± {row['random']['std']:.2f} |" in block
     assert "wtours bench learn" in block and proof["json"]["date"][:10] in block and "wall time" in block
@@ -258,3 +262,33 @@ def test_goal_needs_ten_points_and_three_std_on_c_and_f():
     noisy = goals(aggregate(per_seed([20, 34, 48], [31, 32, 33]), (0, 1, 2), ["F", "C", "D"]))  # C: +13 points, 1.3 std
     assert not noisy["davis"]["met"]
     assert noisy["davis"]["checks"]["C"]["points_ok"] and not noisy["davis"]["checks"]["C"]["separation_ok"]
+
+
+def test_dense_rows_are_the_scores_the_instruments_wrote(proof):
+    p, out = proof["json"], proof["out"]
+    for enc, base in (("trained", "seed{s}"), ("random", "random{s}")):
+        for s in SEEDS:
+            cached = json.loads((out / base.format(s=s) / "eval" / "dense" / "scores.json").read_text())
+            assert p["per_seed"][enc][str(s)]["dense"] == cached["scores"]
+            assert set(cached["scores"]) == {"J&F", "in-context", "linear"}
+            assert all(0.0 <= v <= 100.0 for v in cached["scores"].values())
+        vals = [p["per_seed"][enc][str(s)]["dense"]["J&F"] for s in SEEDS]
+        assert p["aggregates"]["dense"]["J&F"][enc]["mean"] == pytest.approx(statistics.mean(vals), abs=1e-9)
+
+
+def test_primary_instrument_is_the_widest_calibrated_range():
+    from wtours.bench.learn import primary_instrument, primary_verdict
+
+    cal = {"aggregate": {"dynamic_range": {
+        "C": {"row": "supervised", "points": 9.0, "std_units": 12.0},
+        "J&F": {"row": "supervised", "points": 6.0, "std_units": 30.0},
+        "linear": {"row": "supervised", "points": 20.0, "std_units": None}}}}
+    name, rng = primary_instrument(cal)
+    assert name == "J&F" and rng["points"] == 6.0
+    assert primary_instrument(None) == ("C", {})
+    agg = {"dense": {"J&F": {"diff": 3.0, "separation": 4.0}}}
+    v = primary_verdict(agg, name, rng)
+    assert v["met"] is True and v["range_closed"] == pytest.approx(0.5)
+    assert "**J&F**" in v["text"] and "50 % of the supervised − random range" in v["text"]
+    weak = primary_verdict({"dense": {"J&F": {"diff": 3.0, "separation": 2.0}}}, name, rng)
+    assert weak["met"] is False and "not met" in weak["text"]

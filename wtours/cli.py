@@ -297,6 +297,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training seeds = random-init seeds (default: 0 1 2)")
     q.add_argument("--out", default="runs/proof", metavar="DIR", help="output folder (default: runs/proof)")
     q.add_argument("--max-steps", type=int, default=None, help="shortcut for --set trainer.max_steps=N")
+    q.add_argument("--instruments", choices=["all", "clustering"], default="all",
+                   help="all: clustering, propagation J&F, in-context and linear probe (default); clustering: F/C/D only")
+    q.add_argument("--propagation-config", default="eval/propagation_tiny", metavar="FILE",
+                   help="propagation config of the dense rows (default: eval/propagation_tiny)")
+    q.add_argument("--incontext-config", default="eval/incontext_tiny", metavar="FILE",
+                   help="in-context retrieval config (default: eval/incontext_tiny)")
+    q.add_argument("--linear-config", default="eval/linear_tiny", metavar="FILE",
+                   help="linear-probe config (default: eval/linear_tiny)")
+    q.add_argument("--calibration", metavar="FILE", default=None,
+                   help="instruments.json of 'wtours bench instruments' naming the primary instrument "
+                        "(default: docs/calibration/instruments.json)")
+    q.add_argument("--curve", action="store_true",
+                   help="a learning curve instead: snapshots at --points steps of one longer run, beside the GT-supervised "
+                        "curve of the same arch and budget, every instrument (make proof-long)")
+    q.add_argument("--points", type=int, default=8, help="--curve: snapshots along the run (default: 8)")
+    q.add_argument("--supervised-sequences", type=int, default=16,
+                   help="--curve: scenes of the GT-labelled set of the supervised baseline (default: 16)")
+    q.add_argument("--device", default="auto", help="evaluation device: cuda, cpu or auto (default: auto)")
     q.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="cap each seed's training time; a seed stopped by it is exported and evaluated as it stands")
     q.add_argument("--init-from", metavar="DIR", default=None,
@@ -314,14 +332,20 @@ def build_parser() -> argparse.ArgumentParser:
              "calibrate the dense instruments (clustering F/C/D, propagation J&F, in-context and linear mIoU) on the "
              "synthetic sets: random init vs raw pixels vs a ground-truth oracle (vs your encoders), over seeds",
              "wtours bench instruments --seeds 0 1 2 --out runs/bench-instruments\n"
-             "  wtours bench instruments --encoder supervised=runs/sup/seed{seed}/stage1/backbone.pt")
+             "  wtours bench instruments --encoder dora=runs/proof/seed{seed}/stage1/backbone.pt")
     q.add_argument("--arch", default="vit_nano_patch8_64", help="timm ViT of the random row (default: "
                    "vit_nano_patch8_64, the proof's); its patch size is the pixels / oracle rows'")
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="S", help="default: 0 1 2")
     q.add_argument("--encoder", action="append", default=[], metavar="NAME=CHECKPOINT",
                    help="one more row (any checkpoint form; {seed} in it is replaced by the seed); repeatable")
     q.add_argument("--range-row", default=None, metavar="NAME",
-                   help="row whose distance from random is the dynamic range (default: the first --encoder, else oracle)")
+                   help="row whose distance from random is the dynamic range (default: supervised, else the first "
+                        "--encoder, else oracle)")
+    q.add_argument("--supervised-steps", type=int, default=300, metavar="N",
+                   help="the 'supervised' row: the arch trained from random:<arch>@<seed> with GT labels for N steps of "
+                        "--supervised-batch frames (default: 300 x 16, the proof's budget); 0: no such row")
+    q.add_argument("--supervised-batch", type=int, default=16, metavar="FRAMES",
+                   help="frames per supervised step (default: 16 = the proof's 4 clips x 4 frames)")
     q.add_argument("--data", metavar="DIR", default=None,
                    help="a 'wtours synth' folder to use (default: written into <out>/data/synth)")
     q.add_argument("--width", type=int, default=320, help="synthetic sets' frame width (default: 320, the proof's)")

@@ -1,7 +1,7 @@
 """``wtours bench instruments``: how far apart can each dense instrument put encoders, against its noise?
 
     wtours bench instruments                                   # the proof's synthetic sets, seeds 0 1 2
-    wtours bench instruments --encoder supervised=runs/sup/seed{seed}/stage1/backbone.pt
+    wtours bench instruments --encoder dora=runs/proof/seed{seed}/stage1/backbone.pt --range-row supervised
 
 On the synthetic evaluation sets (``wtours synth``: the DAVIS layout for clustering and propagation, the
 YTVOS layout, categories, for in-context retrieval and the linear probe; by default the proof's 8 scenes x 12
@@ -10,8 +10,10 @@ frames at 320x180, written once into ``<out>/data/synth``), every **row** is sco
 - rows: ``random`` (``random:<arch>@<seed>``), ``pixels`` (``pixels:<patch>``, raw colour mean / std +
   position per patch, :mod:`wtours.models.pixels`), ``oracle`` (the ground truth at patch resolution as the
   feature field, :func:`wtours.eval.features.gt_patch_features`: the best an encoder of that patch size can
-  do under each protocol), and any ``--encoder NAME=CHECKPOINT`` (``{seed}`` in the path is replaced by the
-  seed; e.g. a GT-supervised backbone per seed);
+  do under each protocol), ``supervised`` (the same arch trained from ``random:<arch>@<seed>`` with GT labels for
+  the proof's budget, ``--supervised-steps`` x ``--supervised-batch`` frames, :mod:`wtours.bench.supervised`; the
+  default top of the dynamic range: what this arch can learn at this budget), and any ``--encoder
+  NAME=CHECKPOINT`` (``{seed}`` in the path is replaced by the seed, e.g. the proof's backbones);
 - instruments: clustering F / C / D (``--eval-config``, default ``eval/proof``), propagation J&F
   (``eval/propagation_tiny``), in-context mIoU (``eval/incontext_tiny``), linear-probe mIoU
   (``eval/linear_tiny``).
@@ -85,11 +87,11 @@ def _configs(args: Any):
             "linear": load_config(LinearConfig, args.linear_config, quiet)}
 
 
-def score_row(spec: str, root: Path, out: Path, cfgs: dict, seed: int, device: str, oracle: bool = False) -> dict:
-    """Every instrument on one encoder spec -> {instrument: score %}."""
+def dense_scores(spec: str, root: Path, out: Path, cfgs: dict, seed: int, device: str, oracle: bool = False) -> dict:
+    """The dense instruments on one encoder spec -> {"J&F", "in-context", "linear": score %} (``root``: a
+    ``wtours synth`` folder; propagation on its davis/, retrieval and the probe on its ytvos/)."""
     import copy
 
-    from wtours.eval.cli import evaluate_clustering
     from wtours.eval.features import gt_patch_features
     from wtours.eval.incontext import evaluate_incontext
     from wtours.eval.linear_probe import evaluate_linear
@@ -97,15 +99,26 @@ def score_row(spec: str, root: Path, out: Path, cfgs: dict, seed: int, device: s
 
     kw = {"device": device, "verbose": False, "feature_transform": gt_patch_features if oracle else None}
     c = copy.deepcopy(cfgs)
-    c["clustering"].seed += seed
     c["linear"].seed += seed
     c["incontext"].seed += seed
-    cl = evaluate_clustering("synth", root, spec, out / "clustering", c["clustering"], **kw)
     pr = evaluate_propagation("synth", root, spec, out / "propagation", c["propagation"], **kw)
     ic = evaluate_incontext("synth", root, spec, out / "incontext", c["incontext"], **kw)
     li = evaluate_linear("synth", root, spec, out / "linear", c["linear"], **kw)
-    return {"F": cl["F"], "C": cl["C"], "D": cl["D"], "J&F": pr["J&F"], "in-context": ic["mIoU"],
-            "linear": li["mIoU"]}
+    return {"J&F": pr["J&F"], "in-context": ic["mIoU"], "linear": li["mIoU"]}
+
+
+def score_row(spec: str, root: Path, out: Path, cfgs: dict, seed: int, device: str, oracle: bool = False) -> dict:
+    """Every instrument on one encoder spec -> {instrument: score %}."""
+    import copy
+
+    from wtours.eval.cli import evaluate_clustering
+    from wtours.eval.features import gt_patch_features
+
+    kw = {"device": device, "verbose": False, "feature_transform": gt_patch_features if oracle else None}
+    c = copy.deepcopy(cfgs["clustering"])
+    c.seed += seed
+    cl = evaluate_clustering("synth", root, spec, out / "clustering", c, **kw)
+    return {"F": cl["F"], "C": cl["C"], "D": cl["D"], **dense_scores(spec, root, out, cfgs, seed, device, oracle)}
 
 
 def aggregate(per_seed: dict[str, dict[int, dict[str, float]]], range_row: str | None) -> dict:
@@ -163,8 +176,14 @@ def run_instruments(args: Any) -> tuple[dict, str]:
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise UserError(f"--seeds: give distinct seeds >= 0, got {' '.join(map(str, seeds)) or 'none'}")
     extra = parse_encoders(args.encoder or [])
-    range_row = args.range_row or (next(iter(extra)) if extra else "oracle")
-    if range_row not in ("pixels", "oracle", *extra):
+    sup_steps = int(getattr(args, "supervised_steps", 0) or 0)
+    sup_batch = int(getattr(args, "supervised_batch", 16))
+    if sup_steps < 0 or sup_batch < 1:
+        raise UserError(f"--supervised-steps must be >= 0 and --supervised-batch >= 1 (got {sup_steps}, {sup_batch})")
+    if sup_steps and "supervised" in extra:
+        raise UserError("--encoder supervised=...: the row name 'supervised' is taken (or give --supervised-steps 0)")
+    range_row = args.range_row or ("supervised" if sup_steps else next(iter(extra)) if extra else "oracle")
+    if range_row not in ("pixels", "oracle", *extra, *(["supervised"] if sup_steps else [])):
         raise UserError(f"--range-row {range_row}: not a row (pixels, oracle{''.join(', ' + e for e in extra)})")
     resolve_device(args.device)
     cfgs = _configs(args)
@@ -189,6 +208,20 @@ def run_instruments(args: Any) -> tuple[dict, str]:
     rows["pixels"] = f"pixels:{patch}"
     rows["oracle"] = f"pixels:{patch}"  # features replaced by the ground-truth field
     rows.update(extra)
+    if sup_steps:  # the same arch trained with GT labels for the proof's budget, one per seed
+        from wtours.bench.supervised import supervised_set, train_supervised
+
+        t0 = time.perf_counter()
+        sup_root = supervised_set(out / "data" / "supervised", 16, args.seq_frames, args.height, args.width,
+                                  args.data_seed)
+        for s in seeds:
+            if not quiet:
+                print(f"[supervised seed {s}] {sup_steps} steps x {sup_batch} frames with GT labels", flush=True)
+            train_supervised(args.arch, sup_root, out / "supervised" / f"seed{s}" / "train", steps=sup_steps,
+                             batch=sup_batch, seed=s, short_side=96, crop_size=64, device=None if args.device == "auto"
+                             else args.device)
+        rows["supervised"] = str(out / "supervised" / "seed{seed}" / "train" / "backbone.pt")
+        times["supervised_training"] = time.perf_counter() - t0
     per_seed: dict[str, dict[int, dict[str, float]]] = {name: {} for name in rows}
     specs: dict[str, dict[int, str]] = {name: {} for name in rows}
     for name, spec_t in rows.items():
@@ -203,8 +236,10 @@ def run_instruments(args: Any) -> tuple[dict, str]:
         times[name] = time.perf_counter() - t0
     agg = aggregate(per_seed, range_row)
     times["total"] = time.perf_counter() - t_start
+    sup_txt = (f", the same arch trained with GT labels for {sup_steps} steps x {sup_batch} frames (supervised)"
+               if sup_steps else "")
     caption = (f"Instrument calibration on the synthetic sets ({root}): {args.arch} random init vs raw pixels vs "
-               f"the ground truth at patch resolution (oracle){''.join(', ' + e for e in extra)}; scores in %")
+               f"the ground truth at patch resolution (oracle){''.join(', ' + e for e in extra)}{sup_txt}; scores in %")
     table = table_markdown(agg, seeds, caption)
     from wtours.config import to_dict
 

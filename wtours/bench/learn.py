@@ -53,7 +53,15 @@ from wtours.eval.report import scores_of
 from wtours.fsutil import atomic_open, ensure_dir, write_json, write_text
 
 DATASETS = ("davis", "ytvos")
+DENSE = "dense"  # the group of the dense instruments' rows (J&F on davis/, in-context and linear on ytvos/)
+DENSE_METRICS = ("J&F", "in-context", "linear")
+#: calibration of the instruments (wtours bench instruments, committed): names the primary instrument
+CALIBRATION = Path(__file__).resolve().parents[2] / "docs" / "calibration" / "instruments.json"
+#: instrument name of the calibration -> (group, metric) of the proof's aggregates
+INSTRUMENT_ROWS = {"F": ("davis", "F"), "C": ("davis", "C"), "D": ("davis", "D"), "J&F": (DENSE, "J&F"),
+                   "in-context": (DENSE, "in-context"), "linear": (DENSE, "linear")}
 BEGIN, END = "<!-- proof:begin -->", "<!-- proof:end -->"
+CURVE_BEGIN, CURVE_END = "<!-- curve:begin -->", "<!-- curve:end -->"
 GOAL_POINTS = 10.0
 GOAL_SEPARATION = 3.0
 GOAL_METRICS = ("C", "F")
@@ -86,14 +94,19 @@ def separation(mean_t: float, std_t: float | None, mean_r: float, std_r: float |
     return (mean_t - mean_r) / pooled
 
 
+def _groups(metric_names: Sequence[str] | dict[str, Sequence[str]]) -> dict[str, Sequence[str]]:
+    """``{group: metric names}``; a plain list of names applies to each of :data:`DATASETS`."""
+    return dict(metric_names) if isinstance(metric_names, dict) else {ds: metric_names for ds in DATASETS}
+
+
 def aggregate(per_seed: dict[str, dict[str, dict[str, dict[str, float]]]], seeds: Sequence[int],
-              metric_names: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
-    """``per_seed[encoder][seed][dataset][metric]`` -> ``agg[dataset][metric]`` with mean/std per encoder,
-    the difference trained - random and the separation."""
+              metric_names: Sequence[str] | dict[str, Sequence[str]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``per_seed[encoder][seed][group][metric]`` -> ``agg[group][metric]`` with mean/std per encoder,
+    the difference trained - random and the separation. Groups: the datasets (clustering) and :data:`DENSE`."""
     agg: dict[str, dict[str, dict[str, Any]]] = {}
-    for ds in DATASETS:
+    for ds, names in _groups(metric_names).items():
         agg[ds] = {}
-        for name in metric_names:
+        for name in names:
             row: dict[str, Any] = {}
             for enc in ("random", "trained"):
                 vals = [per_seed[enc][str(s)][ds][name] for s in seeds]
@@ -131,17 +144,56 @@ def _ms_txt(d: dict) -> str:
     return f"{d['mean']:.2f} ± {d['std']:.2f}" if d["std"] is not None else f"{d['mean']:.2f}"
 
 
-def table_markdown(agg: dict, seeds: Sequence[int], metric_names: Sequence[str], caption: str) -> str:
-    """The proof table (markdown) with its caption and the goal lines."""
+def table_markdown(agg: dict, seeds: Sequence[int], metric_names: Sequence[str] | dict[str, Sequence[str]],
+                   caption: str, primary: str | None = None) -> str:
+    """The proof table (markdown) with its caption; the ``primary`` instrument's row is marked."""
     lines = [caption, "",
              "| dataset | metric | random init | trained (stage 1) | trained − random | separation (std) |",
              "|---|---|---:|---:|---:|---:|"]
-    for ds in DATASETS:
-        for name in metric_names:
+    mark = INSTRUMENT_ROWS.get(primary) if primary else None
+    for ds, names in _groups(metric_names).items():
+        for name in names:
             r = agg[ds][name]
-            lines.append(f"| {ds} | {name} | {_ms_txt(r['random'])} | {_ms_txt(r['trained'])} | "
+            label = f"**{name}** (primary)" if mark == (ds, name) else name
+            where = "davis (J&F), ytvos (in-context, linear)" if ds == DENSE else ds
+            if ds == DENSE:
+                where = "davis" if name == "J&F" else "ytvos"
+            lines.append(f"| {where} | {label} | {_ms_txt(r['random'])} | {_ms_txt(r['trained'])} | "
                          f"{r['diff']:+.2f} | {_sep_txt(r['separation'])} |")
     return "\n".join(lines)
+
+
+def primary_instrument(calibration: dict | None) -> tuple[str, dict[str, Any]]:
+    """The instrument with the widest calibrated range (``wtours bench instruments``' dynamic range in std units
+    of its range row), and that range; ``C`` with no calibration."""
+    dyn = ((calibration or {}).get("aggregate") or {}).get("dynamic_range") or {}
+    usable = {k: v for k, v in dyn.items() if k in INSTRUMENT_ROWS and v.get("std_units") is not None}
+    if not usable:
+        return "C", {}
+    best = max(usable, key=lambda k: usable[k]["std_units"])
+    return best, usable[best]
+
+
+def primary_verdict(agg: dict, primary: str, rng: dict[str, Any]) -> dict[str, Any]:
+    """Trained vs random on the primary instrument: > GOAL_SEPARATION std apart, and the share of the calibrated
+    random -> range-row gap it closes (the range row is the supervised baseline when the calibration has one)."""
+    g, m = INSTRUMENT_ROWS[primary]
+    r = agg.get(g, {}).get(m)
+    if r is None:
+        return {"instrument": primary, "met": False, "text": f"primary instrument {primary}: not evaluated"}
+    sep = r["separation"]
+    gap = rng.get("points")
+    closed = r["diff"] / gap if gap else None
+    ok = sep is not None and sep > GOAL_SEPARATION
+    row = rng.get("row", "?")
+    units = rng.get("std_units")
+    text = (f"primary instrument **{primary}** (widest calibrated range: {row} − random "
+            f"{'n/a' if gap is None else f'{gap:+.1f}'} points, "
+            f"{'n/a' if units is None else f'{units:.0f}'} std): trained − random "
+            f"{r['diff']:+.2f} points, {_sep_txt(sep)} std (goal > {GOAL_SEPARATION:g}: {'met' if ok else 'not met'})"
+            + ("" if closed is None else f"; {100 * closed:.0f} % of the {row} − random range"))
+    return {"instrument": primary, "separation": sep, "diff": r["diff"], "range": rng, "range_closed": closed,
+            "met": ok, "text": text}
 
 
 def goal_lines(verdicts: dict) -> list[str]:
@@ -152,63 +204,42 @@ def goal_lines(verdicts: dict) -> list[str]:
 # ----------------------------------------------------------------------------------------------- picture
 
 
-def plot_bars(agg: dict, metric_names: Sequence[str] = ("F", "C", "D"), title: str = "") -> bytes:
-    """PNG: per dataset a panel of grouped bars (random vs trained) with ± std error bars (PIL only)."""
-    from PIL import Image, ImageDraw
+def plot_bars(agg: dict, metric_names: Sequence[str] | dict[str, Sequence[str]] = ("F", "C", "D"),
+              title: str = "") -> bytes:
+    """PNG: per group (dataset, dense instruments) a panel of grouped bars, random vs trained, ± std error bars."""
+    import matplotlib
 
-    pw, ph = 440, 360
-    img = Image.new("RGB", (pw * len(DATASETS), ph + 30), "white")
-    d = ImageDraw.Draw(img)
-    colours = {"random": (150, 150, 150), "trained": (0, 90, 200)}
-    d.text((10, 8), title or "mIoU %, mean ± std over seeds", fill=(0, 0, 0))
-    lx = pw * len(DATASETS) - 200
-    for i, enc in enumerate(("random", "trained")):
-        d.rectangle([lx + i * 95, 8, lx + i * 95 + 12, 20], fill=colours[enc])
-        d.text((lx + i * 95 + 16, 8), "random init" if enc == "random" else "trained", fill=(0, 0, 0))
-    top_all = max([agg[ds][n][e]["mean"] + (agg[ds][n][e]["std"] or 0.0)
-                   for ds in DATASETS for n in metric_names for e in ("random", "trained")] + [1.0])
-    ymax = max(10.0, math.ceil(top_all / 10.0) * 10.0)
-    for p, ds in enumerate(DATASETS):
-        x0, y0 = p * pw, 30
-        left, right, top, bottom = x0 + 50, x0 + pw - 15, y0 + 30, y0 + ph - 35
-        d.text((left, y0 + 8), ds, fill=(0, 0, 0))
-        step = 10.0 if ymax <= 60 else 20.0
-        v = 0.0
-        while v <= ymax + 1e-9:
-            y = bottom - v / ymax * (bottom - top)
-            d.line([(left, y), (right, y)], fill=(225, 225, 225))
-            d.text((x0 + 12, y - 6), f"{v:g}", fill=(0, 0, 0))
-            v += step
-        d.rectangle([left, top, right, bottom], outline=(160, 160, 160))
-        group = (right - left) / len(metric_names)
-        bw = group * 0.3
-        for g, name in enumerate(metric_names):
-            cx = left + (g + 0.5) * group
-            for j, enc in enumerate(("random", "trained")):
-                r = agg[ds][name][enc]
-                xa = cx + (j - 1) * bw - 2 + 4 * j
-                xb = xa + bw
-                yv = bottom - max(0.0, r["mean"]) / ymax * (bottom - top)
-                d.rectangle([xa, yv, xb, bottom], fill=colours[enc])
-                if r["std"]:
-                    xm = (xa + xb) / 2
-                    ya = bottom - min(ymax, r["mean"] + r["std"]) / ymax * (bottom - top)
-                    yb = bottom - max(0.0, r["mean"] - r["std"]) / ymax * (bottom - top)
-                    d.line([(xm, ya), (xm, yb)], fill=(0, 0, 0), width=2)
-                    d.line([(xm - 5, ya), (xm + 5, ya)], fill=(0, 0, 0), width=2)
-                    d.line([(xm - 5, yb), (xm + 5, yb)], fill=(0, 0, 0), width=2)
-                d.text((xa, max(top, min(yv, ya if r["std"] else yv) - 12)), f"{r['mean']:.1f}", fill=(0, 0, 0))
-            d.text((cx - 4, bottom + 8), name, fill=(0, 0, 0))
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _groups(metric_names)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 4.2), squeeze=False)
+    for ax, (ds, names) in zip(axes[0], groups.items()):
+        xs = range(len(names))
+        for j, (enc, colour, label) in enumerate((("random", "0.6", "random init"), ("trained", "tab:blue", "trained"))):
+            means = [agg[ds][n][enc]["mean"] for n in names]
+            errs = [agg[ds][n][enc]["std"] or 0.0 for n in names]
+            bars = ax.bar([x + (j - 0.5) * 0.38 for x in xs], means, 0.38, yerr=errs, capsize=3, color=colour,
+                          label=label)
+            ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+        ax.set_xticks(list(xs), list(names))
+        ax.set_title("dense instruments" if ds == DENSE else f"{ds}: clustering")
+        ax.set_ylabel("score % (mIoU, J&F)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title or "mean ± std over seeds", fontsize=9)
+    fig.tight_layout()
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
     return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------- README block
 
 
-def check_readme(path: str | Path) -> str:
-    """The text of ``path``; a one-line :class:`UserError` unless it holds one proof block."""
+def check_readme(path: str | Path, begin: str = BEGIN, end: str = END) -> str:
+    """The text of ``path``; a one-line :class:`UserError` unless it holds one ``begin`` ... ``end`` block."""
     p = Path(path)
     if not p.is_file():
         raise UserError("--readme: file not found" if not p.exists() else "--readme: not a file", path=p)
@@ -216,23 +247,23 @@ def check_readme(path: str | Path) -> str:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"--readme: cannot read ({e})", path=p) from None
-    nb, ne = text.count(BEGIN), text.count(END)
-    if nb != 1 or ne != 1 or text.index(BEGIN) > text.index(END):
-        raise UserError(f"--readme: needs exactly one '{BEGIN}' line followed by one '{END}' line "
-                        f"(found {nb} and {ne}); the proof block is written between them", path=p)
+    nb, ne = text.count(begin), text.count(end)
+    if nb != 1 or ne != 1 or text.index(begin) > text.index(end):
+        raise UserError(f"--readme: needs exactly one '{begin}' line followed by one '{end}' line "
+                        f"(found {nb} and {ne}); the block is written between them", path=p)
     return text
 
 
-def replace_block(text: str, body: str) -> str:
-    """``text`` with what lies between the proof markers replaced by ``body`` (markers kept)."""
-    i = text.index(BEGIN) + len(BEGIN)
-    j = text.index(END)
+def replace_block(text: str, body: str, begin: str = BEGIN, end: str = END) -> str:
+    """``text`` with what lies between the markers replaced by ``body`` (markers kept)."""
+    i = text.index(begin) + len(begin)
+    j = text.index(end)
     return text[:i] + "\n" + body.strip("\n") + "\n" + text[j:]
 
 
-def write_readme(path: str | Path, body: str) -> Path:
-    text = check_readme(path)
-    return write_text(path, replace_block(text, body))
+def write_readme(path: str | Path, body: str, begin: str = BEGIN, end: str = END) -> Path:
+    text = check_readme(path, begin, end)
+    return write_text(path, replace_block(text, body, begin, end))
 
 
 # ----------------------------------------------------------------------------------------------- phases
@@ -277,7 +308,7 @@ def _say(quiet: bool, msg: str) -> None:
 
 
 def _train_seed(cfg: Any, run_dir: Path, times: _Times, phase: str, quiet: bool,
-                max_seconds: float | None = None) -> dict[str, Any]:
+                max_seconds: float | None = None, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Stage 1 of one seed (reused when its backbone.pt was written by this training config); ``max_seconds``
     caps its training time (a run stopped by it is exported and evaluated as it stands)."""
     import torch
@@ -312,7 +343,8 @@ def _train_seed(cfg: Any, run_dir: Path, times: _Times, phase: str, quiet: bool,
     _say(quiet, f"{phase}: stage 1, seed {cfg.seed}, into {run_dir}" + (" (continuing)" if resume else ""))
     t0 = time.perf_counter()
     try:
-        summary = run_pretrain(cfg, run_dir, resume=resume, progress=False if quiet else None, max_seconds=max_seconds)
+        summary = run_pretrain(cfg, run_dir, resume=resume, progress=False if quiet else None, max_seconds=max_seconds,
+                               extra_callbacks=extra_callbacks)
     except KeyboardInterrupt:
         print(f"wtours bench learn: stopped during {phase}; run the same command again to continue "
               f"(finished seeds are kept)", file=sys.stderr)
@@ -339,6 +371,39 @@ def _evaluate(dataset: str, root: Path, spec: str, out_dir: Path, ecfg: Any, tim
     m = evaluate_clustering(dataset, root, spec, out_dir, copy.deepcopy(ecfg), verbose=False)
     times.done(phase, time.perf_counter() - t0)
     return m
+
+
+def dense_configs(args: Any) -> dict:
+    """The dense instruments' configs of ``args`` (``--propagation-config`` ...), quiet, without pictures."""
+    from types import SimpleNamespace
+
+    from wtours.bench.instruments import _configs
+
+    return _configs(SimpleNamespace(eval_config="eval/proof", propagation_config=args.propagation_config,
+                                    incontext_config=args.incontext_config, linear_config=args.linear_config))
+
+
+def evaluate_dense(spec: str, root: Path, out_dir: Path, cfgs: dict, seed: int, times: _Times, phase: str,
+                   quiet: bool, sha256: str | None = None, device: str = "auto") -> dict[str, float]:
+    """J&F, in-context and linear-probe scores of ``spec`` (reused when ``out_dir/scores.json`` was computed for
+    the same spec, backbone checksum, seed and configs)."""
+    from wtours.bench.instruments import dense_scores
+    from wtours.config import to_dict
+
+    key = {"spec": spec, "sha256": sha256, "seed": seed, "root": str(root),
+           "configs": {k: to_dict(v) for k, v in cfgs.items() if k != "clustering"}}
+    cache = out_dir / "scores.json"
+    old = _read_json(cache)
+    if isinstance(old, dict) and old.get("key") == key:
+        times.reused(phase, old.get("seconds"))
+        return old["scores"]
+    _say(quiet, f"{phase}: propagation, in-context, linear probe of {spec}")
+    t0 = time.perf_counter()
+    scores = dense_scores(spec, root, out_dir, cfgs, seed, device)
+    seconds = time.perf_counter() - t0
+    times.done(phase, seconds)
+    write_json(cache, {"key": key, "scores": scores, "seconds": seconds})
+    return scores
 
 
 def _machine() -> dict[str, Any]:
@@ -396,6 +461,13 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
         raise UserError(f"--time-limit: must be a positive number of seconds, got {args.time_limit}")
     if args.readme:
         check_readme(args.readme)  # refuse before hours of work, not after
+    dense = getattr(args, "instruments", "all") == "all"
+    dcfgs = dense_configs(args) if dense else {}
+    calib_path = getattr(args, "calibration", None) or (CALIBRATION if CALIBRATION.is_file() else None)
+    calibration = _read_json(Path(calib_path)) if calib_path else None
+    if calib_path and not isinstance(calibration, dict):
+        raise UserError("--calibration: not an instruments.json of 'wtours bench instruments'", path=calib_path)
+    primary, primary_range = primary_instrument(calibration if dense else None)
     cfg = load_pretrain_config(args.config, args.overrides, args.max_steps)
     if cfg.data.synth.sequences < 1:
         raise ConfigError("data.synth.sequences: the proof needs at least 1 evaluation sequence, got 0")
@@ -454,11 +526,20 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
                                         **{k: m.get(k) for k in ("F", "C", "D", "F_std", "C_std", "D_std")},
                                         "overclustering": {k: v.get("miou") for k, v in
                                                            (m.get("overclustering") or {}).items()}}
+            if dense:
+                phase = f"{'seed' if enc == 'trained' else 'random'}{s}/eval_dense"
+                per_seed[enc][str(s)][DENSE] = evaluate_dense(spec, synth_dir, base / "eval" / DENSE, dcfgs, s, times,
+                                                              phase, quiet, digest, getattr(args, "device", "auto"))
+                raw[enc][str(s)][DENSE] = {"scores": str(base / "eval" / DENSE / "scores.json")}
 
     # 4. the table
-    metric_names = ["F", "C", "D", *(f"K={k}" for k in ecfg.overcluster_k)]
+    clustering_names = ["F", "C", "D", *(f"K={k}" for k in ecfg.overcluster_k)]
+    metric_names: dict[str, Sequence[str]] = {ds: clustering_names for ds in DATASETS}
+    if dense:
+        metric_names[DENSE] = DENSE_METRICS
     agg = aggregate(per_seed, seeds, metric_names)
     verdicts = goals(agg)
+    pverdict = primary_verdict(agg, primary, primary_range)
     steps = sorted({r["steps"] for r in runs.values() if r["steps"] is not None})
     invocation = time.perf_counter() - t_start
     compute = sum(p["seconds"] or 0.0 for p in times.phases.values())
@@ -471,7 +552,10 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
     caption = (f"Stage 1 (`{args.config}`{chain}, {', '.join(map(str, steps))} steps, {resolved['model']['arch']}) vs "
                f"random initialisation (same arch, init seed = seed) on the synthetic tour's DAVIS- and "
                f"YTVOS-layout sets ({eval_sets['davis']['sequences']} unseen scenes each, eval `{args.eval_config}`); "
-               f"mIoU %, mean ± sample standard deviation (ddof=1) over seeds {' '.join(map(str, seeds))}; "
+               f"mIoU %" + (f"; dense instruments: propagation J&F on the DAVIS layout (`{args.propagation_config}`), "
+                            f"in-context retrieval (`{args.incontext_config}`) and the linear probe "
+                            f"(`{args.linear_config}`) mIoU on the YTVOS layout's categories" if dense else "")
+               + f"; mean ± sample standard deviation (ddof=1) over seeds {' '.join(map(str, seeds))}; "
                f"separation = {SEPARATION_DEF}.")
     result: dict[str, Any] = {
         "goal": GOAL_TEXT,
@@ -483,6 +567,9 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
             "pretrain_config": resolved, "seeds": seeds, "steps": steps[0] if len(steps) == 1 else steps,
             "eval_config": str(args.eval_config), "eval_overrides": list(args.eval_overrides),
             "eval_config_resolved": to_dict(ecfg), "eval_sets": eval_sets, "video": videos[0],
+            "instruments": getattr(args, "instruments", "all"),
+            "dense_configs": {k: to_dict(v) for k, v in dcfgs.items() if k != "clustering"},
+            "calibration": str(calib_path) if calib_path else None,
             "std": STD_KIND, "separation": SEPARATION_DEF,
             "scores": "per seed: the eval's mean over its k-means repeats; F/C/D/K=<k> mIoU %",
             "baseline": "random:<arch>@<seed> (timm init after torch.manual_seed(seed))",
@@ -496,11 +583,12 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
         "per_seed_raw": raw,
         "aggregates": agg,
         "goals": verdicts,
+        "primary": pverdict,
         "caption": caption,
     }
 
-    table = table_markdown(agg, seeds, metric_names, caption)
-    gl = goal_lines(verdicts)
+    table = table_markdown(agg, seeds, metric_names, caption, primary if dense else None)
+    gl = goal_lines(verdicts) + ([f"- {pverdict['text']}"] if dense else [])
     wall = (f"{_fmt_s(compute)} of compute" + ("" if complete else " (some reused phases' times unknown)")
             + f"; this invocation {_fmt_s(invocation)}")
     machine = result["machine"]
@@ -523,7 +611,7 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
     md += ["", "![proof](proof.png)", ""]
     write_json(out / "proof.json", result)
     with atomic_open(out / "proof.png", "wb") as f:
-        f.write(plot_bars(agg, title=f"mIoU %, mean ± std over seeds {' '.join(map(str, seeds))} "
+        f.write(plot_bars(agg, metric_names, title=f"mean ± std over seeds {' '.join(map(str, seeds))} "
                                      f"({', '.join(map(str, steps))} steps)"))
     write_text(out / "proof.md", "\n".join(md))
     if args.json:
@@ -548,6 +636,15 @@ def _rel(path: Path, base: Path) -> str:
 
 
 def cli_main(args: Any) -> int:
+    if getattr(args, "curve", False):
+        from wtours.bench.curve import run_curve
+
+        _, text = run_curve(args)
+        out = Path(args.out)
+        print(text)
+        print(f"wrote {out / 'curve.json'}, {out / 'curve.md'}, {out / 'curve.png'}"
+              + (f"; updated {args.readme}" if args.readme else ""))
+        return 0
     _, text = run_learn(args)
     out = Path(args.out)
     print(text)
