@@ -352,3 +352,26 @@ def test_timet_parity_config_sets_the_reference_choices_and_records_them(synth_d
     m2 = json.loads((out2 / "metrics.json").read_text())
     assert m2["settings"]["annotations"] == "Annotations/480p"
     assert m2["settings"]["frames"] == "4 evenly spaced annotated frames per clip"
+
+
+@pytest.mark.parametrize("key, scale, problem", [
+    ("qkv.weight", 1e27, "feature values are not finite"),
+    ("qkv.weight", float("inf"), "feature values are not finite"),
+    ("norm.weight", 1e6, "past the sane bound 100000"),  # finite features of ~1e6
+])
+def test_diverged_weights_are_refused_with_one_line_naming_the_checkpoint(synth_dir, tmp_path, capsys, key, scale,
+                                                                          problem):
+    """Issue 20 #2: finite weights of 5e27 (and non-finite ones, in a file not written by wtours) gave
+    `RuntimeError: probability tensor contains either inf, nan or element < 0` in kmeans_pp."""
+    from wtours.models.backbone_io import create_vit
+
+    vit = create_vit("vit_tiny_patch16_224")
+    sd = {k: v * scale if k.endswith(key) else v for k, v in vit.state_dict().items()}
+    ckpt = tmp_path / "exploded.pth"
+    torch.save(sd, ckpt)  # a plain timm state dict
+    rc = main(["eval", "clustering", "--dataset", "synth", "--root", str(synth_dir), "--checkpoint", str(ckpt),
+               "--out", str(tmp_path / "ev"), *TINY])
+    assert rc == 2
+    _one_error_line(capsys, f"wtours eval: error: {ckpt}: ", problem,
+                    "the weights diverged; evaluate an earlier checkpoint")
+    assert not (tmp_path / "ev" / "metrics.json").exists()

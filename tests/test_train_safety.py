@@ -134,11 +134,12 @@ def test_a_killed_fresh_start_never_lets_a_rerun_continue_the_old_run(finished, 
 def test_a_diverging_run_stops_keeps_the_last_good_checkpoint_and_exports_nothing(synth, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["pretrain", "--config", "video/default", "--video", synth[0], "--out", str(out), *SETS,
-               "--set", "optim.lr=100000.0", "--set", "optim.clip_grad=0"])
+               "--set", "optim.lr=100000.0", "--set", "optim.clip_grad=0", "--set", "trainer.checkpoint_every=1"])
     assert rc == 2
     line = _one_line(capsys, "training diverged", "nothing exported", "lower optim.lr (now 100000)",
                      "optim.clip_grad, now 0")
-    assert "non-finite weights in student." in line
+    # caught at the first save: by the probe batch's features (issue 20) before the weights went non-finite
+    assert "probe features of student.vit: features reach " in line or "non-finite weights in student." in line
     assert not (out / "stage1" / "backbone.pt").exists()
     ck = torch.load(out / "stage1" / "last.ckpt", weights_only=True)
     assert f"kept the last good checkpoint {out / 'stage1' / 'last.ckpt'} (step {ck['global_step']})" in line
@@ -200,3 +201,17 @@ def test_hostile_and_impossible_requests_are_one_line_errors(finished, synth, tm
         assert main([*base, "--set", override]) == 2
         _one_line(capsys, needle)
     assert not (tmp_path / "a" / "stage1" / "last.ckpt").exists()
+
+
+def test_an_explosion_between_two_checks_is_stopped_before_the_export(synth, tmp_path, capsys):
+    """Issue 20 #1: `pretrain --max-steps 2 --set optim.lr=1e30` exported a backbone with weights of 5e27;
+    no periodic check falls inside these 2 steps, so the check before the final save must catch it."""
+    out = tmp_path / "run"
+    rc = main(["pretrain", "--config", "video/default", "--video", synth[0], "--out", str(out), *SETS,
+               "--max-steps", "2", "--set", "trainer.log_every=50", "--set", "trainer.checkpoint_every=50",
+               "--set", "optim.lr=1e30"])
+    assert rc == 2
+    line = _one_line(capsys, "training diverged (checked at step 2): weights up to ", "past the bound 1e+06",
+                     "no checkpoint was saved, nothing exported", "lower optim.lr (now 1e+30)")
+    assert line.startswith("wtours pretrain: error: ")
+    assert not (out / "stage1" / "backbone.pt").exists() and not (out / "stage1" / "last.ckpt").exists()

@@ -218,7 +218,8 @@ def evaluate_clustering(
 
     def features(d: Dataset):
         return extract_features(model, d, dev, tuple(cfg.input_size), [tuple(cfg.eval_size),
-                                tuple(cfg.eval_size_dataset)], cfg.batch_size, cfg.workers, cfg.progress)
+                                tuple(cfg.eval_size_dataset)], cfg.batch_size, cfg.workers, cfg.progress,
+                                source=checkpoint)
 
     keep = list(range(min(cfg.overlays, len(seq_names))))
     runs = []

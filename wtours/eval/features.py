@@ -29,6 +29,18 @@ from wtours.eval.datasets import Dataset, Sequence, load_mask
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# |feature| past this is an encoder that diverged (after the final norm a sane ViT's values are < ~1e3);
+# features this large also overflow the fp32 squared distances of k-means
+FEATURE_BOUND = 1e5
+
+
+def feature_problem(x: torch.Tensor, bound: float = FEATURE_BOUND) -> str | None:
+    """What is wrong with features ``x`` (non-finite values, or values past ``bound``), or None."""
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        return f"{bad} of {x.numel()} feature values are not finite"
+    top = float(x.abs().max()) if x.numel() else 0.0
+    return f"features reach {top:.3g}, past the sane bound {bound:g}" if top > bound else None
 
 
 @dataclass
@@ -109,10 +121,12 @@ def extract_features(
     batch_size: int = 64,
     workers: int = 0,
     progress: bool = True,
+    source: str | None = None,
 ) -> FeatureSet:
     """Run ``model`` over every selected frame of ``dataset`` -> :class:`FeatureSet`.
 
-    ``workers``: decoding threads (0: one per CPU core, at most 32)."""
+    ``workers``: decoding threads (0: one per CPU core, at most 32). Non-finite or overflowing features
+    (:func:`feature_problem`) raise :class:`UserError` naming ``source`` (the checkpoint)."""
     import os
 
     from tqdm import tqdm
@@ -140,6 +154,11 @@ def extract_features(
             natives.extend(nat)
             bar.update(len(imgs))
     bar.close()
+    grid = torch.cat(grids)
+    problem = feature_problem(grid)
+    if problem:
+        raise UserError(f"{problem}: the weights diverged; evaluate an earlier checkpoint",
+                        path=source or "the encoder")
     if cuda:
         torch.cuda.synchronize(device)
     seconds = {"features": time.perf_counter() - t0}
@@ -147,5 +166,5 @@ def extract_features(
         [torch.full((len(s.frames),), i, dtype=torch.long) for i, s in enumerate(dataset.sequences)]
     ).to(device)
     return FeatureSet(
-        torch.cat(grids), {s: torch.cat(g) for s, g in zip(sizes, gts)}, frame_seq, natives, seconds
+        grid, {s: torch.cat(g) for s, g in zip(sizes, gts)}, frame_seq, natives, seconds
     )
