@@ -215,3 +215,26 @@ def test_an_explosion_between_two_checks_is_stopped_before_the_export(synth, tmp
                      "no checkpoint was saved, nothing exported", "lower optim.lr (now 1e+30)")
     assert line.startswith("wtours pretrain: error: ")
     assert not (out / "stage1" / "backbone.pt").exists() and not (out / "stage1" / "last.ckpt").exists()
+
+
+@pytest.mark.parametrize("bad", ["video", "init", "frames"])
+def test_fresh_checks_every_input_before_it_sets_the_old_run_aside(finished, synth, tmp_path, capsys, bad):
+    """Issue 20 #4: `--fresh --video text.mp4` on a finished run exited 2 with an empty stage1/ (the good
+    backbone only in stage1.old-*)."""
+    run = _copy(finished, tmp_path)
+    old = {p.name: p.read_bytes() for p in (run / "stage1").iterdir() if p.is_file()}
+    text = tmp_path / "text.mp4"
+    text.write_text("not a video\n")
+    data = ["--video", synth[0]]
+    extra = []
+    if bad == "video":
+        data = ["--video", str(text)]
+    elif bad == "init":
+        extra = ["--init", str(text)]
+    else:
+        data = ["--frames", str(tmp_path / "no-such-folder")]
+    rc = main(["pretrain", "--config", "video/default", *data, *extra, "--out", str(run), *SETS, "--fresh"])
+    assert rc == 2
+    _one_line(capsys, "wtours pretrain: error: ", str(text) if bad != "frames" else "no-such-folder")
+    assert not list(run.glob("stage1.old-*"))
+    assert {p.name: p.read_bytes() for p in (run / "stage1").iterdir() if p.is_file()} == old

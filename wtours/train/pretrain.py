@@ -191,14 +191,6 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
               file=sys.stderr)
     run_dir = ensure_dir(run_dir)
     show = cfg.log.progress if progress is None else progress
-    if fresh and main_process:
-        fresh_start(run_dir / "stage1", "wtours pretrain")
-    stage = ensure_dir(run_dir / "stage1")
-    if main_process:
-        n_tmp, size = remove_stale_temps(stage)
-        if n_tmp:
-            print(f"wtours pretrain: removed {n_tmp} temp file(s) ({size / 2**20:.1f} MiB) left by killed writes "
-                  f"in {stage}", file=sys.stderr)
     synthetic = False
     if cfg.data.frames:
         if cfg.videos:
@@ -232,6 +224,20 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
 
         decoded = training_videos(cfg.videos, cfg.data.short_side, cfg.data.proxy, progress=main_process and show)
     dataset = make_clip_dataset(cfg, decoded)  # indexes the videos; too-short ones fail here
+    if cfg.model.init:  # read (verified) now: a bad --init fails before --fresh touches the old run
+        from wtours.models.backbone_io import load_backbone
+
+        with torch.random.fork_rng(devices=[]):
+            load_backbone(cfg.model.init, arch=cfg.model.arch)
+    # every input is checked: only now may --fresh set the old stage1/ aside
+    if fresh and main_process:
+        fresh_start(run_dir / "stage1", "wtours pretrain")
+    stage = ensure_dir(run_dir / "stage1")
+    if main_process:
+        n_tmp, size = remove_stale_temps(stage)
+        if n_tmp:
+            print(f"wtours pretrain: removed {n_tmp} temp file(s) ({size / 2**20:.1f} MiB) left by killed writes "
+                  f"in {stage}", file=sys.stderr)
     write_text(run_dir / "config.yaml", "".join(f"# {n}\n" for n in notes) + to_yaml(cfg))
     accelerator, on_gpu = resolve_accelerator(cfg)
     if not on_gpu and cfg.trainer.cpu_threads > 0:
