@@ -547,6 +547,17 @@ def cli_main(args) -> int:
     mfu = getattr(args, "mfu", MFU_DEFAULT)
     if not 0 < mfu <= 1:
         raise UserError(f"--mfu must be in (0, 1], got {mfu}")
+    for name, low in (("short_side", 2), ("stride", 1)):
+        val = getattr(args, name, None)
+        if val is not None and val < low:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {val}")
+    gflop = getattr(args, "gflop_per_frame", None)
+    if gflop is not None and not gflop > 0:
+        raise UserError(f"--gflop-per-frame must be > 0, got {gflop}")
+    if args.json:
+        from wtours.fsutil import check_output_file
+
+        check_output_file(args.json, "--json")
     from wtours.video.decode import BACKENDS
 
     for b in args.backends:

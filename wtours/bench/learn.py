@@ -386,6 +386,10 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
         raise UserError(f"--max-steps: must be >= 1, got {args.max_steps}")
     if args.readme:
         check_readme(args.readme)  # refuse before hours of work, not after
+    if args.json:
+        from wtours.fsutil import check_output_file
+
+        check_output_file(args.json, "--json")
     cfg = load_pretrain_config(args.config, args.overrides, args.max_steps)
     if cfg.data.synth.sequences < 1:
         raise ConfigError("data.synth.sequences: the proof needs at least 1 evaluation sequence, got 0")
