@@ -191,3 +191,52 @@ def test_frame_cache_write_that_fails_leaves_no_temp_and_killed_temps_are_remove
     assert "removed 2 temp file(s)" in capsys.readouterr().err
     arr = np.load(npy, mmap_mode="r")
     assert arr.shape == (12, 36, 64, 3) and arr.dtype == np.uint8
+
+
+def _neco_init_error(tmp_path, capsys, init):
+    from wtours.cli import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir(exist_ok=True)
+    rc = main(["neco", "--init", str(init), "--images", str(empty), "--config", "neco/tiny",
+               "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err  # no torch warning before our line
+    return err[0]
+
+
+def test_a_bare_state_dict_of_a_small_vit_names_no_option_neco_lacks(tmp_path, capsys):
+    """Issue 20 #7: `neco` on a bare small-ViT state dict said "pass --arch", an option neco does not have;
+    the layout it suggests loads."""
+    from wtours.models.backbone_io import create_vit
+    from wtours.models.init_weights import load_init
+
+    sd = create_vit("vit_nano_patch8_64", num_classes=0).state_dict()
+    torch.save(sd, tmp_path / "nano.pth")
+    line = _neco_init_error(tmp_path, capsys, tmp_path / "nano.pth")
+    assert "--arch" not in line
+    assert line == (f"wtours neco: error: {tmp_path / 'nano.pth'}: --init: embedding width 128 matches no standard "
+                    "ViT; save it as {'arch': <timm name>, 'state_dict': <weights>} (the layout of a backbone.pt) so "
+                    "that its architecture is known")
+    torch.save({"arch": "vit_nano_patch8_64", "state_dict": sd}, tmp_path / "nano_arch.pth")
+    assert load_init(str(tmp_path / "nano_arch.pth")).arch == "vit_nano_patch8_64"
+
+
+@pytest.mark.parametrize("kind", ["legacy_protocol4", "raw_pickle"])
+def test_pickles_weights_only_cannot_read_are_one_line_naming_trust_checkpoint(tmp_path, capsys, kind):
+    """Issue 20 #7: a legacy pickle showed torch's truncated advice and no hint of --trust-checkpoint; a raw
+    pickle printed two torch warnings before our line."""
+    import argparse
+    import pickle
+
+    path = tmp_path / f"{kind}.pth"
+    if kind == "raw_pickle":
+        with open(path, "wb") as f:
+            pickle.dump({"a": 1}, f, protocol=4)
+    else:
+        torch.save({"w": torch.zeros(2), "args": argparse.Namespace(a=1)}, path,
+                   _use_new_zipfile_serialization=False, pickle_protocol=4)
+    line = _neco_init_error(tmp_path, capsys, path)
+    assert line == (f"wtours neco: error: {path}: --init: cannot be read safely (weights_only: Unsupported operand "
+                    "149); it may hold pickled Python objects that could run code when loaded: pass "
+                    "--trust-checkpoint if you trust its source")
