@@ -375,3 +375,18 @@ def test_diverged_weights_are_refused_with_one_line_naming_the_checkpoint(synth_
     _one_error_line(capsys, f"wtours eval: error: {ckpt}: ", problem,
                     "the weights diverged; evaluate an earlier checkpoint")
     assert not (tmp_path / "ev" / "metrics.json").exists()
+
+
+def test_an_error_during_feature_extraction_starts_on_its_own_line_not_the_bars(synth_dir, tmp_path, capsys):
+    """Issue 20 #7: eval errors were printed on the progress bar's line."""
+    root = _davis_copy(synth_dir, tmp_path)
+    jpg = sorted((root / "JPEGImages" / "480p" / "synth-001").glob("*.jpg"))[1]
+    jpg.write_bytes(b"not a jpeg")
+    rc = main(["eval", "clustering", "--dataset", "davis", "--root", str(root), "--checkpoint", RANDOM,
+               "--out", str(tmp_path / "o"), "--config", "eval/tiny", "--device", "cpu", "--set", "progress=true",
+               "--set", "batch_size=2", "--frames-per-clip", "0"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "features:" in err  # the bar was shown
+    last = err.rstrip("\n").split("\n")[-1].split("\r")[-1]  # what a terminal shows on the error's line
+    assert last.startswith("wtours eval: error: ") and jpg.name in last, repr(err[-300:])

@@ -276,6 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _end_progress_bars() -> None:
+    """Close the tqdm bars an error left open, so that the error starts on its own line (an open bar's line
+    has no newline yet; a closed ``leave=False`` bar erases itself)."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or ()):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - best effort: the error line matters more
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -293,9 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         rc = module.cli_main(args)
         return int(rc or 0)
     except UserError as e:
+        _end_progress_bars()
         print(f"wtours {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except OSError as e:  # a file the user named: permissions, disk full, vanished path ...
+        _end_progress_bars()
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"wtours {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
