@@ -200,3 +200,29 @@ def test_the_tiny_pipeline_run_twice_gives_identical_backbones(tmp_path, monkeyp
         a, b = sds[0][stage], sds[1][stage]
         assert a.keys() == b.keys()
         assert [k for k in a if not torch.equal(a[k], b[k])] == [], stage
+
+
+@pytest.mark.parametrize("bad", ["images", "davis"])
+def test_later_stages_data_is_checked_before_stage1_trains(tmp_path, capsys, bad):
+    """Issue 20 #7: an empty --images and a --davis without Annotations were found only after stage 1 trained."""
+    from wtours.video.synth import synthesize
+
+    src = synthesize(tmp_path / "src", width=160, height=90, fps=10.0, seconds=3.0, sequences=1, seq_frames=3,
+                     progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    davis = tmp_path / "DAVIS"
+    (davis / "JPEGImages" / "480p").mkdir(parents=True)
+    extra = ["--images", str(empty)] if bad == "images" else ["--davis", str(davis)]
+    out = tmp_path / "run"
+    rc = main(["pretrain", "--pipeline", "tiny", "--out", str(out), "--video", str(src.video), *SETS, *extra])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()  # the synthetic ground truth's progress, then the error
+    assert err[-1].startswith("wtours pretrain: error: ") and "Traceback" not in "".join(err), err
+    assert (f"{empty}: --images: " if bad == "images" else str(davis)) in err[-1], err[-1]
+    assert not (out / "video" / "stage1").exists()
+    if bad == "images":  # a --video was given: the synthetic tour is written for its ground truth only
+        assert not any("no --video given" in ln for ln in err)
+        assert err[0].startswith("no --davis / --ytvos given: its DAVIS-layout ground truth is the evaluation set: "
+                                 "writing a synthetic walking tour to ")
+

@@ -73,8 +73,10 @@ def _yaml_str(text: str) -> str:
     return json.dumps(str(text))
 
 
-def synth_videos(cfg: VideoPretrainConfig, run_dir: Path, progress: bool = True) -> list[str]:
-    """The synthetic walking tour of ``data.synth`` in ``<run>/data/synth`` (reused when it matches)."""
+def synth_videos(cfg: VideoPretrainConfig, run_dir: Path, progress: bool = True,
+                 why: str = "no --video given") -> list[str]:
+    """The synthetic walking tour of ``data.synth`` in ``<run>/data/synth`` (reused when it matches); ``why``
+    starts the line that says it is written."""
     from wtours.video.synth import synthesize
 
     s = cfg.data.synth
@@ -103,7 +105,7 @@ def synth_videos(cfg: VideoPretrainConfig, run_dir: Path, progress: bool = True)
             time.sleep(0.5)
         raise UserError("timed out waiting for local rank 0 to write the synthetic video", path=out)
     if progress:
-        print(f"no --video given: writing a synthetic walking tour to {out}", file=sys.stderr)
+        print(f"{why}: writing a synthetic walking tour to {out}", file=sys.stderr)
     res = synthesize(out_dir=out, width=s.width, height=s.height, fps=s.fps, seconds=s.seconds, seed=s.seed,
                      sequences=s.sequences, seq_frames=s.seq_frames, progress=progress)
     return [str(res.video)]
