@@ -205,7 +205,9 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
         synthetic = True
     for v in cfg.videos:
         if not Path(v).is_file():
-            raise UserError("video not found" if not Path(v).exists() else "not a file", path=v)
+            from wtours.video.index import missing_reason
+
+            raise UserError(missing_reason(v, "video not found") if not Path(v).exists() else "not a file", path=v)
     # data.clips_per_epoch: frames -> the number (indexes the videos, cached), before the config is hashed, so
     # the schedules, config.yaml, the checkpoint and the resume check all hold the resolved number
     per_epoch_given = cfg.data.clips_per_epoch

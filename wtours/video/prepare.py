@@ -81,6 +81,9 @@ def prepare_video(video: str | Path, short_side: int = 480, out: str | Path | No
         raise UserError(f"unknown x264 preset {preset!r}")
 
     idx = index_video(src)
+    if idx.truncated:
+        log.warning("%s: making a proxy of a truncated file: %d frames of the %d its header declares", src,
+                    idx.num_frames, idx.declared_frames)
     if fps is not None and fps > idx.fps * 1.01:
         raise UserError(f"--fps {fps:g} is above the video's {idx.fps:.3f} fps: a proxy can only drop frames "
                         "(repeating them adds nothing to train on)", path=src)
@@ -166,6 +169,9 @@ def prepare_video(video: str | Path, short_side: int = 480, out: str | Path | No
                 bar.close()
                 if n_out == 0:
                     raise VideoError("no frame could be decoded", path=src)
+                if fps is None and n_out < idx.num_frames:
+                    log.warning("%s: only %d of its %d indexed frames could be decoded; the proxy ends there",
+                                src, n_out, idx.num_frames)
     except av.error.FFmpegError as e:
         raise VideoError(f"transcode failed ({_ff_reason(e)})", path=src) from None
     finally:
