@@ -218,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gop", type=int, default=30, help="keyframe spacing of the synthetic tour (default: 30)")
     q.add_argument("--repeat", type=int, default=1,
                    help="measure ceiling + loader this many times back to back, report the median (default: 1)")
+    q.add_argument("--soak", type=float, default=None, metavar="MINUTES",
+                   help="instead: run the loader (the first of --backends) epoch after epoch for MINUTES, sample "
+                        "its memory and report the slope (MiB/h)")
+    q.add_argument("--soak-every", type=float, default=60.0, metavar="SECONDS",
+                   help="seconds between memory samples of --soak (default: 60)")
     q.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON here")
     q = _sub(bsubs, "train", "wtours.bench.train", "training step throughput, MFU, memory and loader speed",
              "wtours bench train --stage video --config configs/video/dora_vits16.yaml")

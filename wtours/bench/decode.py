@@ -567,6 +567,8 @@ def cli_main(args) -> int:
         from wtours.video.index import check_video_path
 
         check_video_path(args.video)
+    if getattr(args, "soak", None) is not None:
+        return _soak_main(args, bs)
     gpu = getattr(args, "gpu", GPU_DEFAULT)
     res = run_bench(args.video, args.short_side, args.backends, args.clips, args.workers,
                     getattr(args, "stride", None), batch_size=bs, lanes=getattr(args, "lanes", None),
@@ -575,6 +577,23 @@ def cli_main(args) -> int:
                     seconds=getattr(args, "seconds", 64.0), gop=getattr(args, "gop", 30),
                     repeat=getattr(args, "repeat", 1))
     print(format_table(res))
+    if args.json:
+        from wtours.fsutil import write_json
+
+        write_json(args.json, res)
+    return 0
+
+
+def _soak_main(args, batch_size: int) -> int:
+    """``--soak MINUTES``: :mod:`wtours.bench.soak` (memory over a long run) instead of the throughput table."""
+    from wtours.bench.soak import check_soak_options, format_soak, run_soak
+
+    check_soak_options(args.soak, args.soak_every)
+    res = run_soak(args.video, args.soak, args.soak_every, backend=args.backends[0], short_side=args.short_side,
+                   workers=args.workers, stride=getattr(args, "stride", None), batch_size=batch_size,
+                   lanes=getattr(args, "lanes", None), seconds=getattr(args, "seconds", 64.0),
+                   gop=getattr(args, "gop", 30), config=getattr(args, "config", CONFIG_DEFAULT))
+    print(format_soak(res))
     if args.json:
         from wtours.fsutil import write_json
 
