@@ -161,7 +161,8 @@ def test_frame_cache_refuses_in_one_line_when_the_disk_cannot_hold_it(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     assert err[0].startswith(f"wtours neco: error: {tmp_path / 'run' / 'stage2' / 'frames'}: the frame cache needs ")
-    assert "GiB are free; free space, or lower data.frames (12) or data.frame_short_side" in err[0]
+    assert "(12 frames of 128x72) but only 48.8 KiB are free; free space, or lower data.frames (12) or " \
+           "data.frame_short_side (72)" in err[0]
     assert not list((tmp_path / "run" / "stage2" / "frames").iterdir())
 
 

@@ -178,6 +178,13 @@ def _remove_stale_cache_temps(out: Path) -> None:
               f"in {out}", file=sys.stderr)
 
 
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -220,9 +227,9 @@ def build_frame_cache(videos: Sequence[str], out_dir: str | Path, frames: int, s
     need = n * hh * ww * 3 + 4096  # + the .npy header
     free = shutil.disk_usage(out).free
     if need > free:
-        raise UserError(f"the frame cache needs {need / 2**30:.2f} GiB ({n} frames of {ww}x{hh}) but only "
-                        f"{free / 2**30:.2f} GiB are free; free space, or lower data.frames ({frames}) or "
-                        f"data.frame_short_side ({short_side})", path=out)
+        raise UserError(f"the frame cache needs {_size(need)} ({n} frames of {ww}x{hh}) but only {_size(free)} "
+                        f"are free; free space, or lower data.frames ({frames}) or data.frame_short_side "
+                        f"({short_side})", path=out)
     bar = None
     if progress:
         import sys
