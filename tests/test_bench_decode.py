@@ -90,3 +90,42 @@ def test_planned_diversity_of_a_long_tour(test_videos):
     assert p["planned_windows_per_batch"] >= 14
     one_lane = planned_windows(str(test_videos("long30")), stride=30, seconds=1800, lanes=1)
     assert one_lane["planned_windows_per_batch"] < 4  # the column can tell a loader without lanes
+
+
+def test_soak_samples_memory_and_reports_a_slope(test_videos, tmp_path, capsys):
+    """Issue 20: `bench decode --soak MINUTES` (shortened here: 6 s, a sample every 2 s) runs the loader epoch
+    after epoch and reports the PSS slope from samples taken at a fixed interval."""
+    out = tmp_path / "soak.json"
+    v = str(test_videos("long30"))
+    assert main(["bench", "decode", v, "--soak", "0.1", "--soak-every", "2", "--short-side", "24",
+                 "--backends", "pyav", "--workers", "1", "--stride", "20", "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["backend"] == "pyav" and d["workers"] == 1 and 0.09 <= d["minutes"] < 0.5
+    t = [s["t_s"] for s in d["samples"]]
+    assert len(t) >= 4 and t[0] < 1 and t == sorted(t)  # at start, every 2 s, at the end
+    assert all(1.5 < b - a < 2.5 for a, b in zip(t[:-2], t[1:-1]))
+    assert d["epochs"] >= 1 and d["delivered_frames"] > 0 and d["samples"][-1]["frames"] == d["delivered_frames"]
+    assert all(s["pss_mib"] > 0 and s["procs"] >= 1 for s in d["samples"])
+    assert d["samples"][-1]["procs"] >= 1 and max(s["worker_rss_mib"] for s in d["samples"]) > 0  # a worker ran
+    assert isinstance(d["pss_slope_mib_per_h"], float) and isinstance(d["pss_slope_all_mib_per_h"], float)
+    printed = capsys.readouterr().out
+    assert "MiB/h" in printed and "PSS" in printed
+
+
+def test_slope_per_hour_is_a_least_squares_line():
+    from wtours.bench.soak import slope_per_hour
+
+    assert slope_per_hour([0, 60, 120, 180], [100, 101, 102, 103]) == pytest.approx(60.0)
+    assert slope_per_hour([0, 60, 120], [100, 90, 110]) == pytest.approx(300.0)
+    assert slope_per_hour([5], [1]) is None
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--soak", "0"], "--soak must be > 0 minutes, got 0"),
+    (["--soak", "1", "--soak-every", "0"], "--soak-every must be > 0 seconds, got 0"),
+    (["--soak", "0.01", "--soak-every", "60"], "--soak-every 60 s is longer than the soak (0.01 min)"),
+])
+def test_soak_options_are_checked_before_the_work(argv, needle, capsys):
+    assert main(["bench", "decode", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and needle in err and "Traceback" not in err

@@ -352,3 +352,41 @@ def test_timet_parity_config_sets_the_reference_choices_and_records_them(synth_d
     m2 = json.loads((out2 / "metrics.json").read_text())
     assert m2["settings"]["annotations"] == "Annotations/480p"
     assert m2["settings"]["frames"] == "4 evenly spaced annotated frames per clip"
+
+
+@pytest.mark.parametrize("key, scale, problem", [
+    ("qkv.weight", 1e27, "feature values are not finite"),
+    ("qkv.weight", float("inf"), "feature values are not finite"),
+    ("norm.weight", 1e6, "past the sane bound 100000"),  # finite features of ~1e6
+])
+def test_diverged_weights_are_refused_with_one_line_naming_the_checkpoint(synth_dir, tmp_path, capsys, key, scale,
+                                                                          problem):
+    """Issue 20 #2: finite weights of 5e27 (and non-finite ones, in a file not written by wtours) gave
+    `RuntimeError: probability tensor contains either inf, nan or element < 0` in kmeans_pp."""
+    from wtours.models.backbone_io import create_vit
+
+    vit = create_vit("vit_tiny_patch16_224")
+    sd = {k: v * scale if k.endswith(key) else v for k, v in vit.state_dict().items()}
+    ckpt = tmp_path / "exploded.pth"
+    torch.save(sd, ckpt)  # a plain timm state dict
+    rc = main(["eval", "clustering", "--dataset", "synth", "--root", str(synth_dir), "--checkpoint", str(ckpt),
+               "--out", str(tmp_path / "ev"), *TINY])
+    assert rc == 2
+    _one_error_line(capsys, f"wtours eval: error: {ckpt}: ", problem,
+                    "the weights diverged; evaluate an earlier checkpoint")
+    assert not (tmp_path / "ev" / "metrics.json").exists()
+
+
+def test_an_error_during_feature_extraction_starts_on_its_own_line_not_the_bars(synth_dir, tmp_path, capsys):
+    """Issue 20 #7: eval errors were printed on the progress bar's line."""
+    root = _davis_copy(synth_dir, tmp_path)
+    jpg = sorted((root / "JPEGImages" / "480p" / "synth-001").glob("*.jpg"))[1]
+    jpg.write_bytes(b"not a jpeg")
+    rc = main(["eval", "clustering", "--dataset", "davis", "--root", str(root), "--checkpoint", RANDOM,
+               "--out", str(tmp_path / "o"), "--config", "eval/tiny", "--device", "cpu", "--set", "progress=true",
+               "--set", "batch_size=2", "--frames-per-clip", "0"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "features:" in err  # the bar was shown
+    last = err.rstrip("\n").split("\n")[-1].split("\r")[-1]  # what a terminal shows on the error's line
+    assert last.startswith("wtours eval: error: ") and jpg.name in last, repr(err[-300:])

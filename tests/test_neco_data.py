@@ -143,3 +143,101 @@ def test_init_that_is_not_a_vit_fails_in_one_line(tmp_path):
         with pytest.raises(UserError, match=pattern) as e:
             load_init(spec)
         assert "\n" not in str(e.value) and "--init" in str(e.value)
+
+
+def test_frame_cache_refuses_in_one_line_when_the_disk_cannot_hold_it(tmp_path, test_videos, monkeypatch, capsys):
+    """Issue 20 #5: on a full disk the memory-mapped cache died with SIGBUS (exit 135, no message)."""
+    import shutil
+    from collections import namedtuple
+
+    from wtours.cli import main
+
+    video = str(test_videos("long30"))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, (10 << 30) - 50_000, 50_000))
+    rc = main(["neco", "--init", "random:vit_nano_patch8_64", "--frames-from", video, "--config", "neco/tiny",
+               "--out", str(tmp_path / "run"), "--set", "data.frames=12", "--set", "log.progress=false"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"wtours neco: error: {tmp_path / 'run' / 'stage2' / 'frames'}: the frame cache needs ")
+    assert "(12 frames of 128x72) but only 48.8 KiB are free; free space, or lower data.frames (12) or " \
+           "data.frame_short_side (72)" in err[0]
+    assert not list((tmp_path / "run" / "stage2" / "frames").iterdir())
+
+
+def test_frame_cache_write_that_fails_leaves_no_temp_and_killed_temps_are_removed(tmp_path, test_videos,
+                                                                                  monkeypatch, capsys):
+    """A full disk during the write is an OSError naming the cache (ordinary writes, no memory map); temp files
+    of a killed build (this version's and the older ``.frames.<pid>.npy.tmp``) go at the next build."""
+    import errno
+
+    import wtours.fsutil as fsutil
+    from test_integrity import _FailingFile
+
+    video = str(test_videos("long30"))
+    out = tmp_path / "frames"
+    real = fsutil._fdopen
+    monkeypatch.setattr(fsutil, "_fdopen", lambda fd, mode, **kw: _FailingFile(
+        real(fd, mode, **kw), OSError(errno.ENOSPC, "No space left on device"), ok=5000))
+    with pytest.raises(OSError) as e:
+        build_frame_cache([video], out, frames=12, short_side=36, mode="even", seed=0)
+    assert e.value.filename == str(out / "frames.npy") and e.value.errno == errno.ENOSPC
+    assert list(out.iterdir()) == []
+    monkeypatch.setattr(fsutil, "_fdopen", real)
+    (out / ".frames.npy.a1B2c3D4.tmp").write_bytes(b"x" * 1000)  # killed atomic write
+    (out / ".frames.999999999.npy.tmp").write_bytes(b"x" * 1000)  # an older wtours' memory map, its process gone
+    npy = build_frame_cache([video], out, frames=12, short_side=36, mode="even", seed=0)
+    assert sorted(p.name for p in out.iterdir()) == ["frames.json", "frames.npy", "sizes.npy"]
+    assert "removed 2 temp file(s)" in capsys.readouterr().err
+    arr = np.load(npy, mmap_mode="r")
+    assert arr.shape == (12, 36, 64, 3) and arr.dtype == np.uint8
+
+
+def _neco_init_error(tmp_path, capsys, init):
+    from wtours.cli import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir(exist_ok=True)
+    rc = main(["neco", "--init", str(init), "--images", str(empty), "--config", "neco/tiny",
+               "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err  # no torch warning before our line
+    return err[0]
+
+
+def test_a_bare_state_dict_of_a_small_vit_names_no_option_neco_lacks(tmp_path, capsys):
+    """Issue 20 #7: `neco` on a bare small-ViT state dict said "pass --arch", an option neco does not have;
+    the layout it suggests loads."""
+    from wtours.models.backbone_io import create_vit
+    from wtours.models.init_weights import load_init
+
+    sd = create_vit("vit_nano_patch8_64", num_classes=0).state_dict()
+    torch.save(sd, tmp_path / "nano.pth")
+    line = _neco_init_error(tmp_path, capsys, tmp_path / "nano.pth")
+    assert "--arch" not in line
+    assert line == (f"wtours neco: error: {tmp_path / 'nano.pth'}: --init: embedding width 128 matches no standard "
+                    "ViT; save it as {'arch': <timm name>, 'state_dict': <weights>} (the layout of a backbone.pt) so "
+                    "that its architecture is known")
+    torch.save({"arch": "vit_nano_patch8_64", "state_dict": sd}, tmp_path / "nano_arch.pth")
+    assert load_init(str(tmp_path / "nano_arch.pth")).arch == "vit_nano_patch8_64"
+
+
+@pytest.mark.parametrize("kind", ["legacy_protocol4", "raw_pickle"])
+def test_pickles_weights_only_cannot_read_are_one_line_naming_trust_checkpoint(tmp_path, capsys, kind):
+    """Issue 20 #7: a legacy pickle showed torch's truncated advice and no hint of --trust-checkpoint; a raw
+    pickle printed two torch warnings before our line."""
+    import argparse
+    import pickle
+
+    path = tmp_path / f"{kind}.pth"
+    if kind == "raw_pickle":
+        with open(path, "wb") as f:
+            pickle.dump({"a": 1}, f, protocol=4)
+    else:
+        torch.save({"w": torch.zeros(2), "args": argparse.Namespace(a=1)}, path,
+                   _use_new_zipfile_serialization=False, pickle_protocol=4)
+    line = _neco_init_error(tmp_path, capsys, path)
+    assert line == (f"wtours neco: error: {path}: --init: cannot be read safely (weights_only: Unsupported operand "
+                    "149); it may hold pickled Python objects that could run code when loaded: pass "
+                    "--trust-checkpoint if you trust its source")

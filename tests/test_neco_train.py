@@ -227,3 +227,23 @@ def test_ddp_on_two_cpu_processes_keeps_the_queues_identical(tmp_path, stage1):
     counters = _ckpt(out)["wtours"]["queue_counters"]
     pushed = 4 * 2 * 10 * 4  # steps x ranks x queue_push_per_image x batch
     assert counters == {"ptr": [pushed % 128] * 2, "filled": [min(pushed, 128)] * 2}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad", ["video", "images"])
+def test_fresh_checks_the_data_before_it_sets_the_old_run_aside(tmp_path, stage1, capsys, bad):
+    """Issue 20 #4, stage 2: `neco --fresh` with bad data must leave the finished run as it was."""
+    backbone, video, _ = stage1
+    out = tmp_path / "run"
+    base = ["neco", "--init", backbone, "--out", str(out), "--config", "neco/tiny", *_sets(MICRO)]
+    assert main([*base, "--frames-from", video]) == 0
+    old = {p.name: p.read_bytes() for p in (out / "stage2").iterdir() if p.is_file()}
+    capsys.readouterr()
+    text = tmp_path / "text.mp4"
+    text.write_text("not a video\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    data = ["--frames-from", str(text)] if bad == "video" else ["--images", str(empty)]
+    _one_line_error(capsys, [*base, *data, "--fresh"], "wtours neco: error: ", str(text if bad == "video" else empty))
+    assert not list(out.glob("stage2.old-*"))
+    assert {p.name: p.read_bytes() for p in (out / "stage2").iterdir() if p.is_file()} == old

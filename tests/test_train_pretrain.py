@@ -208,3 +208,23 @@ def test_ddp_on_two_cpu_processes(tmp_path, video):
                      "total batch: peak lr 0.004 (optim.lr 0.002 x 4 clips/step / optim.lr_batch_reference 2)"]
     meta = torch.load(out / "stage1" / "backbone.pt", map_location="cpu", weights_only=True)["meta"]
     assert meta["steps"] == 4 and meta["clips_seen"] == 4 * 2 * 2  # steps x world x batch
+
+
+def test_two_identical_runs_through_their_own_proxy_give_identical_weights(tmp_path, monkeypatch, capsys):
+    """Issue 20 #3: the automatic proxy of one byte-identical source came out as 8 distinct files in 9 calls, so
+    two identical runs trained different weights. Each run here transcodes its own proxy (its own cache)."""
+    from wtours.video.synth import synthesize
+
+    src = synthesize(out_dir=tmp_path / "src", width=320, height=180, fps=15.0, seconds=4.0, sequences=0,
+                     progress=False).video  # short side 180 >= 1.5 x 90: trained from a 160x90 proxy
+    sds, proxies = [], []
+    for i in (1, 2):
+        monkeypatch.setenv("WTOURS_CACHE", str(tmp_path / f"cache{i}"))
+        out = tmp_path / f"run{i}"
+        assert main(["pretrain", "--config", "video/default", "--video", str(src), "--out", str(out),
+                     *sum((["--set", s] for s in MICRO), []), "--set", "data.short_side=90"]) == 0
+        proxies += list((tmp_path / f"cache{i}" / "proxy").glob("*.mp4"))
+        sds.append(torch.load(out / "stage1" / "backbone.pt", map_location="cpu", weights_only=True)["state_dict"])
+    assert sds[0].keys() == sds[1].keys()
+    assert [k for k in sds[0] if not torch.equal(sds[0][k], sds[1][k])] == []
+    assert len(proxies) == 2 and proxies[0].read_bytes() == proxies[1].read_bytes()

@@ -134,11 +134,12 @@ def test_a_killed_fresh_start_never_lets_a_rerun_continue_the_old_run(finished, 
 def test_a_diverging_run_stops_keeps_the_last_good_checkpoint_and_exports_nothing(synth, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["pretrain", "--config", "video/default", "--video", synth[0], "--out", str(out), *SETS,
-               "--set", "optim.lr=100000.0", "--set", "optim.clip_grad=0"])
+               "--set", "optim.lr=100000.0", "--set", "optim.clip_grad=0", "--set", "trainer.checkpoint_every=1"])
     assert rc == 2
     line = _one_line(capsys, "training diverged", "nothing exported", "lower optim.lr (now 100000)",
                      "optim.clip_grad, now 0")
-    assert "non-finite weights in student." in line
+    # caught at the first save: by the probe batch's features (issue 20) before the weights went non-finite
+    assert "probe features of student.vit: features reach " in line or "non-finite weights in student." in line
     assert not (out / "stage1" / "backbone.pt").exists()
     ck = torch.load(out / "stage1" / "last.ckpt", weights_only=True)
     assert f"kept the last good checkpoint {out / 'stage1' / 'last.ckpt'} (step {ck['global_step']})" in line
@@ -200,3 +201,40 @@ def test_hostile_and_impossible_requests_are_one_line_errors(finished, synth, tm
         assert main([*base, "--set", override]) == 2
         _one_line(capsys, needle)
     assert not (tmp_path / "a" / "stage1" / "last.ckpt").exists()
+
+
+def test_an_explosion_between_two_checks_is_stopped_before_the_export(synth, tmp_path, capsys):
+    """Issue 20 #1: `pretrain --max-steps 2 --set optim.lr=1e30` exported a backbone with weights of 5e27;
+    no periodic check falls inside these 2 steps, so the check before the final save must catch it."""
+    out = tmp_path / "run"
+    rc = main(["pretrain", "--config", "video/default", "--video", synth[0], "--out", str(out), *SETS,
+               "--max-steps", "2", "--set", "trainer.log_every=50", "--set", "trainer.checkpoint_every=50",
+               "--set", "optim.lr=1e30"])
+    assert rc == 2
+    line = _one_line(capsys, "training diverged (checked at step 2): weights up to ", "past the bound 1e+06",
+                     "no checkpoint was saved, nothing exported", "lower optim.lr (now 1e+30)")
+    assert line.startswith("wtours pretrain: error: ")
+    assert not (out / "stage1" / "backbone.pt").exists() and not (out / "stage1" / "last.ckpt").exists()
+
+
+@pytest.mark.parametrize("bad", ["video", "init", "frames"])
+def test_fresh_checks_every_input_before_it_sets_the_old_run_aside(finished, synth, tmp_path, capsys, bad):
+    """Issue 20 #4: `--fresh --video text.mp4` on a finished run exited 2 with an empty stage1/ (the good
+    backbone only in stage1.old-*)."""
+    run = _copy(finished, tmp_path)
+    old = {p.name: p.read_bytes() for p in (run / "stage1").iterdir() if p.is_file()}
+    text = tmp_path / "text.mp4"
+    text.write_text("not a video\n")
+    data = ["--video", synth[0]]
+    extra = []
+    if bad == "video":
+        data = ["--video", str(text)]
+    elif bad == "init":
+        extra = ["--init", str(text)]
+    else:
+        data = ["--frames", str(tmp_path / "no-such-folder")]
+    rc = main(["pretrain", "--config", "video/default", *data, *extra, "--out", str(run), *SETS, "--fresh"])
+    assert rc == 2
+    _one_line(capsys, "wtours pretrain: error: ", str(text) if bad != "frames" else "no-such-folder")
+    assert not list(run.glob("stage1.old-*"))
+    assert {p.name: p.read_bytes() for p in (run / "stage1").iterdir() if p.is_file()} == old

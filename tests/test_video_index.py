@@ -161,3 +161,53 @@ def test_rotation_that_is_not_a_right_angle_is_refused(tmp_path, capsys):
     assert main(["index", str(p)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(p) in err and "turns the picture 315 degrees clockwise; only multiples of 90" in err
+
+
+def test_a_truncated_file_is_indexed_with_a_warning_and_its_proxy_too(tmp_path, caplog):
+    """Issue 20 #7: truncated inputs were indexed / transcoded shorter with no warning (a 1-frame proxy of a
+    90-frame file)."""
+    import logging
+
+    from conftest import write_barcode_video
+    from wtours.video.prepare import prepare_video
+
+    full = write_barcode_video(tmp_path / "full.mkv", "libx264", 90, width=160, height=96, fps=15,
+                               options={"x264-params": "keyint=30:min-keyint=30:scenecut=0"})
+    data = full.read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: len(data) // 3])
+    with caplog.at_level(logging.WARNING, logger="wtours"):
+        assert not index_video(full).truncated
+        assert not caplog.records
+        idx = index_video(cut)
+    assert idx.truncated and idx.declared_frames == 90 and idx.num_frames < 60
+    (rec,) = caplog.records
+    assert rec.getMessage() == (f"{cut}: the file declares 90 frames but only {idx.num_frames} could be read "
+                                f"({idx.duration:.1f} of 6.0 s): it looks truncated; using the {idx.num_frames} "
+                                "readable frames")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="wtours"):
+        index_video(cut)  # cached: said once
+        assert not caplog.records
+        prepare_video(cut, short_side=48, out=tmp_path / "proxy.mp4", progress=False)
+    assert f"{cut}: making a proxy of a truncated file: {idx.num_frames} frames of the 90 its header declares" in [
+        r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("kind", ["loop", "broken"])
+def test_symbolic_link_loops_and_broken_links_are_named_as_such(tmp_path, capsys, kind):
+    """Issue 20 #7: a symlink loop was reported as "no such file"."""
+    from wtours.cli import main
+
+    link = tmp_path / "a.mp4"
+    if kind == "loop":
+        link.symlink_to(tmp_path / "b.mp4")
+        (tmp_path / "b.mp4").symlink_to(link)
+        want = f"{link}: symbolic link loop (too many levels of symbolic links)"
+    else:
+        link.symlink_to(tmp_path / "gone.mp4")
+        want = f"{link}: broken symbolic link (its target {tmp_path / 'gone.mp4'} does not exist)"
+    assert main(["index", str(link)]) == 2
+    assert capsys.readouterr().err.strip() == f"wtours index: error: {want}"
+    assert main(["pretrain", "--config", "video/tiny", "--video", str(link), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == f"wtours pretrain: error: {want}"

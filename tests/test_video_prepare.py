@@ -87,3 +87,15 @@ def test_prepare_writes_rotated_footage_upright(tmp_path, capsys):
     assert pix[1][:8, -8:].mean() > 125 and pix[1][:8, :8].mean() < 125  # bit 0 now at the top right
     idx = index_video(out)
     assert (idx.width, idx.height, idx.orientation) == (48, 80, "")
+
+
+def test_proxy_transcode_gives_the_same_bytes_for_the_same_source(tmp_path):
+    """Issue 20 #3: x264 with mbtree gave 8 distinct files in 9 calls on one textured source; the proxy's
+    bytes must be a function of the source and the settings."""
+    from wtours.video.synth import synthesize
+
+    src = synthesize(tmp_path / "tour", width=320, height=180, fps=15.0, seconds=6.0, sequences=0,
+                     progress=False).video
+    outs = [prepare_video(src, short_side=90, out=tmp_path / f"proxy{i}.mp4", progress=False) for i in range(3)]
+    shas = [_sha(p) for p in outs]
+    assert shas[0] == shas[1] == shas[2], shas

@@ -256,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gop", type=int, default=30, help="keyframe spacing of the synthetic tour (default: 30)")
     q.add_argument("--repeat", type=int, default=1,
                    help="measure ceiling + loader this many times back to back, report the median (default: 1)")
+    q.add_argument("--soak", type=float, default=None, metavar="MINUTES",
+                   help="instead: run the loader (the first of --backends) epoch after epoch for MINUTES, sample "
+                        "its memory and report the slope (MiB/h)")
+    q.add_argument("--soak-every", type=float, default=60.0, metavar="SECONDS",
+                   help="seconds between memory samples of --soak (default: 60)")
     q.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON here")
     q = _sub(bsubs, "train", "wtours.bench.train", "training step throughput, MFU, memory and loader speed",
              "wtours bench train --stage video --config configs/video/dora_vits16.yaml")
@@ -368,6 +373,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _end_progress_bars() -> None:
+    """Close the tqdm bars an error left open, so that the error starts on its own line (an open bar's line
+    has no newline yet; a closed ``leave=False`` bar erases itself)."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or ()):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - best effort: the error line matters more
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -385,9 +401,11 @@ def main(argv: list[str] | None = None) -> int:
         rc = module.cli_main(args)
         return int(rc or 0)
     except UserError as e:
+        _end_progress_bars()
         print(f"wtours {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except OSError as e:  # a file the user named: permissions, disk full, vanished path ...
+        _end_progress_bars()
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"wtours {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2

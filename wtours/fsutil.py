@@ -36,11 +36,29 @@ def ensure_dir(path: str | Path) -> Path:
     return p
 
 
+def check_output_file(path: str | Path, option: str) -> Path:
+    """Refuse, before any work, an output file that could not be written: ``path`` is a directory, or its
+    nearest existing ancestor is not a writable folder (missing folders are created when written)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"{option}: is a directory; give a file name", path=p)
+    up = p.parent
+    while not up.exists() and up != up.parent:
+        up = up.parent
+    if not up.is_dir():
+        raise UserError(f"{option}: {up} is not a folder", path=p)
+    if not os.access(up, os.W_OK | os.X_OK):
+        raise UserError(f"{option}: folder {up} is not writable", path=p)
+    return p
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
     """Open a temp file beside ``path``; on clean exit fsync and rename it to ``path``."""
     path = Path(path)
     ensure_dir(path.parent)
+    if path.is_dir():  # else os.replace fails naming the temp file
+        raise UserError("is a directory; give a file name", path=path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +148,9 @@ def safe_load(path: str | Path, trust: bool = False) -> Any:
         if unsafe:
             raise UserError(f"{TRUST_HINT} ({', '.join(unsafe[:3])})", path=p)
     try:
-        return torch.load(p, map_location="cpu", weights_only=not trust)
+        with warnings.catch_warnings():  # torch's warnings about pickle protocols: our one line says it all
+            warnings.simplefilter("ignore")
+            return torch.load(p, map_location="cpu", weights_only=not trust)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
         text = str(e)
         if "WeightsUnpickler error:" in text:  # torch's long weights_only message: keep its cause
@@ -155,9 +158,25 @@ def safe_load(path: str | Path, trust: bool = False) -> Any:
             m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
             if m:  # a legacy (non-zip) pickle with Python objects
                 raise UserError(f"{TRUST_HINT} ({m.group(1)})", path=p) from None
+            cause = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")[:120]
+            if not trust and _is_pickle(p):  # e.g. a legacy pickle of protocol 4 (torch's advice is cut)
+                raise UserError(f"cannot be read safely (weights_only: {cause}); it may hold pickled Python objects "
+                                "that could run code when loaded: pass --trust-checkpoint if you trust its source",
+                                path=p) from None
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         first = lines[0][:200] if lines else ""
         raise UserError(f"cannot read checkpoint ({type(e).__name__}: {first})", path=p) from None
+
+
+def _is_pickle(p: Path) -> bool:
+    """Whether ``p`` starts like a pickle of protocol 2-5 (``PROTO`` opcode), as torch's legacy files and
+    plain pickles do; junk does not."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def _unsafe_globals(p: Path) -> list[str]:

@@ -547,6 +547,17 @@ def cli_main(args) -> int:
     mfu = getattr(args, "mfu", MFU_DEFAULT)
     if not 0 < mfu <= 1:
         raise UserError(f"--mfu must be in (0, 1], got {mfu}")
+    for name, low in (("short_side", 2), ("stride", 1)):
+        val = getattr(args, name, None)
+        if val is not None and val < low:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {val}")
+    gflop = getattr(args, "gflop_per_frame", None)
+    if gflop is not None and not gflop > 0:
+        raise UserError(f"--gflop-per-frame must be > 0, got {gflop}")
+    if args.json:
+        from wtours.fsutil import check_output_file
+
+        check_output_file(args.json, "--json")
     from wtours.video.decode import BACKENDS
 
     for b in args.backends:
@@ -556,6 +567,8 @@ def cli_main(args) -> int:
         from wtours.video.index import check_video_path
 
         check_video_path(args.video)
+    if getattr(args, "soak", None) is not None:
+        return _soak_main(args, bs)
     gpu = getattr(args, "gpu", GPU_DEFAULT)
     res = run_bench(args.video, args.short_side, args.backends, args.clips, args.workers,
                     getattr(args, "stride", None), batch_size=bs, lanes=getattr(args, "lanes", None),
@@ -564,6 +577,23 @@ def cli_main(args) -> int:
                     seconds=getattr(args, "seconds", 64.0), gop=getattr(args, "gop", 30),
                     repeat=getattr(args, "repeat", 1))
     print(format_table(res))
+    if args.json:
+        from wtours.fsutil import write_json
+
+        write_json(args.json, res)
+    return 0
+
+
+def _soak_main(args, batch_size: int) -> int:
+    """``--soak MINUTES``: :mod:`wtours.bench.soak` (memory over a long run) instead of the throughput table."""
+    from wtours.bench.soak import check_soak_options, format_soak, run_soak
+
+    check_soak_options(args.soak, args.soak_every)
+    res = run_soak(args.video, args.soak, args.soak_every, backend=args.backends[0], short_side=args.short_side,
+                   workers=args.workers, stride=getattr(args, "stride", None), batch_size=batch_size,
+                   lanes=getattr(args, "lanes", None), seconds=getattr(args, "seconds", 64.0),
+                   gop=getattr(args, "gop", 30), config=getattr(args, "config", CONFIG_DEFAULT))
+    print(format_soak(res))
     if args.json:
         from wtours.fsutil import write_json
 

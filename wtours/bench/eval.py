@@ -80,6 +80,13 @@ def cli_main(args) -> int:
 
     if args.sequences < 1 or args.frames < 1:
         raise UserError("--sequences and --frames must be >= 1")
+    bad_k = [k for k in (getattr(args, "k", None) or []) if k < 1]
+    if bad_k:
+        raise UserError(f"--k {bad_k[0]}: K must be >= 1")
+    if args.json:
+        from wtours.fsutil import check_output_file
+
+        check_output_file(args.json, "--json")
     dev = resolve_device(args.device)
     data = Path(getattr(args, "data", None) or _cache_root() / "bench-eval" / f"davis_{args.sequences}x{args.frames}")
     print(f"data: {data} ({args.sequences} sequences x {args.frames} frames, 854x480)", file=sys.stderr)

@@ -461,6 +461,10 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
         raise UserError(f"--time-limit: must be a positive number of seconds, got {args.time_limit}")
     if args.readme:
         check_readme(args.readme)  # refuse before hours of work, not after
+    if args.json:
+        from wtours.fsutil import check_output_file
+
+        check_output_file(args.json, "--json")
     dense = getattr(args, "instruments", "all") == "all"
     dcfgs = dense_configs(args) if dense else {}
     calib_path = getattr(args, "calibration", None) or (CALIBRATION if CALIBRATION.is_file() else None)

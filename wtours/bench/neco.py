@@ -271,9 +271,15 @@ def cli_main(args: Any) -> int:
     cfg = load_neco_config(config, overrides)  # validates the overrides before any variant runs
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
-    batch = args.batch or (cfg.data.batch_size if on_gpu or args.config else 4)
+    if args.batch is not None and args.batch < 1:  # 0 is not "the default"
+        raise UserError(f"--batch must be >= 1, got {args.batch}")
+    batch = args.batch if args.batch is not None else (cfg.data.batch_size if on_gpu or args.config else 4)
     if batch < 1:
-        raise UserError(f"--batch must be >= 1, got {batch}")
+        raise UserError(f"data.batch_size must be >= 1, got {batch}")
+    if args.json:
+        from wtours.fsutil import check_output_file
+
+        check_output_file(args.json, "--json")
     arch = args.arch or ("vit_small_patch16_224" if on_gpu else "vit_nano_patch8_64")
     from wtours.models.backbone_io import vit_arch_problem
 

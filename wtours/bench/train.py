@@ -198,6 +198,10 @@ def cli_main(args: Any) -> int:
         from wtours.errors import UserError
 
         raise UserError(f"--steps must be >= 1, got {args.steps}")
+    if args.json:
+        from wtours.fsutil import check_output_file
+
+        check_output_file(args.json, "--json")
     videos = list(cfg.videos) or synth_videos(cfg, Path("runs/bench"), progress=True)
     from wtours.train.schedules import resolve_clips_per_epoch
 

@@ -221,7 +221,8 @@ def evaluate_clustering(
 
     def features(d: Dataset):
         f = extract_features(model, d, dev, tuple(cfg.input_size), [tuple(cfg.eval_size),
-                             tuple(cfg.eval_size_dataset)], cfg.batch_size, cfg.workers, cfg.progress)
+                             tuple(cfg.eval_size_dataset)], cfg.batch_size, cfg.workers, cfg.progress,
+                             source=checkpoint)
         return f if feature_transform is None else feature_transform(f)
 
     keep = list(range(min(cfg.overlays, len(seq_names))))

@@ -29,6 +29,18 @@ from wtours.eval.datasets import Dataset, Sequence, load_mask
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# |feature| past this is an encoder that diverged (after the final norm a sane ViT's values are < ~1e3);
+# features this large also overflow the fp32 squared distances of k-means
+FEATURE_BOUND = 1e5
+
+
+def feature_problem(x: torch.Tensor, bound: float = FEATURE_BOUND) -> str | None:
+    """What is wrong with features ``x`` (non-finite values, or values past ``bound``), or None."""
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        return f"{bad} of {x.numel()} feature values are not finite"
+    top = float(x.abs().max()) if x.numel() else 0.0
+    return f"features reach {top:.3g}, past the sane bound {bound:g}" if top > bound else None
 
 
 @dataclass
@@ -112,13 +124,15 @@ def extract_features(
     mean: tuple[float, float, float] = IMAGENET_MEAN,
     std: tuple[float, float, float] = IMAGENET_STD,
     floor_to_patch: bool = False,
+    source: str | None = None,
 ) -> FeatureSet:
     """Run ``model`` over every selected frame of ``dataset`` -> :class:`FeatureSet`.
 
     ``workers``: decoding threads (0: one per CPU core, at most 32). ``mean`` / ``std``: the normalisation
     (a protocol's own, e.g. DINO's 0.228 or open-hummingbird's 0.255). ``floor_to_patch``: an input size that
     is not a multiple of the patch size is cropped (bottom / right) to one, as a strided patch conv floors it
-    (DINO's video segmentation at patch 14); otherwise such a size is the caller's error."""
+    (DINO's video segmentation at patch 14); otherwise such a size is the caller's error. Non-finite or
+    overflowing features (:func:`feature_problem`) raise :class:`UserError` naming ``source`` (the checkpoint)."""
     import os
 
     from tqdm import tqdm
@@ -149,6 +163,11 @@ def extract_features(
             natives.extend(nat)
             bar.update(len(imgs))
     bar.close()
+    grid = torch.cat(grids)
+    problem = feature_problem(grid)
+    if problem:
+        raise UserError(f"{problem}: the weights diverged; evaluate an earlier checkpoint",
+                        path=source or "the encoder")
     if cuda:
         torch.cuda.synchronize(device)
     seconds = {"features": time.perf_counter() - t0}
@@ -156,7 +175,7 @@ def extract_features(
         [torch.full((len(s.frames),), i, dtype=torch.long) for i, s in enumerate(dataset.sequences)]
     ).to(device)
     return FeatureSet(
-        torch.cat(grids), {s: torch.cat(g) for s, g in zip(sizes, gts)}, frame_seq, natives, seconds
+        grid, {s: torch.cat(g) for s, g in zip(sizes, gts)}, frame_seq, natives, seconds
     )
 
 

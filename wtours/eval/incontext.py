@@ -294,7 +294,7 @@ def evaluate_incontext(
     try:
         def feats(ds):
             f = extract_features(model, ds, dev, in_hw, [in_hw], cfg.batch_size, cfg.workers, cfg.progress,
-                                 tuple(cfg.mean), tuple(cfg.std))
+                                 tuple(cfg.mean), tuple(cfg.std), source=checkpoint)
             return f if feature_transform is None else feature_transform(f)
 
         mem_f = feats(split.train)

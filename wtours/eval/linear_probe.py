@@ -197,7 +197,7 @@ def evaluate_linear(
 
     def feats(ds, sizes):
         f = extract_features(model, ds, dev, in_hw, sizes, cfg.batch_size, cfg.workers, cfg.progress,
-                             tuple(cfg.mean), tuple(cfg.std))
+                             tuple(cfg.mean), tuple(cfg.std), source=checkpoint)
         return f if feature_transform is None else feature_transform(f)
 
     prev = torch.get_float32_matmul_precision()

@@ -311,7 +311,8 @@ def evaluate_propagation(
             sizes[seq.name] = [in_hw[0], in_hw[1]]
             one = Dataset(data.name, data.root, [seq], data.label_kind)
             feats = extract_features(model, one, dev, in_hw, [native, grid_hw], cfg.batch_size, cfg.workers,
-                                     cfg.progress, tuple(cfg.mean), tuple(cfg.std), floor_to_patch=True)
+                                     cfg.progress, tuple(cfg.mean), tuple(cfg.std), floor_to_patch=True,
+                                     source=checkpoint)
             if feature_transform is not None:
                 feats = feature_transform(feats)
             timer.lap("features")

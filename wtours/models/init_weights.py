@@ -139,8 +139,10 @@ def load_init(spec: str, drop_registers: bool = True, trust: bool = False, what:
             kind = "backbone" if recorded is not None else "state_dict"
             if drop_registers:
                 arch, sd = _without_registers(arch, sd)
-    except ValueError as e:
-        raise UserError(f"{what}: {e}", path=path) from None
+    except ValueError as e:  # infer_arch's "pass --arch" names an option only `eval` has
+        msg = str(e).replace("; pass --arch", "; save it as {'arch': <timm name>, 'state_dict': <weights>} "
+                             "(the layout of a backbone.pt) so that its architecture is known")
+        raise UserError(f"{what}: {msg}", path=path) from None
     problem = vit_arch_problem(arch)
     if problem:
         raise UserError(f"{what}: {problem}", path=path)

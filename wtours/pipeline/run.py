@@ -120,7 +120,9 @@ class PipelineRun:
             raise ConfigError(f"stage '{self.pipe.stages[0].name}': data.synth.sequences is 0, but the evaluation "
                               "needs the synthetic tour's ground truth (give --davis / --ytvos, or sequences >= 1)")
         if not self.videos or need_synth_gt:
-            tour = synth_videos(root_cfg, self.out, progress=self.progress is not False)
+            why = ("no --video given" if not self.videos else
+                   "no --davis / --ytvos given: its DAVIS-layout ground truth is the evaluation set")
+            tour = synth_videos(root_cfg, self.out, progress=self.progress is not False, why=why)
             if not self.videos:
                 self.videos = [str(Path(v).resolve()) for v in tour]
         if self.davis:
@@ -130,6 +132,26 @@ class PipelineRun:
         if not self.datasets:
             self.datasets.append(("davis", "synthetic tour (DAVIS layout)",
                                   (self.out / "data" / "synth" / "davis").resolve()))
+        self._check_stage_data()
+
+    def _check_stage_data(self) -> None:
+        """What later stages read, checked before the first trains: NeCo's ``--images`` and the evaluation sets
+        (read as each selected eval stage's config reads them)."""
+        if self.images and any(s.kind == "neco" for s in self.selected):
+            from wtours.train.neco_data import ImageFolder
+
+            try:
+                ImageFolder(self.images, 64)
+            except UserError as e:
+                raise UserError(f"--images: {str(e).removeprefix(f'{self.images}: ')}", path=self.images) from None
+        from wtours.eval.datasets import read_dataset
+
+        for stage in (s for s in self.selected if s.kind == "eval"):
+            cfg = load_stage_config(stage)
+            for kind, label, root in self.datasets:
+                if label in ("davis", "ytvos"):  # the synthetic ground truth was written just now
+                    read_dataset(kind, root, None, cfg.frames_per_clip, cfg.max_instance_id, cfg.split_seed,
+                                 cfg.missing_annotations, cfg.frame_sampling, cfg.seed, cfg.davis_annotations)
 
     def write_resolved(self) -> None:
         import yaml

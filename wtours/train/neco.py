@@ -115,6 +115,26 @@ def check_crops(cfg: NeCoConfig, arch: str, canvas: tuple[int, int]) -> None:
                           "crops.global_scale")
 
 
+def check_data(cfg: NeCoConfig) -> None:
+    """Check the training data (the image folder, or that every ``--frames-from`` video opens) without writing
+    anything: run before ``--fresh`` sets an old run aside, and by a pipeline before its first stage."""
+    from wtours.train.neco_data import ImageFolder
+
+    if cfg.images and cfg.frames_from:
+        raise UserError("give either --images or --frames-from, not both")
+    if cfg.images:
+        ImageFolder(cfg.images, cfg.data.image_size)
+        return
+    if not cfg.frames_from:
+        raise UserError("no training data: give --images DIR (a folder of images) or --frames-from VIDEO ...")
+    from wtours.video.decode import open_video
+
+    for v in cfg.frames_from:
+        if not Path(v).is_file():
+            raise UserError("video not found" if not Path(v).exists() else "not a file", path=v)
+        open_video(v).close()
+
+
 def make_dataset(cfg: NeCoConfig, stage: Path, show: bool) -> tuple[Any, tuple[int, int], str]:
     """The run's dataset -> (dataset, canvas (H, W), description)."""
     from wtours.train.neco_data import FrameCache, ImageFolder, build_frame_cache
@@ -276,6 +296,8 @@ def run_neco(cfg: NeCoConfig, run_dir: str | Path, resume: str | None = None, de
     run_dir = ensure_dir(run_dir)
     show = cfg.log.progress if progress is None else progress
     stage = run_dir / STAGE
+    if fresh:
+        check_data(cfg)  # every input checked before the old run is set aside
     if fresh and main_process:
         fresh_start(stage, "wtours neco")
     stage = ensure_dir(stage)

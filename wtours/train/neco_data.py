@@ -12,9 +12,10 @@ valid size ``size [2]`` (``h, w``), and bookkeeping of unreadable files (``skipp
   files are all unreadable, is refused up front.
 * :class:`FrameCache`: ``data.frames`` frames spread over the ``--frames-from`` videos (in
   proportion to their length; evenly spaced or random), decoded **once** at short side
-  ``data.frame_short_side`` into ``<stage2>/frames/frames.npy`` (written atomically, a memory-mapped
-  ``uint8 [N, H, W, 3]`` plus ``frames.json`` naming the videos, their size/mtime and the indices)
-  and reused on resume while it matches.
+  ``data.frame_short_side`` into ``<stage2>/frames/frames.npy`` (a ``uint8 [N, H, W, 3]`` written with
+  ordinary writes into a temp file renamed when complete, after checking the free space; read
+  memory-mapped; temp files of a killed build are removed by the next) plus ``frames.json`` naming
+  the videos, their size/mtime and the indices, and reused on resume while it matches.
 * :class:`ResumableSampler`: an endless, seeded stream of indices (a fresh permutation per data
   epoch, sharded over ranks); its position is a pure function of the optimizer step
   (``consumed = global_step x accumulate x batch``), so a resumed run reads exactly the images the
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -34,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from wtours.errors import UserError
-from wtours.fsutil import atomic_open, ensure_dir, write_json
+from wtours.fsutil import atomic_open, ensure_dir, remove_stale_temps, write_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 _SKIP_TRIES = 32  # consecutive unreadable files tolerated before an item gives up
@@ -156,6 +158,43 @@ def plan_frames(lengths: Sequence[int], total: int, mode: str, seed: int) -> lis
     return out
 
 
+def _remove_stale_cache_temps(out: Path) -> None:
+    """Temp files of cache builds that were killed: ``atomic_open``'s (:func:`remove_stale_temps`) and the
+    ``.frames.<pid>.npy.tmp`` of older wtours versions whose process is gone; one line says what was freed."""
+    n, size = remove_stale_temps(out)
+    for p in out.glob(".frames.*.npy.tmp"):
+        pid = p.name.split(".")[2]
+        if pid.isdigit() and not _pid_alive(int(pid)) and p.is_file() and not p.is_symlink():
+            try:
+                sz = p.stat().st_size
+                p.unlink()
+            except OSError:
+                continue
+            n, size = n + 1, size + sz
+    if n:
+        import sys
+
+        print(f"wtours neco: removed {n} temp file(s) ({size / 2**20:.1f} MiB) left by a killed frame cache build "
+              f"in {out}", file=sys.stderr)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def build_frame_cache(videos: Sequence[str], out_dir: str | Path, frames: int, short_side: int, mode: str,
                       seed: int, progress: bool = False, chunk: int = 64) -> Path:
     """Decode the frames of :func:`plan_frames` once into ``out_dir/frames.npy`` (+ ``frames.json``) ->
@@ -163,6 +202,7 @@ def build_frame_cache(videos: Sequence[str], out_dir: str | Path, frames: int, s
     from wtours.video.decode import open_video
 
     out = ensure_dir(out_dir)
+    _remove_stale_cache_temps(out)
     npy, meta_path = out / "frames.npy", out / "frames.json"
     paths = [Path(v) for v in videos]
     for p in paths:
@@ -184,8 +224,12 @@ def build_frame_cache(videos: Sequence[str], out_dir: str | Path, frames: int, s
     hh, ww = max(g.out_h for g in geoms), max(g.out_w for g in geoms)
     n = sum(len(p) for p in plans)
     sizes = np.zeros((n, 2), dtype=np.int64)
-    tmp = out / f".frames.{os.getpid()}.npy.tmp"
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, hh, ww, 3))
+    need = n * hh * ww * 3 + 4096  # + the .npy header
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise UserError(f"the frame cache needs {_size(need)} ({n} frames of {ww}x{hh}) but only {_size(free)} "
+                        f"are free; free space, or lower data.frames ({frames}) or data.frame_short_side "
+                        f"({short_side})", path=out)
     bar = None
     if progress:
         import sys
@@ -194,25 +238,27 @@ def build_frame_cache(videos: Sequence[str], out_dir: str | Path, frames: int, s
 
         bar = tqdm(total=n, desc="frame cache", unit="frame", file=sys.stderr, dynamic_ncols=True)
     try:
-        k = 0
-        for video, plan in zip(opened, plans):
-            for s in range(0, len(plan), chunk):
-                got = video.get_frames(plan[s:s + chunk], short_side=short_side).numpy()  # [c, h, w, 3]
-                c, h, w = got.shape[:3]
-                if (h, w) != (hh, ww):
-                    got = np.pad(got, ((0, 0), (0, hh - h), (0, ww - w), (0, 0)), mode="edge")
-                arr[k:k + c] = got
-                sizes[k:k + c] = (h, w)
-                k += c
-                if bar is not None:
-                    bar.update(c)
-            video.close()
-        arr.flush()
-        del arr
-        os.replace(tmp, npy)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        # ordinary writes into a temp file (atomic_open: renamed when complete), not a memory map: a full disk
+        # is then an OSError naming the file, not a SIGBUS, and a killed write leaves a temp file that the
+        # next build removes (remove_stale_temps above)
+        with atomic_open(npy, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                                                     "fortran_order": False, "shape": (n, hh, ww, 3)})
+            k = 0
+            for video, plan in zip(opened, plans):
+                for s in range(0, len(plan), chunk):
+                    got = video.get_frames(plan[s:s + chunk], short_side=short_side).numpy()  # [c, h, w, 3]
+                    c, h, w = got.shape[:3]
+                    if (h, w) != (hh, ww):
+                        got = np.pad(got, ((0, 0), (0, hh - h), (0, ww - w), (0, 0)), mode="edge")
+                    f.write(np.ascontiguousarray(got, dtype=np.uint8).tobytes())
+                    sizes[k:k + c] = (h, w)
+                    k += c
+                    if bar is not None:
+                        bar.update(c)
+                video.close()
+            if k != n:
+                raise UserError(f"the frame cache got {k} frames, {n} planned", path=out)
     finally:
         if bar is not None:
             bar.close()

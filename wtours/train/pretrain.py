@@ -74,8 +74,10 @@ def _yaml_str(text: str) -> str:
     return json.dumps(str(text))
 
 
-def synth_videos(cfg: VideoPretrainConfig, run_dir: Path, progress: bool = True) -> list[str]:
-    """The synthetic walking tour of ``data.synth`` in ``<run>/data/synth`` (reused when it matches)."""
+def synth_videos(cfg: VideoPretrainConfig, run_dir: Path, progress: bool = True,
+                 why: str = "no --video given") -> list[str]:
+    """The synthetic walking tour of ``data.synth`` in ``<run>/data/synth`` (reused when it matches); ``why``
+    starts the line that says it is written."""
     from wtours.video.synth import synthesize
 
     s = cfg.data.synth
@@ -104,7 +106,7 @@ def synth_videos(cfg: VideoPretrainConfig, run_dir: Path, progress: bool = True)
             time.sleep(0.5)
         raise UserError("timed out waiting for local rank 0 to write the synthetic video", path=out)
     if progress:
-        print(f"no --video given: writing a synthetic walking tour to {out}", file=sys.stderr)
+        print(f"{why}: writing a synthetic walking tour to {out}", file=sys.stderr)
     res = synthesize(out_dir=out, width=s.width, height=s.height, fps=s.fps, seconds=s.seconds, seed=s.seed,
                      sequences=s.sequences, seq_frames=s.seq_frames, progress=progress)
     return [str(res.video)]
@@ -196,14 +198,6 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
               file=sys.stderr)
     run_dir = ensure_dir(run_dir)
     show = cfg.log.progress if progress is None else progress
-    if fresh and main_process:
-        fresh_start(run_dir / "stage1", "wtours pretrain")
-    stage = ensure_dir(run_dir / "stage1")
-    if main_process:
-        n_tmp, size = remove_stale_temps(stage)
-        if n_tmp:
-            print(f"wtours pretrain: removed {n_tmp} temp file(s) ({size / 2**20:.1f} MiB) left by killed writes "
-                  f"in {stage}", file=sys.stderr)
     synthetic = False
     if cfg.data.frames:
         if cfg.videos:
@@ -216,7 +210,9 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
         synthetic = True
     for v in cfg.videos:
         if not Path(v).is_file():
-            raise UserError("video not found" if not Path(v).exists() else "not a file", path=v)
+            from wtours.video.index import missing_reason
+
+            raise UserError(missing_reason(v, "video not found") if not Path(v).exists() else "not a file", path=v)
     # data.clips_per_epoch: frames -> the number (indexes the videos, cached), before the config is hashed, so
     # the schedules, config.yaml, the checkpoint and the resume check all hold the resolved number
     per_epoch_given = cfg.data.clips_per_epoch
@@ -237,6 +233,20 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
 
         decoded = training_videos(cfg.videos, cfg.data.short_side, cfg.data.proxy, progress=main_process and show)
     dataset = make_clip_dataset(cfg, decoded)  # indexes the videos; too-short ones fail here
+    if cfg.model.init:  # read (verified) now: a bad --init fails before --fresh touches the old run
+        from wtours.models.backbone_io import load_backbone
+
+        with torch.random.fork_rng(devices=[]):
+            load_backbone(cfg.model.init, arch=cfg.model.arch)
+    # every input is checked: only now may --fresh set the old stage1/ aside
+    if fresh and main_process:
+        fresh_start(run_dir / "stage1", "wtours pretrain")
+    stage = ensure_dir(run_dir / "stage1")
+    if main_process:
+        n_tmp, size = remove_stale_temps(stage)
+        if n_tmp:
+            print(f"wtours pretrain: removed {n_tmp} temp file(s) ({size / 2**20:.1f} MiB) left by killed writes "
+                  f"in {stage}", file=sys.stderr)
     write_text(run_dir / "config.yaml", "".join(f"# {n}\n" for n in notes) + to_yaml(cfg))
     accelerator, on_gpu = resolve_accelerator(cfg)
     if not on_gpu and cfg.trainer.cpu_threads > 0:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -51,7 +52,7 @@ from wtours.errors import UserError, VideoError
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 2  # 2: displayed size + orientation (display matrix)
+INDEX_VERSION = 3  # 2: displayed size + orientation (display matrix); 3: declared_frames (truncated files)
 
 
 @dataclasses.dataclass
@@ -85,7 +86,13 @@ class VideoIndex:
     orientation: str = ""  # transform from decoded to displayed frames (see the module doc)
     coded_width: int = 0  # size of the decoded frames (before ``orientation``); 0: same as displayed
     coded_height: int = 0
+    declared_frames: int = 0  # what the container's header promises (frames, or duration x fps); 0: unknown
     version: int = INDEX_VERSION
+
+    @property
+    def truncated(self) -> bool:
+        """Fewer frames could be read than the header declares (by more than 2 % + 2 frames): a cut file."""
+        return self.declared_frames > self.num_frames * 1.02 + 2
 
     # -- lookups ---------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -186,6 +193,26 @@ def file_kind(mode: int) -> str:
     return "not a regular file"
 
 
+def missing_reason(path: str | Path, missing: str = "no such file") -> str:
+    """Why ``path`` cannot be found, in words: a symbolic link loop or a broken link is named as such
+    (``Path.exists`` is False for both), else ``missing``."""
+    p = Path(path).expanduser()
+    try:
+        p.stat()
+    except FileNotFoundError:
+        if p.is_symlink():
+            try:
+                return f"broken symbolic link (its target {os.readlink(p)} does not exist)"
+            except OSError:
+                return "broken symbolic link"
+        return missing
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop (too many levels of symbolic links)"
+        return f"cannot access ({e.strerror or e})"
+    return missing
+
+
 def check_regular_file(path: str | Path, what: str = "file", error: type = UserError) -> Path:
     """``path`` if it is an existing regular file (links followed), else a one-line ``error``
     saying what it is instead. Only ``stat`` is called: a FIFO is never opened, so never blocks."""
@@ -193,9 +220,9 @@ def check_regular_file(path: str | Path, what: str = "file", error: type = UserE
     try:
         st = p.stat()
     except FileNotFoundError:
-        raise error(f"{what} not found (no such file)", path=p) from None
+        raise error(f"{what} not found ({missing_reason(p)})", path=p) from None
     except OSError as e:
-        raise error(f"cannot access {what} ({e.strerror or e})", path=p) from None
+        raise error(f"cannot access {what} ({missing_reason(p, e.strerror or str(e))})", path=p) from None
     if stat.S_ISDIR(st.st_mode):
         raise error(f"is a directory, not a {what}", path=p)
     if not stat.S_ISREG(st.st_mode):
@@ -208,7 +235,7 @@ def check_video_path(path: str | Path) -> Path:
     a socket are named as such and never opened)."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise VideoError("no such file", path=p)
+        raise VideoError(missing_reason(p), path=p)
     if p.is_dir():
         raise VideoError("is a directory, not a video file", path=p)
     check_regular_file(p, "video file", VideoError)
@@ -403,6 +430,12 @@ def build_index(path: str | Path) -> VideoIndex:
             fps = 0.0
         if not fps or not math.isfinite(fps):
             fps = n / duration if duration > 0 else 25.0
+        declared = int(stream.frames or 0)
+        if not declared:  # the stream's duration, or the container's when the video is its only stream
+            if stream.duration:
+                declared = round(float(stream.duration * tb) * fps)
+            elif container.duration and len(container.streams) == 1:
+                declared = round(container.duration / 1_000_000 * fps)
         orientation = _probe_orientation(p)
         width, height = coded_size(int(ctx.width), int(ctx.height), orientation)  # displayed size
         return VideoIndex(
@@ -429,6 +462,7 @@ def build_index(path: str | Path) -> VideoIndex:
             orientation=orientation,
             coded_width=int(ctx.width),
             coded_height=int(ctx.height),
+            declared_frames=declared,
         )
     finally:
         container.close()
@@ -504,6 +538,10 @@ def index_video(path: str | Path, rebuild: bool = False) -> VideoIndex:
             return idx
     idx = build_index(p)
     _store(idx, p)
+    if idx.truncated:  # said once, when the index is built (the cached index stays quiet)
+        log.warning("%s: the file declares %d frames but only %d could be read (%.1f of %.1f s): it looks "
+                    "truncated; using the %d readable frames", p, idx.declared_frames, idx.num_frames,
+                    idx.duration, idx.declared_frames / idx.fps if idx.fps else 0.0, idx.num_frames)
     return idx
 
 

@@ -7,6 +7,11 @@ frames (default: one per second; scene-cut keyframes off, so the spacing is exac
 never as full-resolution RGB. Audio is dropped. The output is written to a temporary file and
 renamed when complete; the input is never modified and cannot be the output.
 
+The bytes are reproducible: the same source and settings give the same file on the same machine (x264's
+macroblock-tree rate control is off, ``mbtree=0``: with it the output varied from call to call, 8
+distinct files in 9 calls measured on one source, and so did every weight trained on it). Other
+machines (another libx264 / FFmpeg build, other CPU instruction sets) may encode other bytes.
+
 Rotated input (phone footage with a display matrix) is written upright: the frames are scaled in
 their coded orientation, turned (via RGB) and encoded at the displayed size, and the proxy carries
 no display matrix, so every decoder reads it the right way up.
@@ -76,6 +81,9 @@ def prepare_video(video: str | Path, short_side: int = 480, out: str | Path | No
         raise UserError(f"unknown x264 preset {preset!r}")
 
     idx = index_video(src)
+    if idx.truncated:
+        log.warning("%s: making a proxy of a truncated file: %d frames of the %d its header declares", src,
+                    idx.num_frames, idx.declared_frames)
     if fps is not None and fps > idx.fps * 1.01:
         raise UserError(f"--fps {fps:g} is above the video's {idx.fps:.3f} fps: a proxy can only drop frames "
                         "(repeating them adds nothing to train on)", path=src)
@@ -102,7 +110,10 @@ def prepare_video(video: str | Path, short_side: int = 480, out: str | Path | No
                 os_.codec_context.gop_size = gop
                 os_.codec_context.options = {
                     "crf": str(crf), "preset": preset,
-                    "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0",
+                    # mbtree off: with it x264's output varied from call to call on the same input
+                    # (8 distinct files in 9 calls, measured); without it the bytes are a function of the
+                    # input and the settings (see the module docstring)
+                    "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:mbtree=0",
                 }
                 os_.thread_type = "AUTO"
                 bar = tqdm(total=total, unit="frame", desc=f"prepare {src.name}", file=sys.stderr,
@@ -158,6 +169,9 @@ def prepare_video(video: str | Path, short_side: int = 480, out: str | Path | No
                 bar.close()
                 if n_out == 0:
                     raise VideoError("no frame could be decoded", path=src)
+                if fps is None and n_out < idx.num_frames:
+                    log.warning("%s: only %d of its %d indexed frames could be decoded; the proxy ends there",
+                                src, n_out, idx.num_frames)
     except av.error.FFmpegError as e:
         raise VideoError(f"transcode failed ({_ff_reason(e)})", path=src) from None
     finally:
@@ -171,7 +185,7 @@ def prepare_video(video: str | Path, short_side: int = 480, out: str | Path | No
 
 # -- the automatic training proxy (``wtours pretrain``, ``data.proxy: auto``) -------------------------
 
-PROXY_VERSION = 1  # bump when the proxy's encoding changes: old cache entries are then ignored
+PROXY_VERSION = 2  # bump when the proxy's encoding changes: old cache entries are then ignored
 PROXY_MIN_SCALE = 1.5  # make a proxy when the source's short side is at least this times the training one
 
 
