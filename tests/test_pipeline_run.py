@@ -65,14 +65,18 @@ def test_tiny_pipeline_end_to_end(tiny_run, capsys):
     assert (out / "pipeline.yaml").is_file() and (out / "data" / "synth" / "davis").is_dir()
     for s, inp in (("eval_video", "video"), ("eval_neco", "neco")):
         doc = json.loads((out / s / "metrics.json").read_text())
-        assert doc["input"] == inp and doc["metric_names"] == ["F", "C", "D", "K=20"]
+        names = ["F", "C", "D", "K=20", "J&F", "in-context", "linear"]  # clustering, then the dense instruments
+        assert doc["input"] == inp and doc["metric_names"] == names
         enc = doc["datasets"]["synth"]["encoders"]
         assert enc["random"]["spec"] == "random:vit_nano_patch8_64@0"
         for e in enc.values():
-            assert set(e["scores"]) == {"F", "C", "D", "K=20"} and all(0 <= v <= 100 for v in e["scores"].values())
+            assert set(e["scores"]) == set(names) and all(0 <= v <= 100 for v in e["scores"].values())
+        dense = json.loads((out / s / "synth" / "trained" / "dense" / "scores.json").read_text())["scores"]
+        assert dense == {k: enc["trained"]["scores"][k] for k in ("J&F", "in-context", "linear")}
     # the per-stage tables and the summary, printed
     assert "eval_video: video vs random init, mIoU %" in stdout and "eval_neco: neco vs random init" in stdout
-    summary = stdout.split("tiny: mIoU % per stage")[1]
+    summary = stdout.split("tiny: scores % per stage")[1]
+    assert "J&F propagation, in-context and linear-probe mIoU" in summary.splitlines()[0]
     assert "random init (vit_nano_patch8_64)" in summary and "after video" in summary and "after neco" in summary
     assert "[1/4] video: done in" in stderr and "[4/4] eval_neco: done in" in stderr
     # the report

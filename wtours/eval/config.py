@@ -60,6 +60,13 @@ class EvalConfig:
     overlays: int = 3  # sequences drawn as PNG / GIF overlays
     gif: bool = True
     progress: bool = True
+    # a pipeline's eval stage also runs these dense instruments beside clustering, where the data allows
+    # (propagation on DAVIS-layout sets; in-context and linear on category-labelled YTVOS-layout sets; the
+    # synthetic tour's ground truth has both), with these configs ([] = clustering only)
+    dense: list[str] = field(default_factory=lambda: ["propagation", "incontext", "linear"])
+    propagation_config: str = "eval/propagation"
+    incontext_config: str = "eval/incontext"
+    linear_config: str = "eval/linear"
 
     def validate(self) -> None:
         if self.frames_per_clip < 0:
@@ -87,5 +94,8 @@ class EvalConfig:
             raise ValueError(f"overcluster_k values must be >= 1, got {self.overcluster_k}")
         if self.memory_budget < 0:
             raise ValueError("memory_budget must be >= 0")
+        bad = [d for d in self.dense if d not in ("propagation", "incontext", "linear")]
+        if bad:
+            raise ValueError(f"dense: unknown instrument {bad[0]!r} (propagation, incontext, linear)")
         if not 0 < self.max_instance_id < 255:
             raise ValueError("max_instance_id must be in 1..254")

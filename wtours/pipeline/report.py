@@ -92,7 +92,9 @@ def build_blocks(out: Path) -> list[Block]:
         names, summary = summary_rows(docs)
         blocks += [("h", 2, "Results (measured here)"),
                    ("p", "Unsupervised clustering mIoU % (F frame-wise, C clip-wise, D dataset-wise; K=<k>: "
-                         "dataset-wise overclustering, majority matching), each backbone beside the random "
+                         "dataset-wise overclustering, majority matching); where the data allows, the dense "
+                         "instruments: J&F of label propagation (DAVIS layout), in-context retrieval and linear-probe "
+                         "mIoU % (category-labelled YTVOS layout); each backbone beside the random "
                          "initialisation of the same architecture."),
                    ("table", *markdown_rows(names, summary))]
         for d in docs:

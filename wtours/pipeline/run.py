@@ -28,6 +28,7 @@ statuses and the report and runs the eval stages.
 from __future__ import annotations
 
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -374,11 +375,61 @@ class PipelineRun:
                                               if str(p).endswith(".png")]}
             datasets[key] = {"label": label, "root": _rel(root, self.out), "n_sequences": m.get("n_sequences"),
                              "n_frames": m.get("n_frames"), "encoders": encoders}
+            self._dense_rows(kind, label, root, datasets[key], cfg, (random_spec, str(input_bb)),
+                             (self.out / "random" / key / f"{arch}@{seed}" / "dense", d / key / "trained" / "dense"),
+                             tag, names)
         doc = stage_doc(stage.name, stage.input, arch, names, datasets)
         write_json(d / "metrics.json", doc)
         print(f"{stage.name}: {stage.input} vs random init, mIoU %")
         print(text_table(names, stage_rows(doc)), flush=True)
         return {"metrics": _rel(d / "metrics.json", self.out), "arch": arch}
+
+
+    def _dense_rows(self, kind: str, label: str, root: Path, entry: dict, cfg: Any, specs: tuple[str, str],
+                    outs: tuple[Path, Path], tag: str, names: list[str]) -> None:
+        """Add the dense instruments' scores (J&F, in-context, linear) of the random and trained encoders to one
+        dataset's entry, where its layout allows; scores are cached per encoder in ``<out>/scores.json``."""
+        from wtours.config import load_config, to_dict
+        from wtours.eval.incontext import InContextConfig, evaluate_incontext
+        from wtours.eval.linear_probe import LinearConfig, evaluate_linear
+        from wtours.eval.propagation import PropagationConfig, evaluate_propagation
+
+        synthetic = label.startswith("synthetic")
+        jobs = []  # (metric, instrument function, config, dataset kind, root)
+        quiet = ["progress=false", "overlays=1"]
+        if "propagation" in cfg.dense and kind == "davis":
+            jobs.append(("J&F", evaluate_propagation, load_config(PropagationConfig, cfg.propagation_config, quiet),
+                         kind, root))
+        cat_kind, cat_root = ("synth", root.parent) if synthetic else (kind, root)
+        if kind == "ytvos" or (synthetic and (root.parent / "ytvos").is_dir()):
+            if "incontext" in cfg.dense:
+                jobs.append(("in-context", evaluate_incontext,
+                             load_config(InContextConfig, cfg.incontext_config, quiet), cat_kind, cat_root))
+            if "linear" in cfg.dense:
+                jobs.append(("linear", evaluate_linear, load_config(LinearConfig, cfg.linear_config, quiet),
+                             cat_kind, cat_root))
+        for metric, *_ in jobs:
+            if metric not in names:
+                names.append(metric)
+        for (enc, spec), out_dir in zip(zip(("random", "trained"), specs), outs):
+            key = {"spec": spec,
+                   "configs": {m: [to_dict(c), k, str(r)] for m, _, c, k, r in jobs}}
+            cache = out_dir / "scores.json"
+            try:
+                old = json.loads(cache.read_text())
+            except (OSError, ValueError):
+                old = None
+            if enc == "random" and isinstance(old, dict) and old.get("key") == key:
+                scores = old["scores"]
+            else:
+                scores = {}
+                for metric, fn, c, k, r in jobs:
+                    self.say(f"{tag}: {metric} of {spec if enc == 'random' else _rel(spec, self.out)} on {label}")
+                    m = fn(k, r, spec, out_dir / metric.replace("&", "").lower(), copy.deepcopy(c), verbose=False,
+                           trust=self.trust)
+                    scores[metric] = m["J&F"] if metric == "J&F" else m["mIoU"]
+                write_json(cache, {"key": key, "scores": scores})
+            entry["encoders"][enc]["scores"].update(scores)
 
 
 def run_pipeline(pipe: Pipeline, out: str | Path, **kwargs: Any) -> dict[str, Any]:
@@ -444,8 +495,9 @@ def cli_main(args: Any) -> int:
               file=sys.stderr)
         raise
     if result.get("table"):
-        print(f"\n{pipe.name}: mIoU % per stage (F / C / D clustering" + (", K=<k> overclustering" if "K=" in
-              result["table"] else "") + ")")
+        print(f"\n{pipe.name}: scores % per stage (F / C / D clustering" + (", K=<k> overclustering" if "K=" in
+              result["table"] else "") + (", J&F propagation, in-context and linear-probe mIoU" if "J&F" in
+                                          result["table"] else "") + ")")
         print(result["table"])
     if result.get("report"):
         print(f"report: {' '.join(result['report'])}")
