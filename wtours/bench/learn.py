@@ -640,18 +640,15 @@ def _rel(path: Path, base: Path) -> str:
 
 
 def cli_main(args: Any) -> int:
-    if getattr(args, "curve", False):
+    if getattr(args, "curve", False):  # a learning curve (make proof-long)
         from wtours.bench.curve import run_curve
 
-        _, text = run_curve(args)
-        out = Path(args.out)
-        print(text)
-        print(f"wrote {out / 'curve.json'}, {out / 'curve.md'}, {out / 'curve.png'}"
-              + (f"; updated {args.readme}" if args.readme else ""))
-        return 0
-    _, text = run_learn(args)
+        run, stem = run_curve, "curve"
+    else:
+        run, stem = run_learn, "proof"
+    _, text = run(args)
     out = Path(args.out)
     print(text)
-    print(f"wrote {out / 'proof.json'}, {out / 'proof.md'}, {out / 'proof.png'}"
+    print(f"wrote {out / f'{stem}.json'}, {out / f'{stem}.md'}, {out / f'{stem}.png'}"
           + (f"; updated {args.readme}" if args.readme else ""))
     return 0
