@@ -62,7 +62,7 @@ else
   BT_SETS=(--set data.batch_size=2 --set data.synth.seconds=8 --set data.synth.sequences=0 --set data.num_workers=0)
   LEARN_BATCH=2; LEARN_TOUR_S=8; LEARN_WORKERS=0; TRAIN_S=4
   NMIN=2; NMAX=3; CALIB_STEPS=1
-  LEARN_SETS=(--set data.synth.sequences=1 --set data.synth.seq_frames=6)
+  LEARN_SETS=(--set data.synth.sequences=2 --set data.synth.seq_frames=4)
   LEARN_EVAL=(--eval-set repeats=1 --eval-set restarts=1 --eval-set niter=5)
   NECO_ARGS=(--config neco/tiny --sorters bitonic --steps 1 --batch 2 --no-step)
   EVAL_ARGS=(--sequences 2 --frames 3 --arch vit_nano_patch8_64)

@@ -292,3 +292,12 @@ def test_primary_instrument_is_the_widest_calibrated_range():
     assert "**J&F**" in v["text"] and "50 % of the supervised − random range" in v["text"]
     weak = primary_verdict({"dense": {"J&F": {"diff": 3.0, "separation": 2.0}}}, name, rng)
     assert weak["met"] is False and "not met" in weak["text"]
+
+
+def test_dense_instruments_need_two_sequences_before_any_training(tmp_path, capsys):
+    rc = main(["bench", "learn", "--seeds", "0", "--out", str(tmp_path / "o"), "--quiet",
+               "--set", "data.synth.sequences=1"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "data.synth.sequences" in err and ">= 2 evaluation sequences" in err and "--instruments clustering" in err
+    assert not (tmp_path / "o" / "seed0").exists()

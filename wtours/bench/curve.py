@@ -250,6 +250,9 @@ def run_curve(args: Any) -> tuple[dict[str, Any], str]:
     if args.readme:
         check_readme(args.readme, CURVE_BEGIN, CURVE_END)
     cfg0 = load_pretrain_config(args.config, args.overrides, args.max_steps)
+    if cfg0.data.synth.sequences < 2:
+        raise UserError(f"data.synth.sequences: the curve's instruments need >= 2 evaluation sequences (in-context "
+                        f"and the linear probe split them), got {cfg0.data.synth.sequences}")
     total = cfg0.trainer.max_steps
     if total is None:
         raise UserError(f"--curve needs a run length in steps: {args.config} has no trainer.max_steps (give --max-steps)")

@@ -475,6 +475,10 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
     cfg = load_pretrain_config(args.config, args.overrides, args.max_steps)
     if cfg.data.synth.sequences < 1:
         raise ConfigError("data.synth.sequences: the proof needs at least 1 evaluation sequence, got 0")
+    if dense and cfg.data.synth.sequences < 2:
+        raise ConfigError(f"data.synth.sequences: the dense instruments need >= 2 evaluation sequences (in-context "
+                          f"retrieval and the linear probe split them into memory and queries), got "
+                          f"{cfg.data.synth.sequences}; or give --instruments clustering")
     ecfg = load_config(EvalConfig, args.eval_config, args.eval_overrides)
     if quiet:
         ecfg.progress = False
