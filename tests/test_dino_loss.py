@@ -83,3 +83,21 @@ def test_fp32_under_bf16_autocast():
     crit.apply_center_update()
     assert crit.center.dtype == torch.float32
     torch.testing.assert_close(crit.center, 0.1 * t.float().mean(0, keepdim=True))
+
+
+def test_sinkhorn_extra_rows_join_the_problem_and_are_dropped():
+    g = torch.Generator().manual_seed(3)
+    crit = DINOLoss(out_dim=6, centering="sinkhorn", sinkhorn_iters=3)
+    t = torch.randn(2, 3, 6, generator=g)
+    alone = crit.targets(t, 0.1)
+    # the queue holding copies of the step's rows: same targets as the rows alone (rows scale alike)
+    torch.testing.assert_close(crit.targets(t, 0.1, t.reshape(-1, 6).repeat(3, 1)), alone, atol=1e-5, rtol=1e-5)
+    other = crit.targets(t, 0.1, torch.randn(10, 6, generator=g))
+    assert other.shape == t.shape
+    torch.testing.assert_close(other.sum(-1), torch.ones(2, 3))
+    assert not torch.allclose(other, alone, atol=1e-3)
+    # a queue of rows that all favour prototype 0 pushes the step's rows away from it
+    crowd = torch.zeros(30, 6)
+    crowd[:, 0] = 1.0
+    assert crit.targets(t, 0.1, crowd)[..., 0].mean() < alone[..., 0].mean()
+    torch.testing.assert_close(crit.targets(t, 0.1, torch.zeros(0, 6)), alone)

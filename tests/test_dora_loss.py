@@ -158,3 +158,23 @@ def test_a_few_optimizer_steps_lower_the_loss():
         losses.append(loss.item())
     final = loss_fn().item()
     assert final < losses[0] - 0.05 * abs(losses[0]), (losses, final)
+
+
+def test_full_view_joins_the_global_half_as_one_more_view():
+    s_loc, s_msk, t, c = _inputs(B=2, T=3, V=2, k=3, C=7)
+    g = torch.Generator().manual_seed(5)
+    s_full = torch.randn(2, 3, 7, generator=g)
+    q = F.softmax((t - c) / 0.04, dim=-1)
+    q_next = q.roll(-1, dims=1)
+    got = dora_loss(s_loc, s_msk, t, c, targets=q, student_full=s_full, full_targets=q_next, full_weight=0.3)
+    total = 0.0
+    for fr in range(3):
+        glob = (0.7 * sum(_h(q[:, fr], s_msk[:, fr, j], 0.1) for j in range(3)) / 3
+                + 0.3 * _h(q_next[:, fr], s_full[:, fr], 0.1))
+        loc = sum(_h(q[:, fr], s_loc[:, fr, v], 0.1) for v in range(2)) / 2
+        total += 0.5 * glob + 0.5 * loc
+    torch.testing.assert_close(got, total / 3, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError):
+        dora_loss(s_loc, s_msk, t, c, targets=q, student_full=s_full, full_targets=q_next, compat_reference=True)
+    with pytest.raises(ValueError):
+        dora_loss(s_loc, s_msk, t, c, targets=q, student_full=s_full[:, :2], full_targets=q_next[:, :2])

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from wtours.config import load_config
+from wtours.objectives.interface import StepInputs
 from wtours.train.video_config import VideoPretrainConfig
 from wtours.train.video_module import DoRAModule, clip_per_parameter_
 
@@ -154,3 +155,47 @@ def test_schedules_follow_the_recipe():
     assert len(decay) == len(no_decay) == 2  # backbone and heads (lr_scale 1 for both here)
     assert all(p.ndim > 1 for g in decay for p in g["params"]) and all(p.ndim == 1 for g in no_decay for p in g["params"])
     assert all(g["weight_decay"] == 0.0 for g in no_decay) and all(g["lr_scale"] == 1.0 for g in opt.param_groups)
+
+
+def test_sinkhorn_queue_fills_with_copies_then_rolls_and_is_state():
+    cfg = make_cfg("loss.centering=sinkhorn", "loss.sinkhorn_queue=6")
+    obj = DoRAModule(cfg).objective.dora
+    assert obj.queue.shape == (6, cfg.model.bottleneck_dim) and not bool(obj.queue_ready)
+    a, b = torch.randn(4, 16), torch.randn(4, 16)
+    obj._push_queue(a)  # empty: filled with copies of the first rows
+    torch.testing.assert_close(obj.queue, torch.cat([a, a[:2]]))
+    obj._push_queue(b)  # newest first, oldest dropped
+    torch.testing.assert_close(obj.queue, torch.cat([b, a[:2]]))
+    assert {"queue", "queue_ready"} <= {k.split(".")[-1] for k in obj.state_dict()}
+    assert "queue" not in dict(DoRAModule(make_cfg("loss.centering=sinkhorn")).objective.dora.named_buffers())
+
+
+@pytest.mark.parametrize("full_view", ["none", "other_frame", "same_frame"])
+def test_student_sees_the_whole_global_view_only_with_full_view(full_view):
+    """Issue 16's root cause: DoRA's student never sees the kind of view the teacher's targets come from (the
+    whole global view), so on small data the network's output on whole views drifts to one point and the
+    targets go uniform. ``loss.full_view`` gives the student each frame's whole global view."""
+    m = DoRAModule(make_cfg(f"loss.full_view={full_view}"))
+    seen: list[torch.Tensor] = []
+    m.student.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().clone()))
+    clips = torch.stack([FixedClips()[0]["clip"], FixedClips()[1]["clip"]])
+    m.augment.generator.manual_seed(7)
+    views = m.augment(clips)
+    loss, _ = m.objective(StepInputs(views, m.student, m.teacher, m.ensure_schedules(1).at(0), m.generator))
+    whole = views.global_views.flatten(0, 1)
+    got = any(x.shape == whole.shape and torch.equal(x, whole) for x in seen)
+    assert got == (full_view != "none")
+    assert torch.isfinite(loss)
+
+
+def test_proof_presets_give_the_student_whole_views_and_the_paper_presets_do_not():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "video"
+    for name in ("proof", "proof_long", "proof_dora_timet"):
+        cfg = load_config(VideoPretrainConfig, root / f"{name}.yaml", [])
+        assert cfg.loss.full_view == "same_frame" and cfg.loss.full_view_weight > 0, name
+        assert cfg.loss.sinkhorn_queue > 0 and cfg.loss.centering == "sinkhorn", name
+    for name in ("dora_vits16", "dora_timet_vits16"):  # the paper recipes stay DoRA's
+        cfg = load_config(VideoPretrainConfig, root / f"{name}.yaml", [])
+        assert cfg.loss.full_view == "none" and cfg.loss.sinkhorn_queue == 0, name

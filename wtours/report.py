@@ -124,6 +124,10 @@ COLLAPSE_SIGNALS: tuple[tuple[str, str], ...] = (
     ("train/feature_std", "spread of the teacher [CLS] over the batch (~1 healthy, -> 0 collapsed)"),
     ("train/mask_coverage", "fraction of patches inside tracked-object masks"),
     ("train/koleo", "KoLeo regulariser (when loss.koleo_weight > 0)"),
+    ("train/teacher_logit_spread", "std over the batch of the teacher logits / tau_t (-> 0: every input alike)"),
+    ("train/teacher_logit_range", "per-row max - min of the teacher logits / tau_t (-> 0: flat targets)"),
+    ("train/bottleneck_rank", "effective rank of the teacher head's bottleneck over the batch (-> 1)"),
+    ("train/teacher_head_g", "mean g of the teacher's prototypes layer (-> 0 flattens every target)"),
 )
 
 

@@ -116,14 +116,25 @@ class DINOHead(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[M, in_dim]`` (any float dtype) -> logits ``[M, out_dim]``, fp32 unless ``fp32="off"``."""
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """``[M, in_dim]`` -> the MLP's output ``[M, bottleneck_dim]`` (before the L2 normalisation)."""
         if self.fp32 == "head":
             with _fp32(x):
-                x = self.mlp(x.float())
-        else:
-            x = self.mlp(x)
+                return self.mlp(x.float())
+        return self.mlp(x)
+
+    def prototypes(self, z: torch.Tensor) -> torch.Tensor:
+        """Bottleneck ``[M, bottleneck_dim]`` -> logits ``[M, out_dim]`` (L2 normalise, prototypes layer)."""
         if self.fp32 == "off":
-            return self.last_layer(F.normalize(x, dim=-1, p=2))
-        with _fp32(x):
-            return self.last_layer(F.normalize(x.float(), dim=-1, p=2))
+            return self.last_layer(F.normalize(z, dim=-1, p=2))
+        with _fp32(z):
+            return self.last_layer(F.normalize(z.float(), dim=-1, p=2))
+
+    @property
+    def g(self) -> torch.Tensor:
+        """The prototypes layer's weight-norm magnitudes ``g [out_dim, 1]`` (every logit lies in ``[-g_c, g_c]``)."""
+        return self.last_layer.parametrizations.weight.original0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[M, in_dim]`` (any float dtype) -> logits ``[M, out_dim]``, fp32 unless ``fp32="off"``."""
+        return self.prototypes(self.bottleneck(x))

@@ -18,6 +18,25 @@ key                   meaning (healthy -> collapsing)
                       times sqrt(D): ~1 for spread features, -> 0 when every input maps alike
 ====================  =====================================================================
 
+:func:`head_stats` adds what explains a uniform collapse of the targets (the targets see the teacher's
+logits divided by its temperature ``tau_t``; with the same logits for every row they are uniform,
+whatever the centring):
+
+========================  =================================================================
+key                       meaning (healthy -> collapsing)
+========================  =================================================================
+``teacher_logit_range``   mean over rows of (max - min) of the teacher logits / ``tau_t``
+                          (tens -> ~0: flat rows)
+``teacher_logit_spread``  std over the batch rows of each teacher logit / ``tau_t``, mean over
+                          prototypes (> 1 -> ~0: every input gets the same logits)
+``bottleneck_rank``       effective rank (RankMe: exp of the entropy of the normalised singular
+                          values) of the teacher head's L2-normalised bottleneck over the batch
+                          (many -> 1: the head maps every input alike)
+``head_g``                mean weight-norm magnitude ``g`` of the student's prototypes layer
+                          (each logit lies in ``[-g, g]``; -> 0 flattens every target)
+``teacher_head_g``        the same for the teacher (EMA) head: what scales the targets
+========================  =================================================================
+
 Shapes: ``q [M, C]`` rows summing to 1, ``cls [M, D]``, ``center [1, C]``.
 """
 
@@ -29,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 KEYS = ("teacher_entropy", "teacher_batch_entropy", "prototypes_used", "center_norm", "feature_std")
+HEAD_KEYS = ("teacher_logit_range", "teacher_logit_spread", "bottleneck_rank", "head_g", "teacher_head_g")
 
 
 @torch.no_grad()
@@ -43,3 +63,26 @@ def collapse_stats(q: torch.Tensor, cls: torch.Tensor, center: torch.Tensor) -> 
     std = z.std(dim=0, unbiased=False).mean() * math.sqrt(z.shape[-1]) if z.shape[0] > 1 else z.new_zeros(())
     return {"teacher_entropy": ent, "teacher_batch_entropy": batch_ent, "prototypes_used": hits.sum(),
             "center_norm": center.detach().float().norm(), "feature_std": std}
+
+
+@torch.no_grad()
+def effective_rank(x: torch.Tensor) -> torch.Tensor:
+    """RankMe (Garrido et al., ICML 2023) of ``x [M, D]``: ``exp(-sum p_i log p_i)`` with ``p = sigma / sum sigma``
+    over the singular values; 1 for rank-one rows, ``min(M, D)`` for orthogonal rows of equal norm. fp32."""
+    x = x.detach().float().reshape(-1, x.shape[-1])
+    s = torch.linalg.svdvals(x)
+    p = s / s.sum().clamp_min(1e-12)
+    return torch.exp(-(p * p.clamp_min(1e-12).log()).sum())
+
+
+@torch.no_grad()
+def head_stats(teacher_logits: torch.Tensor, teacher_temp: float | torch.Tensor, bottleneck: torch.Tensor,
+               student_g: torch.Tensor, teacher_g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The head monitors of the module docstring: ``teacher_logits [..., C]``, the teacher head's bottleneck
+    ``[..., Db]`` (before normalisation), the prototypes layers' magnitudes ``g`` (any shape)."""
+    t = teacher_logits.detach().float().reshape(-1, teacher_logits.shape[-1]) / teacher_temp
+    rng = (t.amax(-1) - t.amin(-1)).mean()
+    spread = t.std(dim=0, unbiased=False).mean() if t.shape[0] > 1 else t.new_zeros(())
+    z = F.normalize(bottleneck.detach().float().reshape(-1, bottleneck.shape[-1]), dim=-1)
+    return {"teacher_logit_range": rng, "teacher_logit_spread": spread, "bottleneck_rank": effective_rank(z),
+            "head_g": student_g.detach().float().mean(), "teacher_head_g": teacher_g.detach().float().mean()}

@@ -84,20 +84,26 @@ class DINOLoss(nn.Module):
         self._queued: list[tuple[torch.Tensor, Any]] = []  # (local batch mean [1, C], all-reduce handle)
 
     @torch.no_grad()
-    def targets(self, teacher_logits: torch.Tensor, teacher_temp: float | torch.Tensor) -> torch.Tensor:
+    def targets(self, teacher_logits: torch.Tensor, teacher_temp: float | torch.Tensor,
+                extra_logits: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher targets ``q [..., C]`` (fp32, rows sum to 1) for logits ``[..., C]``.
 
         ``centering="center"`` (DINO, DoRA): ``softmax((t - center) / tau_t)``.
         ``centering="sinkhorn"`` (SwAV / DINOv2): Sinkhorn-Knopp over all rows of the batch with
         ``eps = tau_t`` and ``sinkhorn_iters`` rounds, so the batch uses every prototype equally
         (a batch whose rows are alike can then not get uniform targets); no centre is needed.
+        ``extra_logits [R, C]`` (Sinkhorn only; SwAV's queue): more rows that join the problem (the
+        equipartition then holds over them too) and are dropped from the result.
         """
         if self.centering == "center":
             return teacher_probs(teacher_logits, self.center, teacher_temp)
         from wtours.objectives.sinkhorn import sinkhorn_knopp
 
-        flat = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
-        q = sinkhorn_knopp(flat.float(), eps=float(teacher_temp), iters=self.sinkhorn_iters)
+        flat = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]).float()
+        m = flat.shape[0]
+        if extra_logits is not None and extra_logits.numel():
+            flat = torch.cat([flat, extra_logits.detach().float().reshape(-1, flat.shape[-1])])
+        q = sinkhorn_knopp(flat, eps=float(teacher_temp), iters=self.sinkhorn_iters)[:m]
         return q.reshape(teacher_logits.shape)
 
     @torch.no_grad()

@@ -57,6 +57,18 @@ Departures from the reference code:
   * the loss is vectorised (einsum/broadcasting), the local term is computed once per frame
     instead of once per object, and the two reference bugs are fixed unless
     ``compat_reference=True``.
+
+Options that depart from DoRA, off by default (the reference's behaviour), for small-scale runs (issue 16;
+``configs/video/proof.yaml`` turns the first two on):
+  * ``loss.full_view`` (``same_frame`` / ``other_frame``): the student also sees each frame's whole global
+    view, trained towards its own frame's (or the next frame's) target, with ``loss.full_view_weight`` of
+    the global half. DoRA's student sees only masked views and local crops, never the kind of view the
+    targets come from; at CPU scale the network's output on whole views then drifts to one point and the
+    targets go uniform (measured: ``train/bottleneck_rank`` and ``train/teacher_logit_spread`` fall, the
+    entropy rises to log C). ``other_frame`` pairs views of different colour jitter and did not help.
+  * ``loss.sinkhorn_queue``: past teacher bottlenecks join the Sinkhorn problem (SwAV's queue).
+  * ``tracking.enabled: false``: no tracking, the whole global view once instead of k masked copies (plain
+    DINO multi-crop through the same code; an ablation).
 """
 
 from __future__ import annotations
@@ -70,7 +82,7 @@ from torch import nn
 
 from wtours.models.ema import ema_update_
 from wtours.models.heads import DINOHead
-from wtours.objectives.collapse import collapse_stats
+from wtours.objectives.collapse import collapse_stats, head_stats
 from wtours.objectives.dino import DINOLoss, cross_entropy, teacher_probs
 from wtours.objectives.interface import StepInputs, StepValues
 from wtours.objectives.koleo import koleo_loss
@@ -218,7 +230,8 @@ def compat_object_weights(k: int, T: int, device: torch.device | str | None = No
 def dora_loss(student_local: torch.Tensor, student_masked: torch.Tensor, teacher: torch.Tensor,
               center: torch.Tensor, student_temp: float = 0.1,
               teacher_temp: float | torch.Tensor = 0.04, compat_reference: bool = False,
-              targets: torch.Tensor | None = None) -> torch.Tensor:
+              targets: torch.Tensor | None = None, student_full: torch.Tensor | None = None,
+              full_targets: torch.Tensor | None = None, full_weight: float = 0.5) -> torch.Tensor:
     """DoRA loss (scalar, fp32) between per-frame teacher targets and student views.
 
     Args:
@@ -230,6 +243,10 @@ def dora_loss(student_local: torch.Tensor, student_masked: torch.Tensor, teacher
         compat_reference: reproduce the reference formula with its two bugs (module docstring).
         targets: ``[B, T, C]`` teacher targets computed elsewhere (e.g. Sinkhorn-Knopp centring,
             :meth:`wtours.objectives.dino.DINOLoss.targets`); ``center`` and ``teacher_temp`` are then unused.
+        student_full, full_targets: ``[B, T, C]`` student logits of each frame's whole global view and the
+            targets it is trained towards (``loss.full_view``, a wtours departure): one more global view beside
+            the ``k`` masked ones; the global half becomes ``w H(q'_t, s(x_t)) + (1 - w) 1/k sum_j H(q_t, s(x_t^{o_j}))``
+            with ``w = full_weight`` (``loss.full_view_weight``).
     """
     B, T, C = teacher.shape
     if student_local.dim() != 4 or student_local.shape[:2] != (B, T) or student_local.shape[-1] != C:
@@ -240,6 +257,14 @@ def dora_loss(student_local: torch.Tensor, student_masked: torch.Tensor, teacher
     q = (teacher_probs(teacher, center, teacher_temp) if targets is None else targets).unsqueeze(2)  # [B, T, 1, C]
     h_mask = cross_entropy(q, student_masked, student_temp).mean(0)          # [T, k]
     h_loc = cross_entropy(q, student_local, student_temp).mean(0)            # [T, V]
+    if student_full is not None:
+        if compat_reference:
+            raise ValueError("student_full (loss.full_view) is not part of the reference formula")
+        if full_targets is None or student_full.shape != (B, T, C) or full_targets.shape != (B, T, C):
+            raise ValueError(f"student_full and full_targets must both be [B, T, C] = [{B}, {T}, {C}]")
+        h_full = cross_entropy(full_targets, student_full, student_temp).mean(0)      # [T]
+        h_global = full_weight * h_full + (1.0 - full_weight) * h_mask.mean(1)          # [T]
+        return 0.5 * h_global.mean() + 0.5 * h_loc.mean()
     if not compat_reference:
         return 0.5 * h_mask.mean() + 0.5 * h_loc.mean()
     if V < 2:
@@ -294,6 +319,23 @@ class DoRAObjective(nn.Module):
         self.sinkhorn_eps = float(tracking.sinkhorn_eps)
         self.sinkhorn_iters = int(tracking.sinkhorn_iters)
         self.threshold = tracking.threshold
+        self.tracking = bool(getattr(tracking, "enabled", True))
+        self.full_view = str(getattr(loss, "full_view", "none"))
+        self.full_view_weight = float(getattr(loss, "full_view_weight", 0.5))
+        self.queue_rows = int(getattr(loss, "sinkhorn_queue", 0)) if loss.centering == "sinkhorn" else 0
+        if self.queue_rows > 0:  # SwAV's queue of past teacher bottlenecks (state: in the checkpoint)
+            self.register_buffer("queue", torch.zeros(self.queue_rows, model.bottleneck_dim))
+            self.register_buffer("queue_ready", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def _push_queue(self, z: torch.Tensor) -> None:
+        """Newest rows first; an empty queue is filled with copies of ``z`` (Sinkhorn over repeated rows gives
+        those rows the same targets as over ``z`` alone), so no host sync is needed to count filled rows."""
+        z = z.detach().float().reshape(-1, self.queue.shape[-1])
+        fill = z.repeat(-(-self.queue_rows // z.shape[0]), 1)[: self.queue_rows]
+        rolled = torch.cat([z, self.queue])[: self.queue_rows]
+        self.queue.copy_(torch.where(self.queue_ready, rolled, fill))
+        self.queue_ready.fill_(True)
 
     def forward(self, inputs: StepInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One micro-batch -> ``(loss [], stats {name: []})``; see the class docstring."""
@@ -306,21 +348,38 @@ class DoRAObjective(nn.Module):
             out = vit.forward_tracking(g.flatten(0, 1))  # rows b*T + t
             if inputs.cache is not None:
                 inputs.cache["teacher_tracking"] = out  # TimeT reads the teacher's patch tokens from here
-            t_logits = self.teacher_head(out.cls).unflatten(0, (b, t))  # [B, T, C]
-            heads = sample_heads(inputs.generator, b, vit.num_heads, self.objects, g.device,
-                                 per_sample=self.per_sample_heads)
-            maps = track_objects(gather_frame0(out, b, t), clip_keys(out, b, t), heads,
-                                 eps=self.sinkhorn_eps, iters=self.sinkhorn_iters)
-            masks = binarise_maps(maps, self.threshold)  # [B, T, k, N]
+            t_z = self.teacher_head.bottleneck(out.cls)  # [B*T, Db]
+            t_logits = self.teacher_head.prototypes(t_z).unflatten(0, (b, t))  # [B, T, C]
+            if self.tracking:
+                heads = sample_heads(inputs.generator, b, vit.num_heads, self.objects, g.device,
+                                     per_sample=self.per_sample_heads)
+                maps = track_objects(gather_frame0(out, b, t), clip_keys(out, b, t), heads,
+                                     eps=self.sinkhorn_eps, iters=self.sinkhorn_iters)
+                masks = binarise_maps(maps, self.threshold)  # [B, T, k, N]
+            else:  # plain DINO (tracking.enabled false): the whole global view, once
+                masks = torch.ones(b, t, 1, out.k.shape[-2], dtype=torch.bool, device=g.device)
             masked = mask_views(g, masks, vit.patch_size)  # [B, T, k, 3, G, G]
         k = masked.shape[2]
         s_cls = inputs.student(masked.flatten(0, 2))  # [B*T*k, D]
         s_masked = self.student_head(s_cls).unflatten(0, (b, t, k))  # [B, T, k, C]
         s_local = self.student_head(inputs.student(local.flatten(0, 2))).unflatten(0, (b, t, v))  # [B, T, V, C]
-        q = self.dino.targets(t_logits, teacher_temp)  # [B, T, C]
+        extra = None
+        if self.queue_rows > 0:
+            with torch.no_grad():
+                if self.training:
+                    self._push_queue(t_z)  # this step's rows join first: an empty queue gets their copies
+                # the queued rows (this step's included once, as SwAV) scored by the current teacher prototypes
+                extra = self.teacher_head.prototypes(self.queue[t_z.shape[0]:])
+        q = self.dino.targets(t_logits, teacher_temp, extra)  # [B, T, C]
+        s_full = q_full = None
+        if self.full_view != "none":  # the whole global view of every frame (loss.full_view, a departure)
+            s_full = self.student_head(inputs.student(g.flatten(0, 1))).unflatten(0, (b, t))  # [B, T, C]
+            q_full = q.roll(-1, dims=1) if self.full_view == "other_frame" else q  # frame t -> target of t+1
         ce = dora_loss(s_local, s_masked, t_logits, self.dino.center, self.student_temp, teacher_temp,
-                       compat_reference=self.compat_reference, targets=q)
+                       compat_reference=self.compat_reference, targets=q, student_full=s_full, full_targets=q_full,
+                       full_weight=self.full_view_weight)
         stats = collapse_stats(q, out.cls, self.dino.center)
+        stats.update(head_stats(t_logits, teacher_temp, t_z, self.student_head.g, self.teacher_head.g))
         stats["mask_coverage"] = masks.float().mean().detach()
         # cross-entropy = teacher entropy + KL(teacher || student): the KL is the part the student controls
         stats["kl"] = ce.detach() - stats["teacher_entropy"]

@@ -236,6 +236,9 @@ class TrackingConfig:
     sinkhorn_eps: float = 0.05
     sinkhorn_iters: int = 30
     threshold: Literal["batch", "sample"] = "batch"
+    # false: no tracking, plain DINO multi-crop through the same code (the student's global branch sees the
+    # teacher's whole global view once instead of k masked copies); an ablation, not DoRA
+    enabled: bool = True
 
     def validate(self) -> None:
         at_least(self, 1, "objects")
@@ -257,10 +260,22 @@ class LossConfig:
     centering: Literal["center", "sinkhorn"] = "center"
     sinkhorn_iters: int = 3
     koleo_weight: float = 0.0  # KoLeo on the student's [CLS] of the masked views (DINOv2: 0.1)
+    # centering "sinkhorn": rows of past teacher bottlenecks (SwAV's queue) that join each step's Sinkhorn
+    # problem, scored by the current teacher prototypes; 0: the step's rows alone (DINOv2)
+    sinkhorn_queue: int = 0
+    # the student also sees each frame's whole global view (wtours departure; DoRA: "none"): "other_frame" trains
+    # it towards the teacher's target of the next frame of the clip (t -> t+1, the last -> frame 0), "same_frame"
+    # towards its own frame's; it joins the k masked views as one more global view (issue 16: without it the
+    # student never sees the kind of view the targets come from, and at small scale the network's output on
+    # whole views drifts to one point: uniform targets)
+    full_view: Literal["none", "other_frame", "same_frame"] = "none"
+    full_view_weight: float = 0.5  # its share of the global half of the loss (the k masked views share the rest)
 
     def validate(self) -> None:
         positive(self, "student_temp", "teacher_temp", "warmup_teacher_temp")
         at_least(self, 1, "sinkhorn_iters")
+        at_least(self, 0, "sinkhorn_queue")
+        check_prob("full_view_weight", self.full_view_weight)
         if self.koleo_weight < 0:
             raise ValueError(f"koleo_weight: must be >= 0, got {self.koleo_weight}")
         check_prob("center_momentum", self.center_momentum)
@@ -372,6 +387,9 @@ class VideoPretrainConfig:
                                  f"of '{arch}'")
         if dora and c.local_number < 1:
             raise ValueError(f"crops.local_number: DoRA needs at least 1 local crop, got {c.local_number}")
+        if dora and self.loss.compat_reference and self.loss.full_view != "none":
+            raise ValueError(f"loss.full_view: {self.loss.full_view!r} is a departure from the reference; "
+                             "loss.compat_reference needs 'none'")
         if dora and self.loss.compat_reference and c.local_number < 2:
             raise ValueError(f"crops.local_number: loss.compat_reference needs at least 2 local crops "
                              f"(the reference skips local crop 0), got {c.local_number}")
