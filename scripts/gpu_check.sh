@@ -52,6 +52,7 @@ if [ "$DRY" = 0 ]; then
   BT_CONFIGS="video/dora_vits16 video/dora_timet_vits16"; BT_STEPS=10; BT_SETS=()
   LEARN_BATCH=${GPU_LEARN_BATCH:-128}; LEARN_TOUR_S=600; LEARN_WORKERS=4; TRAIN_S=${GPU_LEARN_SECONDS:-170}
   NMIN=100; NMAX=20000; CALIB_STEPS=20; LEARN_SETS=(); LEARN_EVAL=()
+  LEARN_THREADS=4   # 3 seeds in parallel on 16 cores, each with 4 loader workers
   NECO_ARGS=(--config neco/neco_vits16 --sorters bitonic odd_even --steps 3)
   EVAL_ARGS=(--sequences 30 --frames 70)
   SUITE_ARGS=(-n 12 tests)
@@ -64,6 +65,7 @@ else
   NMIN=2; NMAX=3; CALIB_STEPS=1
   LEARN_SETS=(--set data.synth.sequences=2 --set data.synth.seq_frames=4)
   LEARN_EVAL=(--eval-set repeats=1 --eval-set restarts=1 --eval-set niter=5)
+  LEARN_THREADS=1   # 3 processes on 2 cores: more intra-op threads only make them wait for each other
   NECO_ARGS=(--config neco/tiny --sorters bitonic --steps 1 --batch 2 --no-step)
   EVAL_ARGS=(--sequences 2 --frames 3 --arch vit_nano_patch8_64)
   SUITE_ARGS=(tests/test_eval_metrics.py)
@@ -176,8 +178,8 @@ fi
 say "learn: 3 seeds in parallel"
 PIDS=""
 for s in 0 1 2; do
-  timeout "$(left $(( TRAIN_S + 150 )) 150)" "${WT[@]}" bench learn "${LA[@]}" --seeds "$s" --time-limit "$TRAIN_S" \
-    --quiet --json "$ST/learn_seed$s.json" > "$ST/learn_seed$s.log" 2>&1 &
+  OMP_NUM_THREADS=$LEARN_THREADS timeout "$(left $(( TRAIN_S + 150 )) 150)" "${WT[@]}" bench learn "${LA[@]}" \
+    --seeds "$s" --time-limit "$TRAIN_S" --quiet --json "$ST/learn_seed$s.json" > "$ST/learn_seed$s.log" 2>&1 &
   PIDS="$PIDS $!"
 done
 for p in $PIDS; do wait "$p"; echo "learn process $p: exit $?" >> "$ST/learn_plan.txt"; done   # by id: a bare wait waits for tee too
