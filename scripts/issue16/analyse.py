@@ -1,6 +1,7 @@
 # Issue 16 diagnostic: bottleneck rank / logit spread / prediction entropy of teacher and student on whole views,
 # masked views and local crops of 64 rows of a synthetic tour.  usage (repo root, PYTHONPATH=.):
 #   python scripts/issue16/analyse.py RUN/stage1/last.ckpt [RUN/data/synth/tour.mp4]
+import sys, torch, av, numpy as np, torch.nn.functional as F
 from wtours.train.video_module import DoRAModule
 from wtours.objectives.collapse import effective_rank
 from wtours.objectives.dora import *
