@@ -195,6 +195,28 @@ def tree_cpu_seconds() -> dict[int, float]:
     return out
 
 
+def proc_memory(pid: int, page: int = 4096) -> tuple[int | None, int | None]:
+    """(PSS, RSS) in bytes of one process from Linux /proc: ``smaps_rollup`` (PSS counts shared pages once),
+    RSS from ``statm`` where that is unreadable; ``(None, None)`` for a process that is gone."""
+    pss = rss = None
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for ln in f:
+                if ln.startswith("Pss:"):
+                    pss = int(ln.split()[1]) * 1024
+                elif ln.startswith("Rss:"):
+                    rss = int(ln.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    if rss is None:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                rss = int(f.read().split()[1]) * page
+        except OSError:
+            return None, None
+    return pss, rss
+
+
 class _PeakMemory:
     """Samples this process and its children (Linux /proc) every 0.5 s: peak PSS of the whole tree
     (shared pages counted once) and peak RSS of each child."""
@@ -213,22 +235,9 @@ class _PeakMemory:
         total = 0
         me = os.getpid()
         for p in self._tree():
-            pss = rss = None
-            try:
-                with open(f"/proc/{p}/smaps_rollup") as f:
-                    for ln in f:
-                        if ln.startswith("Pss:"):
-                            pss = int(ln.split()[1]) * 1024
-                        elif ln.startswith("Rss:"):
-                            rss = int(ln.split()[1]) * 1024
-            except (OSError, ValueError):
-                pass
+            pss, rss = proc_memory(p, self._page)
             if rss is None:
-                try:
-                    with open(f"/proc/{p}/statm") as f:
-                        rss = int(f.read().split()[1]) * self._page
-                except OSError:
-                    continue
+                continue
             total += pss if pss is not None else rss
             if p != me:
                 self.child_rss[p] = max(self.child_rss.get(p, 0), rss)

@@ -31,28 +31,15 @@ from wtours.errors import UserError
 def tree_memory() -> dict[str, int]:
     """Memory of this process and its descendants (Linux /proc): ``pss`` of the whole tree (shared pages
     counted once; RSS where PSS is unreadable), ``main_rss``, ``worker_rss`` (the largest child), ``procs``."""
-    from wtours.bench.decode import _tree_pids
+    from wtours.bench.decode import _tree_pids, proc_memory
 
     page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
     me = os.getpid()
     out = {"pss": 0, "main_rss": 0, "worker_rss": 0, "procs": 0}
     for p in _tree_pids():
-        pss = rss = None
-        try:
-            with open(f"/proc/{p}/smaps_rollup") as f:
-                for ln in f:
-                    if ln.startswith("Pss:"):
-                        pss = int(ln.split()[1]) * 1024
-                    elif ln.startswith("Rss:"):
-                        rss = int(ln.split()[1]) * 1024
-        except (OSError, ValueError):
-            pass
+        pss, rss = proc_memory(p, page)
         if rss is None:
-            try:
-                with open(f"/proc/{p}/statm") as f:
-                    rss = int(f.read().split()[1]) * page
-            except OSError:
-                continue
+            continue
         out["pss"] += pss if pss is not None else rss
         out["procs"] += 1
         if p == me:
