@@ -16,7 +16,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import Callable, IO, Any, Iterator
 
 from wtours.errors import UserError
 
@@ -83,16 +83,17 @@ _fdopen = os.fdopen  # the file object atomic_open writes to (tests replace it t
 _TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 
 
-def remove_stale_temps(directory: str | Path) -> tuple[int, int]:
+def remove_stale_temps(directory: str | Path, also: Callable[[Path], bool] | None = None) -> tuple[int, int]:
     """Delete the temp files :func:`atomic_open` left in ``directory`` (not recursive) when a write was
-    killed -> ``(files, bytes)`` removed. Only names of its own pattern are touched. Call it only while
-    nothing else writes into ``directory`` (the start of a run)."""
+    killed -> ``(files, bytes)`` removed. Only names of its own pattern are touched, and those ``also`` accepts
+    (e.g. another writer's temp files whose process is gone). Call it only while nothing else writes into
+    ``directory`` (the start of a run)."""
     n = size = 0
     d = Path(directory)
     if not d.is_dir():
         return 0, 0
     for p in d.iterdir():
-        if _TEMP_RE.match(p.name) and p.is_file() and not p.is_symlink():
+        if (_TEMP_RE.match(p.name) or (also is not None and also(p))) and p.is_file() and not p.is_symlink():
             try:
                 sz = p.stat().st_size
                 p.unlink()

@@ -161,16 +161,12 @@ def plan_frames(lengths: Sequence[int], total: int, mode: str, seed: int) -> lis
 def _remove_stale_cache_temps(out: Path) -> None:
     """Temp files of cache builds that were killed: ``atomic_open``'s (:func:`remove_stale_temps`) and the
     ``.frames.<pid>.npy.tmp`` of older wtours versions whose process is gone; one line says what was freed."""
-    n, size = remove_stale_temps(out)
-    for p in out.glob(".frames.*.npy.tmp"):
-        pid = p.name.split(".")[2]
-        if pid.isdigit() and not _pid_alive(int(pid)) and p.is_file() and not p.is_symlink():
-            try:
-                sz = p.stat().st_size
-                p.unlink()
-            except OSError:
-                continue
-            n, size = n + 1, size + sz
+    def old_cache_temp(p: Path) -> bool:  # .frames.<pid>.npy.tmp of a process that is gone
+        parts = p.name.split(".")
+        return (len(parts) == 5 and parts[:2] == ["", "frames"] and parts[3:] == ["npy", "tmp"]
+                and parts[2].isdigit() and not _pid_alive(int(parts[2])))
+
+    n, size = remove_stale_temps(out, also=old_cache_temp)
     if n:
         import sys
 
