@@ -301,3 +301,62 @@ def test_dense_instruments_need_two_sequences_before_any_training(tmp_path, caps
     err = capsys.readouterr().err
     assert "data.synth.sequences" in err and ">= 2 evaluation sequences" in err and "--instruments clustering" in err
     assert not (tmp_path / "o" / "seed0").exists()
+
+
+NECO_MICRO = ["data.frames=16", "data.image_size=64", "data.frame_short_side=64", "data.batch_size=4",
+              "crops.global_size=32", "crops.local_size=16", "loss.roi_size=2", "loss.queue_length=64",
+              "trainer.checkpoint_every=2", "trainer.log_every=1", "log.picture_every=0", "log.progress=false",
+              "log.tensorboard=false", "trainer.cpu_threads=1"]
+
+
+def test_neco_chain_post_pretrains_each_seeds_backbone_and_writes_its_own_readme_block(proof, tmp_path):
+    """``--neco CONFIG --init-from DIR``: seed s is NeCo started from DIR/seed<s>/stage1/backbone.pt, scored
+    against the same random init; ``--readme-block`` writes its own block and leaves the proof block alone."""
+    import torch
+
+    readme = tmp_path / "README.md"
+    readme.write_text("head\n<!-- proof:begin -->\nPROOF\n<!-- proof:end -->\n<!-- neco:begin -->\nold\n"
+                      "<!-- neco:end -->\ntail\n")
+    out = tmp_path / "neco"
+    argv = [*_args(out, readme), "--init-from", str(proof["out"]), "--neco", "neco/tiny", "--readme-block", "neco",
+            *sum((["--neco-set", s] for s in NECO_MICRO), [])]
+    rc, stdout, stderr, _ = _run(argv)
+    assert rc == 0, stderr
+    res = json.loads((out / "proof.json").read_text())
+    for s in SEEDS:
+        bb = torch.load(out / f"seed{s}" / "stage2" / "backbone.pt", weights_only=True)
+        assert bb["meta"]["stage"] == "neco" and bb["meta"]["steps"] == 2
+        assert bb["meta"]["init"] == str((proof["out"] / f"seed{s}" / "stage1" / "backbone.pt").resolve())
+        assert res["runs"][str(s)]["backbone"].endswith(f"seed{s}/stage2/backbone.pt")
+        assert res["runs"][str(s)]["random_spec"] == f"random:vit_nano_patch8_64@{s}"
+        assert not (out / f"seed{s}" / "stage1").exists()
+        # the NeCo backbone differs from the stage-1 one it started from
+        sd0 = torch.load(proof["out"] / f"seed{s}" / "stage1" / "backbone.pt", weights_only=True)["state_dict"]
+        assert any(not torch.equal(v, sd0[k]) for k, v in bb["state_dict"].items())
+    # the random rows are the proof's own (same init seeds, same eval sets and configs)
+    for s in SEEDS:
+        assert res["per_seed"]["random"][str(s)] == proof["json"]["per_seed"]["random"][str(s)]
+    assert res["settings"]["neco"] == "neco/tiny" and "--neco neco/tiny" in res["command"]
+    assert "trained (NeCo)" in stdout and "NeCo (`neco/tiny`" in stdout
+    text = readme.read_text()
+    assert text.startswith("head\n<!-- proof:begin -->\nPROOF\n<!-- proof:end -->\n<!-- neco:begin -->\n")
+    assert "trained (NeCo)" in text and "old" not in text and text.endswith("<!-- neco:end -->\ntail\n")
+    # a second run reuses both NeCo seeds
+    rc, _, stderr, _ = _run([a for a in argv if a != "--quiet"])
+    assert rc == 0, stderr
+    assert stderr.count("exists (same NeCo config): reused") == len(SEEDS)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--neco", "neco/tiny"], "--neco: give --init-from"),
+    (["--neco-set", "seed=1"], "--neco-set: only with --neco"),
+    (["--readme-block", "a b"], "--readme-block: letters"),
+])
+def test_neco_chain_options_are_checked_first(tmp_path, capsys, extra, needle):
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- proof:begin -->\n<!-- proof:end -->\n")
+    rc = main(["bench", "learn", "--out", str(tmp_path / "out"), "--quiet", "--readme", str(readme), *extra])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and needle in err, err
+    assert not (tmp_path / "out").exists()

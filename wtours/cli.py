@@ -324,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap each seed's training time; a seed stopped by it is exported and evaluated as it stands")
     q.add_argument("--init-from", metavar="DIR", default=None,
                    help="fine-tune: seed s starts from DIR/seed<s>/stage1/backbone.pt (an earlier bench learn --out)")
+    q.add_argument("--neco", metavar="CONFIG", default=None,
+                   help="with --init-from: seed s is NeCo (stage 2, this config) started from DIR/seed<s>/stage1/"
+                        "backbone.pt on the synthetic tour's frames, instead of stage 1")
+    q.add_argument("--neco-set", dest="neco_overrides", metavar="KEY=VALUE", action="append", default=[],
+                   help="override one --neco config key; repeatable")
+    q.add_argument("--readme-block", metavar="NAME", default=None,
+                   help="--readme: the block between <!-- NAME:begin --> and <!-- NAME:end --> (default: proof)")
     q.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                    help="override one stage-1 config key (dotted, value parsed as YAML); repeatable")
     q.add_argument("--eval-set", dest="eval_overrides", metavar="KEY=VALUE", action="append", default=[],

@@ -145,10 +145,10 @@ def _ms_txt(d: dict) -> str:
 
 
 def table_markdown(agg: dict, seeds: Sequence[int], metric_names: Sequence[str] | dict[str, Sequence[str]],
-                   caption: str, primary: str | None = None) -> str:
+                   caption: str, primary: str | None = None, trained: str = "stage 1") -> str:
     """The proof table (markdown) with its caption; the ``primary`` instrument's row is marked."""
     lines = [caption, "",
-             "| dataset | metric | random init | trained (stage 1) | trained − random | separation (std) |",
+             f"| dataset | metric | random init | trained ({trained}) | trained − random | separation (std) |",
              "|---|---|---:|---:|---:|---:|"]
     mark = INSTRUMENT_ROWS.get(primary) if primary else None
     for ds, names in _groups(metric_names).items():
@@ -261,6 +261,15 @@ def replace_block(text: str, body: str, begin: str = BEGIN, end: str = END) -> s
     return text[:i] + "\n" + body.strip("\n") + "\n" + text[j:]
 
 
+def _markers(args: Any) -> tuple[str, str]:
+    """The README block ``--readme`` rewrites: ``<!-- NAME:begin -->`` ... ``<!-- NAME:end -->`` of
+    ``--readme-block NAME`` (default: the proof block)."""
+    name = getattr(args, "readme_block", None) or "proof"
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise UserError(f"--readme-block: letters, digits, '-' and '_' only, got {name!r}")
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
 def write_readme(path: str | Path, body: str, begin: str = BEGIN, end: str = END) -> Path:
     text = check_readme(path, begin, end)
     return write_text(path, replace_block(text, body, begin, end))
@@ -357,6 +366,38 @@ def _train_seed(cfg: Any, run_dir: Path, times: _Times, phase: str, quiet: bool,
             "collapse_warnings": len(summary.get("collapse_warnings") or [])}
 
 
+def _train_neco_seed(cfg: Any, run_dir: Path, times: _Times, phase: str, quiet: bool) -> dict[str, Any]:
+    """Stage 2 (NeCo) of one seed into ``run_dir/stage2`` (reused when its backbone.pt was written by this NeCo
+    config, continued from its ``last.ckpt`` when killed) -> the same dict as :func:`_train_seed`."""
+    from wtours.integrity import load_verified
+    from wtours.train.neco import run_neco
+    from wtours.train.neco_config import neco_training_hash
+
+    bb = run_dir / "stage2" / "backbone.pt"
+    if bb.is_file():
+        try:
+            meta = load_verified(bb)[0].get("meta", {})
+        except Exception:  # noqa: BLE001 - an unreadable or damaged export is recomputed
+            meta = {}
+        if meta.get("config_hash") == neco_training_hash(cfg):
+            times.reused(phase)
+            _say(quiet, f"{phase}: {bb} exists (same NeCo config): reused")
+            return {"steps": meta.get("steps"), "backbone": bb, "reused": True, "collapse_warnings": None,
+                    "planned_steps": meta.get("steps"), "stopped_by_time": False}
+    resume = "last" if (run_dir / "stage2" / "last.ckpt").is_file() else None
+    _say(quiet, f"{phase}: NeCo, seed {cfg.seed}, from {cfg.init}, into {run_dir}" + (" (continuing)" if resume else ""))
+    t0 = time.perf_counter()
+    try:
+        summary = run_neco(cfg, run_dir, resume=resume, progress=False if quiet else None)
+    except KeyboardInterrupt:
+        print(f"wtours bench learn: stopped during {phase}; run the same command again to continue "
+              f"(finished seeds are kept)", file=sys.stderr)
+        raise
+    times.done(phase, time.perf_counter() - t0)
+    return {"steps": summary.get("steps"), "backbone": bb, "reused": False, "planned_steps": summary.get("steps"),
+            "stopped_by_time": False, "collapse_warnings": None}
+
+
 def _evaluate(dataset: str, root: Path, spec: str, out_dir: Path, ecfg: Any, times: _Times, phase: str,
               quiet: bool, sha256: str | None = None) -> dict:
     """One clustering evaluation (reused when its metrics.json matches spec, data, config and checksum)."""
@@ -420,6 +461,10 @@ def _command(args: Any) -> str:
              "--seeds", *map(str, args.seeds), "--out", str(args.out)]
     if getattr(args, "init_from", None):
         parts += ["--init-from", str(args.init_from)]
+    if getattr(args, "neco", None):
+        parts += ["--neco", str(args.neco)]
+        for o in args.neco_overrides:
+            parts += ["--neco-set", o]
     if args.max_steps is not None:
         parts += ["--max-steps", str(args.max_steps)]
     if getattr(args, "time_limit", None) is not None:
@@ -459,8 +504,18 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
         raise UserError(f"--max-steps: must be >= 1, got {args.max_steps}")
     if getattr(args, "time_limit", None) is not None and not args.time_limit > 0:
         raise UserError(f"--time-limit: must be a positive number of seconds, got {args.time_limit}")
+    init_from = getattr(args, "init_from", None)
+    neco = getattr(args, "neco", None)
+    if neco and not init_from:
+        raise UserError("--neco: give --init-from DIR (the stage-1 proof whose backbones NeCo post-pretrains)")
+    if getattr(args, "neco_overrides", None) and not neco:
+        raise UserError("--neco-set: only with --neco CONFIG")
+    if neco:  # the NeCo config and its overrides are checked before any work
+        from wtours.train.neco import load_neco_config
+
+        load_neco_config(neco, args.neco_overrides, args.max_steps)
     if args.readme:
-        check_readme(args.readme)  # refuse before hours of work, not after
+        check_readme(args.readme, *_markers(args))  # refuse before hours of work, not after
     if args.json:
         from wtours.fsutil import check_output_file
 
@@ -504,7 +559,6 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
     raw: dict[str, dict[str, dict]] = {"trained": {}, "random": {}}
     runs: dict[str, dict[str, Any]] = {}
     resolved = None
-    init_from = getattr(args, "init_from", None)
     for s in seeds:
         init = None
         if init_from:  # a chain: this seed fine-tunes the same seed's backbone of an earlier proof
@@ -512,11 +566,18 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
             if not init.is_file():
                 raise UserError(f"--init-from: no backbone of seed {s} (run that proof first, with the same seeds)",
                                 path=init)
-        cfg_s = load_pretrain_config(args.config, [*args.overrides, f"seed={s}"], args.max_steps, videos,
-                                     init=None if init is None else str(init))
-        resolved = resolved or to_dict(cfg_s)
         run_dir = out / f"seed{s}"
-        tr = _train_seed(cfg_s, run_dir, times, f"seed{s}/train", quiet, getattr(args, "time_limit", None))
+        if neco:  # stage 2 on the seed's stage-1 backbone, on the frames of the same synthetic tour
+            cfg_s = load_pretrain_config(args.config, [*args.overrides, f"seed={s}"], None, videos)
+            ncfg = load_neco_config(neco, [*args.neco_overrides, f"seed={s}"], args.max_steps, init=str(init),
+                                    frames_from=videos)
+            resolved = resolved or {**to_dict(cfg_s), "neco_config": to_dict(ncfg)}
+            tr = _train_neco_seed(ncfg, run_dir, times, f"seed{s}/neco", quiet)
+        else:
+            cfg_s = load_pretrain_config(args.config, [*args.overrides, f"seed={s}"], args.max_steps, videos,
+                                         init=None if init is None else str(init))
+            resolved = resolved or to_dict(cfg_s)
+            tr = _train_seed(cfg_s, run_dir, times, f"seed{s}/train", quiet, getattr(args, "time_limit", None))
         sha = _sha256(tr["backbone"])
         runs[str(s)] = {"run_dir": str(run_dir), "steps": tr["steps"], "planned_steps": tr["planned_steps"],
                         "stopped_by_time": tr["stopped_by_time"], "backbone": str(tr["backbone"]),
@@ -557,7 +618,8 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
     eval_sets = {ds: {"root": str(roots[ds]), "sequences": raw["trained"][str(seeds[0])][ds]["n_sequences"],
                       "frames": raw["trained"][str(seeds[0])][ds]["n_frames"]} for ds in DATASETS}
     chain = f" from the backbones of `{init_from}`" if init_from else ""
-    caption = (f"Stage 1 (`{args.config}`{chain}, {', '.join(map(str, steps))} steps, {resolved['model']['arch']}) vs "
+    stage_name = (f"NeCo (`{neco}`" if neco else f"Stage 1 (`{args.config}`")
+    caption = (f"{stage_name}{chain}, {', '.join(map(str, steps))} steps, {resolved['model']['arch']}) vs "
                f"random initialisation (same arch, init seed = seed) on the synthetic tour's DAVIS- and "
                f"YTVOS-layout sets ({eval_sets['davis']['sequences']} unseen scenes each, eval `{args.eval_config}`); "
                f"mIoU %" + (f"; dense instruments: propagation J&F on the DAVIS layout (`{args.propagation_config}`), "
@@ -571,7 +633,8 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "settings": {
             "config": str(args.config), "overrides": list(args.overrides), "max_steps": args.max_steps,
-            "init_from": getattr(args, "init_from", None),
+            "init_from": getattr(args, "init_from", None), "neco": getattr(args, "neco", None),
+            "neco_overrides": list(getattr(args, "neco_overrides", None) or []),
             "pretrain_config": resolved, "seeds": seeds, "steps": steps[0] if len(steps) == 1 else steps,
             "eval_config": str(args.eval_config), "eval_overrides": list(args.eval_overrides),
             "eval_config_resolved": to_dict(ecfg), "eval_sets": eval_sets, "video": videos[0],
@@ -595,7 +658,8 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
         "caption": caption,
     }
 
-    table = table_markdown(agg, seeds, metric_names, caption, primary if dense else None)
+    table = table_markdown(agg, seeds, metric_names, caption, primary if dense else None,
+                           trained="NeCo" if neco else ("chained" if init_from else "stage 1"))
     gl = goal_lines(verdicts) + ([f"- {pverdict['text']}"] if dense else [])
     wall = (f"{_fmt_s(compute)} of compute" + ("" if complete else " (some reused phases' times unknown)")
             + f"; this invocation {_fmt_s(invocation)}")
@@ -632,7 +696,7 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
             f"per-seed scores and the bar chart: `{_rel(out, Path(args.readme).parent)}/` "
             "(`proof.md`, `proof.json`, `proof.png`).",
         ])
-        write_readme(args.readme, body)
+        write_readme(args.readme, body, *_markers(args))
     return result, "\n".join([table, "", *gl, "", f"wall time: {wall}"])
 
 
