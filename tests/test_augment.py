@@ -1,4 +1,4 @@
-"""wtours.augment: batched multi-crop of uint8 clips (shared clip geometry, per-frame local crops)."""
+"""wtours.stages.video.augment: batched multi-crop of uint8 clips (shared clip geometry, per-frame local crops)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from wtours.augment import (
+from wtours.stages.video.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ClipAugment,
@@ -17,7 +17,7 @@ from wtours.augment import (
     gaussian_blur,
     sample_resized_crop_boxes,
 )
-from wtours.train.video_config import CropsConfig
+from wtours.stages.video.config import CropsConfig
 
 SMALL = dict(precrop_size=60, global_size=32, local_size=16, local_number=3)
 NO_PHOTO = dict(jitter_p=0.0, grayscale_p=0.0, blur_global_p=0.0, blur_local_p=0.0)

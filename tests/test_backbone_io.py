@@ -116,8 +116,8 @@ def _training_checkpoint(tmp_path, rename=None):
     from wtours.config import load_config
     from wtours.fsutil import torch_save
     from wtours.integrity import seal
-    from wtours.train.video_config import VideoPretrainConfig
-    from wtours.train.video_module import DoRAModule
+    from wtours.stages.video.config import VideoPretrainConfig
+    from wtours.stages.video.module import DoRAModule
 
     m = DoRAModule(load_config(VideoPretrainConfig, "video/tiny"))
     with torch.no_grad():

@@ -95,7 +95,7 @@ def test_proof_json_holds_per_seed_metrics_for_both_datasets_and_encoders(proof)
     assert {"synth", "seed0/train", "seed1/eval_ytvos", "random1/eval_davis"} <= set(p["wall_s"]["phases"])
     assert json.loads((proof["tmp"] / "copy.json").read_text())["aggregates"] == p["aggregates"]
     # the baseline is the random init of the same arch, seeded by the training seed
-    from wtours.train.pretrain import load_pretrain_config
+    from wtours.stages.video.run import load_pretrain_config
 
     arch = load_pretrain_config("video/proof", []).model.arch
     specs = {_metrics(proof["out"], "random", s, "davis")["encoder"]["spec"] for s in SEEDS}

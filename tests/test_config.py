@@ -116,7 +116,7 @@ def test_float_fields_reject_non_finite_numbers(value):
     ],
 )
 def test_pretrain_config_values_checked_at_load(override, fragment):
-    from wtours.train.video_config import VideoPretrainConfig
+    from wtours.stages.video.config import VideoPretrainConfig
 
     with pytest.raises(ConfigError) as e:
         load_config(VideoPretrainConfig, "video/tiny", [override])
@@ -144,7 +144,7 @@ def test_pretrain_config_values_checked_at_load(override, fragment):
 )
 def test_pretrain_cross_section_checks_happen_at_load(overrides, message):
     """Every stage-1 check runs in the config's validate(), i.e. in load_config / from_dict: one line naming the key."""
-    from wtours.train.video_config import VideoPretrainConfig
+    from wtours.stages.video.config import VideoPretrainConfig
 
     with pytest.raises(ConfigError) as e:
         load_config(VideoPretrainConfig, "video/tiny", overrides)
@@ -156,7 +156,7 @@ def test_pretrain_cross_section_checks_happen_at_load(overrides, message):
 
 def test_patch_size_comes_from_the_model_not_its_name():
     from wtours.models.backbone_io import vit_geometry
-    from wtours.train.video_config import VideoPretrainConfig
+    from wtours.stages.video.config import VideoPretrainConfig
 
     assert vit_geometry("vit_nano_patch8_64") == (8, 4, 128, 6)
     assert vit_geometry("vit_tiny_patch16_224") == (16, 3, 192, 12)
@@ -169,8 +169,8 @@ def test_patch_size_comes_from_the_model_not_its_name():
 def test_a_written_config_reloads_with_the_same_training_hash(tmp_path):
     # float fields with integer defaults (trainer.epochs = 100) must not hash as 100 here and 100.0 after YAML
     from wtours.config import to_yaml
-    from wtours.train.pretrain import load_pretrain_config
-    from wtours.train.video_config import training_hash
+    from wtours.stages.video.run import load_pretrain_config
+    from wtours.stages.video.config import training_hash
 
     for name in ("video/tiny", "video/dora_vits16", "video/timet_tiny"):
         cfg = load_pretrain_config(name, [])

@@ -286,8 +286,8 @@ def test_a_training_checkpoint_is_evaluated_teacher_first(synth_dir, tmp_path, c
     from wtours.config import load_config
     from wtours.fsutil import torch_save
     from wtours.integrity import seal
-    from wtours.train.video_config import VideoPretrainConfig
-    from wtours.train.video_module import DoRAModule
+    from wtours.stages.video.config import VideoPretrainConfig
+    from wtours.stages.video.module import DoRAModule
 
     m = DoRAModule(load_config(VideoPretrainConfig, "video/tiny"))
     with torch.no_grad():

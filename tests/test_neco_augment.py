@@ -7,8 +7,8 @@ import torch
 
 from wtours.config import load_config
 from wtours.errors import ConfigError
-from wtours.neco_augment import NeCoAugment, box_area, box_intersection, overlap_feasibility, sample_neco_boxes
-from wtours.train.neco_config import NeCoConfig, NeCoCropsConfig
+from wtours.stages.neco.crops import NeCoAugment, box_area, box_intersection, overlap_feasibility, sample_neco_boxes
+from wtours.stages.neco.config import NeCoConfig, NeCoCropsConfig
 
 
 def test_boxes_respect_bounds_scales_and_the_overlap_constraint():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from wtours.errors import UserError
-from wtours.train.neco_data import FrameCache, ImageFolder, ResumableSampler, build_frame_cache, list_images, plan_frames
+from wtours.stages.neco.data import FrameCache, ImageFolder, ResumableSampler, build_frame_cache, list_images, plan_frames
 
 
 def _png(path, h=40, w=60, value=100):

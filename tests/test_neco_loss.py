@@ -50,9 +50,9 @@ def test_a_shifted_pattern_aligns_patch_for_patch():
 
 def test_augmented_crops_of_a_coordinate_image_align():
     """Any crops from NeCoAugment: ROI-aligned teacher and student cells cover the same image positions."""
-    from wtours.augment import denormalize
-    from wtours.neco_augment import NeCoAugment
-    from wtours.train.neco_config import NeCoCropsConfig
+    from wtours.stages.video.augment import denormalize
+    from wtours.stages.neco.crops import NeCoAugment
+    from wtours.stages.neco.config import NeCoCropsConfig
 
     h, w = 96, 128
     ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")

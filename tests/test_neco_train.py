@@ -11,7 +11,7 @@ import torch
 
 from test_train_pretrain import _killer, _Kill
 from wtours.cli import main
-from wtours.train.neco import load_neco_config, run_neco
+from wtours.stages.neco.run import load_neco_config, run_neco
 
 MICRO = [
     "data.frames=24", "data.frame_short_side=36", "data.image_size=48", "data.batch_size=4", "data.num_workers=0",
@@ -30,7 +30,7 @@ def _sets(items):
 
 def test_module_teacher_is_a_frozen_copy_with_its_head_and_two_learning_rates():
     from wtours.models.init_weights import load_init
-    from wtours.train.neco_module import NeCoModule
+    from wtours.stages.neco.module import NeCoModule
 
     cfg = load_neco_config("neco/tiny", [])
     w = load_init("random:vit_nano_patch8_64")
@@ -57,7 +57,7 @@ def test_module_teacher_is_a_frozen_copy_with_its_head_and_two_learning_rates():
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
     """A real stage-1 run (a few DoRA steps of vit_nano_patch8_64 on a synthetic tour) -> (backbone, video, davis)."""
-    from wtours.train.pretrain import load_pretrain_config, run_pretrain
+    from wtours.stages.video.run import load_pretrain_config, run_pretrain
     from wtours.video.synth import synthesize
 
     root = tmp_path_factory.mktemp("stage1")

@@ -12,9 +12,9 @@ import yaml
 
 from wtours.config import load_config
 from wtours.errors import ConfigError
-from wtours.train.pretrain import crop_detail_warning, load_pretrain_config
+from wtours.stages.video.run import crop_detail_warning, load_pretrain_config
 from wtours.train.schedules import build_schedules, clip_starts, resolve_clips_per_epoch, steps_per_epoch
-from wtours.train.video_config import (
+from wtours.stages.video.config import (
     CropsConfig,
     VideoPretrainConfig,
     detail_problem,

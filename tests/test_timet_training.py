@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from wtours.cli import main
-from wtours.train.pretrain import load_pretrain_config
+from wtours.stages.video.run import load_pretrain_config
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +117,7 @@ def test_init_of_another_patch_size_is_one_line(dora_timet_run, tmp_path, capsys
 
 
 def test_backbone_lr_scale_and_frozen_blocks_in_the_optimizer():
-    from wtours.train.video_module import DoRAModule, apply_schedules_
+    from wtours.stages.video.module import DoRAModule, apply_schedules_
 
     cfg = load_pretrain_config("video/timet_tiny", [])
     m = DoRAModule(cfg)
@@ -133,7 +133,7 @@ def test_backbone_lr_scale_and_frozen_blocks_in_the_optimizer():
 
 
 def test_timet_alone_in_compat_mode_swaps_the_backbone_ema():
-    from wtours.train.video_module import DoRAModule
+    from wtours.stages.video.module import DoRAModule
 
     for compat in (False, True):
         cfg = load_pretrain_config("video/timet_tiny", [f"timet.compat_reference={str(compat).lower()}"])

@@ -28,7 +28,7 @@ def test_bench_weights_equal_training_weights_after_the_same_steps():
     and optimizer state of N training steps on that batch: schedules (lr warm-up), the frozen last layer
     (step 0), per-parameter clipping, gradient accumulation, EMA and centre all included."""
     from wtours.train.trainer_setup import step_options
-    from wtours.train.video_module import DoRAModule
+    from wtours.stages.video.module import DoRAModule
 
     # 8 clips / (2 x 2 accumulated) = 2 steps per epoch: lr warms up over 2 steps, last layer frozen for 1
     cfg = make_cfg("trainer.accumulate_grad_batches=2", "optim.warmup_epochs=1", "optim.freeze_last_layer_epochs=0.5",
@@ -77,7 +77,7 @@ SETS = ["data.frames_per_clip=2", "data.stride=3", "data.short_side=64", "data.c
 def test_bench_and_pretrain_set_up_the_same_step(tmp_path, video, monkeypatch):
     """``wtours pretrain`` and ``wtours bench train`` give the Trainer the same step-defining options."""
     import wtours.train.trainer_setup as setup
-    from wtours.train.pretrain import load_pretrain_config, run_pretrain
+    from wtours.stages.video.run import load_pretrain_config, run_pretrain
 
     seen = {}
     real = setup.make_trainer

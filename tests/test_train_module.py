@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from wtours.config import load_config
 from wtours.objectives.interface import StepInputs
-from wtours.train.video_config import VideoPretrainConfig
-from wtours.train.video_module import DoRAModule, clip_per_parameter_
+from wtours.stages.video.config import VideoPretrainConfig
+from wtours.stages.video.module import DoRAModule, clip_per_parameter_
 
 TINY = [
     "data.frames_per_clip=2", "data.batch_size=2", "data.clips_per_epoch=8",
@@ -73,7 +73,7 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch():
 
 
 def test_ema_and_centre_once_per_optimizer_step_with_accumulation(monkeypatch):
-    import wtours.train.video_module as vm
+    import wtours.stages.video.module as vm
 
     calls = {"ema": 0, "center": 0}
     real_ema = vm.ema_update_

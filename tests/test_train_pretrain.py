@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from wtours.cli import main
-from wtours.train.pretrain import load_pretrain_config, run_pretrain
+from wtours.stages.video.run import load_pretrain_config, run_pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -181,7 +181,7 @@ def test_resume_with_another_config_is_refused(tmp_path, video, capsys):
 
 
 def test_cuda_out_of_memory_names_the_settings_to_lower(tmp_path, video, monkeypatch, capsys):
-    import wtours.train.pretrain as pretrain
+    import wtours.stages.video.run as pretrain
 
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -107,7 +107,7 @@ def test_stale_temp_files_of_killed_writes_are_removed_at_start(finished, synth,
 def test_a_killed_fresh_start_never_lets_a_rerun_continue_the_old_run(finished, synth, tmp_path, monkeypatch, capsys):
     import functools
 
-    import wtours.train.pretrain as pretrain
+    import wtours.stages.video.run as pretrain
 
     run = _copy(finished, tmp_path)
     old_bb = (run / "stage1" / "backbone.pt").read_bytes()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import read_barcode
-from wtours.augment import adjust_hue, apply_photometric, sample_photometric
+from wtours.stages.video.augment import adjust_hue, apply_photometric, sample_photometric
 from wtours.video.clips import ClipDataset, worker_context
 from wtours.video.loader import ClipLoader, distinct_windows, held_clips, lane_order, to_clip_chw
 
@@ -96,7 +96,7 @@ def test_hue_is_computed_once_and_matches_the_all_slots_formula():
     x = torch.rand(n, 3, 12, 12, generator=gen)
 
     def all_slots(x):
-        from wtours.augment import _blend, gaussian_blur, rgb_to_gray
+        from wtours.stages.video.augment import _blend, gaussian_blur, rgb_to_gray
 
         ident = torch.ones_like(p.brightness)
         for slot in range(4):

@@ -156,8 +156,8 @@ def test_local_crops_interpolate_the_position_embedding_as_dino(hw):
 
 def test_pos_interp_comes_from_the_config():
     from wtours.config import load_config
-    from wtours.train.video_config import VideoPretrainConfig
-    from wtours.train.video_module import DoRAModule
+    from wtours.stages.video.config import VideoPretrainConfig
+    from wtours.stages.video.module import DoRAModule
 
     for choice in ("dino", "timm"):
         cfg = load_config(VideoPretrainConfig, "video/tiny", [f"model.pos_interp={choice}"])

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objects", type=int, default=4, help="moving objects in the scene (default: 4)")
     p.add_argument("--seed", type=int, default=0)
 
-    p = _sub(subs, "pretrain", "wtours.train.pretrain",
+    p = _sub(subs, "pretrain", "wtours.stages.video.run",
              "the whole chain (a pipeline: video stage -> NeCo -> evaluation -> report, resumable stage by "
              "stage), or with --config / --init / --frames / --resume stage 1 alone (DoRA and/or TimeT)",
              "wtours pretrain --video venice.mp4 --out runs/venice                  # pipelines/walking-tours.yaml\n"
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="shortcut for --set trainer.max_steps=N")
     _add_trust_arg(p)
 
-    p = _sub(subs, "neco", "wtours.train.neco", "stage 2: NeCo post-pretraining of an encoder on image crops",
+    p = _sub(subs, "neco", "wtours.stages.neco.run", "stage 2: NeCo post-pretraining of an encoder on image crops",
              "wtours neco --init runs/venice/stage1/backbone.pt --frames-from venice.mp4 --out runs/venice")
     p.add_argument("--init", metavar="BACKBONE",
                    help="encoder to start from: a stage-1 backbone.pt, a timm ViT state dict, DINOv2 weights, or "

@@ -1,7 +1,7 @@
 """Typed configs: nested dataclasses, YAML files, dotted ``--set key=value`` overrides.
 
 Each stage declares its config as a tree of dataclasses (for example
-``wtours.train.video_config.VideoPretrainConfig``). :func:`load_config` builds one from the
+``wtours.stages.video.config.VideoPretrainConfig``). :func:`load_config` builds one from the
 defaults, then a YAML file, then overrides, and validates every key and type on the way, so a
 typo fails at once with a one-line :class:`~wtours.errors.ConfigError` that names the key and
 lists the valid ones::

@@ -2,13 +2,13 @@
 # masked views and local crops of 64 rows of a synthetic tour.  usage (repo root, PYTHONPATH=.):
 #   python scripts/issue16/analyse.py RUN/stage1/last.ckpt [RUN/data/synth/tour.mp4]
 import sys, torch, av, numpy as np, torch.nn.functional as F
-from wtours.train.video_module import DoRAModule
+from wtours.stages.video.module import DoRAModule
 from wtours.objectives.collapse import effective_rank
 from wtours.objectives.dora import *
 torch.set_num_threads(1)
 ck = torch.load(sys.argv[1], map_location="cpu", weights_only=False)
 from wtours.config import from_dict
-from wtours.train.video_config import VideoPretrainConfig
+from wtours.stages.video.config import VideoPretrainConfig
 from wtours.config import load_config
 cfg = load_config(VideoPretrainConfig, "configs/video/proof.yaml", [])
 m = DoRAModule(cfg)

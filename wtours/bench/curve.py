@@ -233,7 +233,7 @@ def run_curve(args: Any) -> tuple[dict[str, Any], str]:
     """The curve (see the module docstring) -> (curve.json dict, the table as printed)."""
     from wtours.bench.learn import _say, _train_seed, _Times
     from wtours.bench.supervised import supervised_set, train_supervised
-    from wtours.train.pretrain import load_pretrain_config, synth_videos
+    from wtours.stages.video.run import load_pretrain_config, synth_videos
     from wtours.train.schedules import clips_per_step
 
     from wtours.bench.learn import CURVE_BEGIN, CURVE_END, check_readme, write_readme

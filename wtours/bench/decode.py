@@ -387,7 +387,7 @@ def gflop_per_frame(config: str | None = CONFIG_DEFAULT) -> tuple[float, str]:
     import wtours.models  # noqa: F401 - registers the small ViTs
     from wtours.models.backbone_io import create_vit
     from wtours.models.heads import DINOHead
-    from wtours.train.pretrain import load_pretrain_config
+    from wtours.stages.video.run import load_pretrain_config
 
     cfg = load_pretrain_config(config, [])
     m, c = cfg.model, cfg.crops
@@ -432,7 +432,7 @@ def run_bench(video: str | None, short_side: int | None = None, backends=("pyav"
         source = str(video)
     idx = index_video(video)
     if short_side is None:  # the configured recipe's training size (540 for the paper recipe)
-        from wtours.train.pretrain import load_pretrain_config
+        from wtours.stages.video.run import load_pretrain_config
 
         short_side = load_pretrain_config(config, []).data.short_side if config else SHORT_SIDE_DEFAULT
     if workers is None:

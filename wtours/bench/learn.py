@@ -6,7 +6,7 @@
 1. Synthesizes the walking tour once, in ``<out>/data/synth`` (``data.synth``: the video plus the
    DAVIS- and YTVOS-layout evaluation sets, ``data.synth.sequences`` x ``seq_frames`` frames of
    *other* random scenes than the tour: never seen in training).
-2. For each seed ``s``: stage 1 (:func:`wtours.train.pretrain.run_pretrain`, ``seed=s``) into
+2. For each seed ``s``: stage 1 (:func:`wtours.stages.video.run.run_pretrain`, ``seed=s``) into
    ``<out>/seed<s>/``, then :func:`wtours.eval.cli.evaluate_clustering` of its
    ``stage1/backbone.pt`` on both sets into ``<out>/seed<s>/eval/{davis,ytvos}/``.
 3. The baseline: ``random:<same arch>@<s>`` (init seed ``s``) on the same sets, into
@@ -325,8 +325,8 @@ def _train_seed(cfg: Any, run_dir: Path, times: _Times, phase: str, quiet: bool,
     from wtours.config import to_dict
     from wtours.integrity import load_verified
     from wtours.train.checkpointing import check_resume
-    from wtours.train.pretrain import run_pretrain
-    from wtours.train.video_config import training_hash
+    from wtours.stages.video.run import run_pretrain
+    from wtours.stages.video.config import training_hash
 
     bb = run_dir / "stage1" / "backbone.pt"
     want = training_hash(cfg)
@@ -370,8 +370,8 @@ def _train_neco_seed(cfg: Any, run_dir: Path, times: _Times, phase: str, quiet: 
     """Stage 2 (NeCo) of one seed into ``run_dir/stage2`` (reused when its backbone.pt was written by this NeCo
     config, continued from its ``last.ckpt`` when killed) -> the same dict as :func:`_train_seed`."""
     from wtours.integrity import load_verified
-    from wtours.train.neco import run_neco
-    from wtours.train.neco_config import neco_training_hash
+    from wtours.stages.neco.run import run_neco
+    from wtours.stages.neco.config import neco_training_hash
 
     bb = run_dir / "stage2" / "backbone.pt"
     if bb.is_file():
@@ -489,7 +489,7 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
     """The whole proof (see the module docstring) -> (the proof.json dict, the table as printed)."""
     from wtours.config import load_config, to_dict
     from wtours.eval.config import EvalConfig
-    from wtours.train.pretrain import load_pretrain_config, synth_videos
+    from wtours.stages.video.run import load_pretrain_config, synth_videos
 
     t_start = time.perf_counter()
     quiet = bool(args.quiet)
@@ -511,7 +511,7 @@ def run_learn(args: Any) -> tuple[dict[str, Any], str]:
     if getattr(args, "neco_overrides", None) and not neco:
         raise UserError("--neco-set: only with --neco CONFIG")
     if neco:  # the NeCo config and its overrides are checked before any work
-        from wtours.train.neco import load_neco_config
+        from wtours.stages.neco.run import load_neco_config
 
         load_neco_config(neco, args.neco_overrides, args.max_steps)
     if args.readme:

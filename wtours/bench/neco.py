@@ -125,7 +125,7 @@ def bench_step(cfg: Any, arch: str, sorter: str, impl: str, batch: int, steps: i
     import torch
 
     from wtours.models.init_weights import load_init
-    from wtours.train.neco_module import NeCoModule
+    from wtours.stages.neco.module import NeCoModule
 
     cfg.loss.sorter = sorter
     if impl in ("naive", "autograd", "lean"):
@@ -187,7 +187,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one variant in this process (``spec``: sorter, impl, config, overrides, arch, batch, steps, step)."""
     import torch
 
-    from wtours.train.neco import load_neco_config
+    from wtours.stages.neco.run import load_neco_config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and spec.get("threads"):
@@ -261,7 +261,7 @@ def cli_main(args: Any) -> int:
 
     from wtours.errors import UserError
     from wtours.fsutil import write_json
-    from wtours.train.neco import load_neco_config
+    from wtours.stages.neco.run import load_neco_config
 
     on_gpu = torch.cuda.is_available()
     config = args.config or ("neco/neco_vits16" if on_gpu else "neco/tiny")

@@ -121,7 +121,7 @@ def run_soak(video: str | None, minutes: float, every: float = 60.0, backend: st
         source = f"{video}, looped epoch after epoch"
     idx = index_video(video)
     if short_side is None:
-        from wtours.train.pretrain import load_pretrain_config
+        from wtours.stages.video.run import load_pretrain_config
 
         short_side = load_pretrain_config(config, []).data.short_side if config else SHORT_SIDE_DEFAULT
     workers = default_workers() if workers is None else workers

@@ -8,7 +8,7 @@ Measures, on the default device (CUDA when available, else CPU):
 * train step (one fixed batch already on the device, so the loader is out of the picture):
   optimizer steps/s and clips/s of training itself: a ``pl.Trainer`` set up as ``wtours pretrain``
   sets it up (:func:`wtours.train.trainer_setup.step_options`: precision, i.e. bf16-mixed on CUDA and
-  fp32 on CPU, gradient accumulation, determinism) runs :class:`~wtours.train.video_module.DoRAModule`
+  fp32 on CPU, gradient accumulation, determinism) runs :class:`~wtours.stages.video.module.DoRAModule`
   on a loader that yields that batch forever. Each optimizer step is therefore exactly the training
   step: schedules at the step, GPU augmentation, the objective (teacher, tracking, student forward),
   backward, the objective's frozen parameters, per-parameter clipping, AdamW, backbone EMA and the
@@ -70,7 +70,7 @@ def bench_loader(cfg: Any, videos: list[str], batches: int) -> dict[str, float]:
     """Clips/s of the CPU loader alone (first batch excluded: worker start-up)."""
     from torch.utils.data import DataLoader
 
-    from wtours.train.video_data import make_clip_dataset
+    from wtours.stages.video.data import make_clip_dataset
     from wtours.video.clips import worker_context
 
     ds = make_clip_dataset(cfg, videos)
@@ -154,7 +154,7 @@ def bench_step(cfg: Any, clips: Any, steps: int, warmup: int = 2) -> tuple[dict[
     from torch.utils.data import DataLoader
 
     from wtours.train.trainer_setup import make_trainer, quiet_lightning, step_options
-    from wtours.train.video_module import DoRAModule
+    from wtours.stages.video.module import DoRAModule
 
     device = clips.device
     on_gpu = device.type == "cuda"
@@ -189,7 +189,7 @@ def cli_main(args: Any) -> int:
     import torch
 
     from wtours.fsutil import write_json
-    from wtours.train.pretrain import load_pretrain_config, synth_videos
+    from wtours.stages.video.run import load_pretrain_config, synth_videos
 
     on_gpu = torch.cuda.is_available()
     config = args.config or ("video/dora_vits16" if on_gpu else "video/tiny")
@@ -212,7 +212,7 @@ def cli_main(args: Any) -> int:
           f"{cfg.crops.local_number} local crops, {cfg.tracking.objects} objects on {dev_name}", file=sys.stderr)
 
     loader = bench_loader(cfg, videos, batches=max(2, min(args.steps, 10)))
-    from wtours.train.video_data import make_clip_dataset
+    from wtours.stages.video.data import make_clip_dataset
 
     ds = make_clip_dataset(cfg, videos)
     clips = torch.stack([item["clip"] for _, item in zip(range(cfg.data.batch_size), iter(ds))]).to(device)

@@ -300,7 +300,7 @@ class DoRAObjective(nn.Module):
     Args:
         embed_dim: the backbone's width ``D``.
         model, loss, tracking: the ``model`` / ``loss`` / ``tracking`` sections of
-            :class:`wtours.train.video_config.VideoPretrainConfig` (read, not imported).
+            :class:`wtours.stages.video.config.VideoPretrainConfig` (read, not imported).
     """
 
     def __init__(self, embed_dim: int, model: Any, loss: Any, tracking: Any) -> None:

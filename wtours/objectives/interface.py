@@ -1,6 +1,6 @@
 """The contract between the stage-1 LightningModule and a stage-1 objective (DoRA today, TimeT next).
 
-The module (:class:`wtours.train.video_module.DoRAModule`) owns what every objective shares: the
+The module (:class:`wtours.stages.video.module.DoRAModule`) owns what every objective shares: the
 student backbone, its EMA teacher backbone, the GPU augmentation, the per-step schedules, the
 optimizer, gradient clipping and the random streams. An objective owns everything of its own: its
 heads (student copy trained, teacher copy as an EMA), its state (DINO's centre, TimeT's prototypes,
@@ -52,7 +52,7 @@ class StepValues:
 class StepInputs(NamedTuple):
     """What an objective gets for one micro-batch."""
 
-    views: Any  # wtours.augment.AugmentedViews: global_views [B, T, 3, G, G], local_views [B, T, V, 3, L, L]
+    views: Any  # wtours.stages.video.augment.AugmentedViews: global_views [B, T, 3, G, G], local_views [B, T, V, 3, L, L]
     student: nn.Module  # wtours.models.vit.TrackingViT, trained (drop-path on)
     teacher: nn.Module  # TrackingViT, the student's EMA; call it under no_grad
     values: StepValues

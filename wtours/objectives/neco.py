@@ -41,7 +41,7 @@ Departures from the reference code (flags where behaviour must be reproducible):
   * the loss is fused with the sorter and recomputed in backward (``loss.impl = lean``), fp32 with
     autocast off and ``log(max(P, eps))`` (the reference takes ``log P`` unclamped).
   * the teacher is run under ``no_grad`` by the caller, and its head starts as a copy of the
-    student's (``wtours.train.neco_module``).
+    student's (``wtours.stages.neco.module``).
 
 Example::
 
@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from wtours.neco_augment import box_area, box_intersection
+from wtours.objectives.boxes import box_area, box_intersection
 from wtours.objectives.distributed import world_size
 from wtours.objectives.sorting import LOG_EPS, rank_matching_loss, soft_sort_cross_entropy
 

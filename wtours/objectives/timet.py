@@ -246,7 +246,7 @@ class TimeTObjective(nn.Module):
 
     Args:
         embed_dim: the backbone's width ``D``.
-        cfg: the ``timet`` section of :class:`wtours.train.video_config.VideoPretrainConfig`.
+        cfg: the ``timet`` section of :class:`wtours.stages.video.config.VideoPretrainConfig`.
     """
 
     def __init__(self, embed_dim: int, cfg) -> None:

@@ -111,7 +111,7 @@ class PipelineRun:
     def prepare_data(self) -> None:
         """The training videos (``--video`` or the synthetic tour) and the evaluation sets (``--davis`` /
         ``--ytvos``, else the synthetic tour's DAVIS-layout ground truth)."""
-        from wtours.train.pretrain import synth_videos
+        from wtours.stages.video.run import synth_videos
 
         self._check_inputs()
         root_cfg = load_stage_config(self.pipe.stages[0])  # the first stage is a video stage (spec)
@@ -139,7 +139,7 @@ class PipelineRun:
         """What later stages read, checked before the first trains: NeCo's ``--images`` and the evaluation sets
         (read as each selected eval stage's config reads them)."""
         if self.images and any(s.kind == "neco" for s in self.selected):
-            from wtours.train.neco_data import ImageFolder
+            from wtours.stages.neco.data import ImageFolder
 
             try:
                 ImageFolder(self.images, 64)
@@ -196,13 +196,13 @@ class PipelineRun:
         cfg = load_stage_config(stage, videos=self.videos, init=init, images=self.images,
                                 frames_from=() if self.images else self.videos)
         if stage.kind == "video":
-            from wtours.train.video_config import training_view
+            from wtours.stages.video.config import training_view
 
             view = training_view(to_dict(cfg))
             view["videos"] = [_rel(v, self.out) for v in cfg.videos]
             view["model"] = {k: v for k, v in view["model"].items() if k != "init"}  # the input checksum covers it
         elif stage.kind == "neco":
-            from wtours.train.neco_config import neco_training_view
+            from wtours.stages.neco.config import neco_training_view
 
             view = neco_training_view(to_dict(cfg))
             view.pop("init", None)
@@ -328,11 +328,11 @@ class PipelineRun:
         kwargs = dict(resume=resume, devices=self.devices, num_nodes=self.num_nodes, fresh=fresh, trust=self.trust,
                       extra_callbacks=self.callbacks.get(stage.name, ()), progress=self.progress)
         if stage.kind == "video":
-            from wtours.train.pretrain import run_pretrain
+            from wtours.stages.video.run import run_pretrain
 
             summary = run_pretrain(cfg, d, **kwargs)
         else:
-            from wtours.train.neco import run_neco
+            from wtours.stages.neco.run import run_neco
 
             summary = run_neco(cfg, d, **kwargs)
         bb = sub / "backbone.pt"

@@ -225,11 +225,11 @@ def load_stage_config(stage: Stage, videos: Sequence[str] = (), init: str | None
     from wtours.config import load_config
 
     if stage.kind == "video":
-        from wtours.train.pretrain import load_pretrain_config
+        from wtours.stages.video.run import load_pretrain_config
 
         return load_pretrain_config(stage.config, stage.overrides, videos=videos, init=init)
     if stage.kind == "neco":
-        from wtours.train.neco import load_neco_config
+        from wtours.stages.neco.run import load_neco_config
 
         return load_neco_config(stage.config, stage.overrides, init=init, images=images, frames_from=frames_from)
     from wtours.eval.config import EvalConfig

@@ -30,7 +30,7 @@ from wtours.config import changed_keys, flatten
 from wtours.errors import UserError
 from wtours.fsutil import torch_save
 from wtours.integrity import load_verified, seal
-from wtours.train.video_config import training_view
+from wtours.stages.video.config import training_view
 
 
 RESUME_HINT = "restore it from a copy, or start over with --fresh"

@@ -32,7 +32,7 @@ from typing import Sequence
 from wtours.errors import ConfigError
 from wtours.models.ema import cosine_schedule
 from wtours.objectives.interface import StepValues
-from wtours.train.video_config import CLIPS_PER_EPOCH_FRAMES, VideoPretrainConfig
+from wtours.stages.video.config import CLIPS_PER_EPOCH_FRAMES, VideoPretrainConfig
 
 
 @dataclass

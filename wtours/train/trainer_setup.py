@@ -22,7 +22,7 @@ import warnings
 from typing import Any
 
 from wtours.errors import UserError
-from wtours.train.video_config import VideoPretrainConfig
+from wtours.stages.video.config import VideoPretrainConfig
 
 SETUP_HINT = "see --devices, --num-nodes, trainer.accelerator"
 

@@ -42,7 +42,7 @@ class NeCoDataConfig:
 
 @dataclass
 class NeCoCropsConfig:
-    """GPU multi-crop with NeCo's overlap constraint (:mod:`wtours.neco_augment`); sizes in pixels,
+    """GPU multi-crop with NeCo's overlap constraint (:mod:`wtours.stages.neco.crops`); sizes in pixels,
     scales and overlaps as fractions of the image area."""
 
     global_number: int = 2

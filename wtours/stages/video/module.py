@@ -54,7 +54,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from wtours.augment import ClipAugment, crop_resize, normalize
+from wtours.stages.video.augment import ClipAugment, crop_resize, normalize
 from wtours.config import to_dict
 from wtours.models.ema import ema_update_
 from wtours.models.vit import TrackingViT
@@ -70,7 +70,7 @@ from wtours.objectives.interface import ObjectiveSet, StepInputs, StepValues
 from wtours.objectives.timet import TimeTObjective
 from wtours.train.checkpointing import CHECKPOINT_LAYOUT, rng_state, set_rng_state
 from wtours.train.schedules import Schedules, build_schedules, steps_per_epoch
-from wtours.train.video_config import VideoPretrainConfig, training_hash
+from wtours.stages.video.config import VideoPretrainConfig, training_hash
 
 
 def native_img_size(arch: str) -> int:

@@ -1,7 +1,7 @@
 """Stage-2 data: images from a folder, or frames sampled from the stage-1 videos, for NeCo.
 
 CPU workers only decode and resize; crops and photometric augmentation run batched on the device
-(:mod:`wtours.neco_augment`). Every item is a uint8 canvas ``image [3, H, W]`` (edge-padded), its
+(:mod:`wtours.stages.neco.crops`). Every item is a uint8 canvas ``image [3, H, W]`` (edge-padded), its
 valid size ``size [2]`` (``h, w``), and bookkeeping of unreadable files (``skipped``, ``bad``).
 
 * :class:`ImageFolder`: every ``.jpg/.jpeg/.png/.webp`` under a folder, at any depth (COCO's

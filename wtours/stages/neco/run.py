@@ -36,7 +36,7 @@ from wtours.config import load_config, to_dict, to_yaml
 from wtours.errors import ConfigError, UserError
 from wtours.fsutil import ensure_dir, remove_stale_temps, write_text
 from wtours.train.checkpointing import config_changed
-from wtours.train.neco_config import NeCoConfig, neco_training_hash, neco_training_view
+from wtours.stages.neco.config import NeCoConfig, neco_training_hash, neco_training_view
 from wtours.train.stage_run import (auto_resume, check_run_options, drop_set_aside, fresh_start, launch_rank_zero,
                                     loss_endpoints, print_loss_line)
 from wtours.train.trainer_setup import parse_devices, resolve_accelerator, step_options
@@ -98,7 +98,7 @@ def _patch_size(arch: str) -> int:
 def check_crops(cfg: NeCoConfig, arch: str, canvas: tuple[int, int]) -> None:
     """Crop sizes must be multiples of the patch size (boxes stay aligned to the token grid), and the
     overlap constraint must be satisfiable on this data's canvas (fallback rate <= 50 %)."""
-    from wtours.neco_augment import overlap_feasibility
+    from wtours.stages.neco.crops import overlap_feasibility
 
     c = cfg.crops
     patch = _patch_size(arch)
@@ -118,7 +118,7 @@ def check_crops(cfg: NeCoConfig, arch: str, canvas: tuple[int, int]) -> None:
 def check_data(cfg: NeCoConfig) -> None:
     """Check the training data (the image folder, or that every ``--frames-from`` video opens) without writing
     anything: run before ``--fresh`` sets an old run aside, and by a pipeline before its first stage."""
-    from wtours.train.neco_data import ImageFolder
+    from wtours.stages.neco.data import ImageFolder
 
     if cfg.images and cfg.frames_from:
         raise UserError("give either --images or --frames-from, not both")
@@ -137,7 +137,7 @@ def check_data(cfg: NeCoConfig) -> None:
 
 def make_dataset(cfg: NeCoConfig, stage: Path, show: bool) -> tuple[Any, tuple[int, int], str]:
     """The run's dataset -> (dataset, canvas (H, W), description)."""
-    from wtours.train.neco_data import FrameCache, ImageFolder, build_frame_cache
+    from wtours.stages.neco.data import FrameCache, ImageFolder, build_frame_cache
 
     if cfg.images and cfg.frames_from:
         raise UserError("give either --images or --frames-from, not both")
@@ -262,8 +262,8 @@ def run_neco(cfg: NeCoConfig, run_dir: str | Path, resume: str | None = None, de
     from wtours.train.csv_logger import ResumableCSVLogger
     from wtours.train.checkpointing import AtomicCheckpointIO
     from wtours.train.guard import FiniteGuard
-    from wtours.train.neco_data import NeCoDataModule
-    from wtours.train.neco_module import NeCoModule
+    from wtours.stages.neco.data import NeCoDataModule
+    from wtours.stages.neco.module import NeCoModule
 
     check_run_options(cfg, resume, fresh, num_nodes)
     accelerator, on_gpu = resolve_accelerator(cfg)

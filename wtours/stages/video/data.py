@@ -3,7 +3,7 @@
 CPU workers only decode and resize, into a shared pool from which
 :class:`~wtours.video.loader.ClipLoader` assembles batches of decoder pixels (I420 planes); the
 DataModule's ``on_after_batch_transfer`` turns them into the uint8 RGB clips ``[B, T, 3, H, W]`` of
-the training step on the device, and all augmentation runs batched there (:mod:`wtours.augment`).
+the training step on the device, and all augmentation runs batched there (:mod:`wtours.stages.video.augment`).
 Frame folders (:class:`~wtours.video.frames.FrameFolderClips`) take the same path, one decode task per
 batch. The dataset shards itself over ranks and
 workers (Lightning injects no sampler into an ``IterableDataset``), every rank gets exactly
@@ -27,7 +27,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from wtours.train.schedules import steps_per_epoch
-from wtours.train.video_config import VideoPretrainConfig
+from wtours.stages.video.config import VideoPretrainConfig
 from wtours.video.loader import ClipLoader, loader_source, to_clip_chw
 
 

@@ -26,7 +26,7 @@ p .8 (brightness .8, contrast .8, saturation .8, hue .2, random order), grayscal
 sigma U(.1, 2) p .5. **No flips** (the box bookkeeping does not model them).
 
 How: all boxes of one output size are cut from the canvas with one ``roi_align(aligned=True)`` call
-(:func:`wtours.augment.crop_resize`); photometric ops are batched (:func:`wtours.augment.apply_photometric`).
+(:func:`wtours.stages.video.augment.crop_resize`); photometric ops are batched (:func:`wtours.stages.video.augment.apply_photometric`).
 No Python loop over images or crops; random numbers come from one seeded CPU generator
 (``state_dict`` / ``load_state_dict`` for exact resume), so a seed gives the same views on CPU and GPU.
 
@@ -49,7 +49,8 @@ from typing import Any
 
 import torch
 
-from wtours.augment import SeededAugment, apply_photometric, crop_resize, normalize, sample_photometric
+from wtours.objectives.boxes import box_area, box_intersection  # noqa: F401 (used here, and public here too)
+from wtours.stages.video.augment import SeededAugment, apply_photometric, crop_resize, normalize, sample_photometric
 
 
 @dataclass
@@ -85,16 +86,6 @@ def rrc_candidates(gen: torch.Generator, h: torch.Tensor, w: torch.Tensor, k: in
     return torch.stack([x0, y0, x0 + cw, y0 + ch], dim=-1), fits
 
 
-def box_intersection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Intersection boxes of ``a`` and ``b [..., 4]`` (broadcast); empty ones have x1 <= x0 or y1 <= y0."""
-    return torch.cat([torch.maximum(a[..., :2], b[..., :2]), torch.minimum(a[..., 2:], b[..., 2:])], dim=-1)
-
-
-def box_area(b: torch.Tensor) -> torch.Tensor:
-    """Area of boxes ``[..., 4]`` (0 for empty ones)."""
-    return (b[..., 2] - b[..., 0]).clamp_min(0) * (b[..., 3] - b[..., 1]).clamp_min(0)
-
-
 def _first_true(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of the first True along the last dim (0 if none) and whether there is one."""
     return torch.argmax(mask.to(torch.int8), dim=-1), mask.any(dim=-1)
@@ -128,7 +119,7 @@ def sample_neco_boxes(gen: torch.Generator, sizes: torch.Tensor, cfg: Any) -> tu
     """Crop boxes for images of ``sizes [B, 2]`` (h, w) -> (boxes ``[B, G + L, 4]`` float64, fallback ``[B, G + L]``).
 
     See the module docstring for the constraint and the fallback. ``cfg``: a
-    :class:`wtours.train.neco_config.NeCoCropsConfig` (or anything with its fields).
+    :class:`wtours.stages.neco.config.NeCoCropsConfig` (or anything with its fields).
     """
     b = sizes.shape[0]
     h, w = sizes[:, 0].double(), sizes[:, 1].double()
@@ -200,7 +191,7 @@ class NeCoAugment(SeededAugment):
     """NeCo multi-crop of uint8 canvases on their own device (see the module docstring).
 
     Args:
-        cfg: a :class:`wtours.train.neco_config.NeCoCropsConfig`.
+        cfg: a :class:`wtours.stages.neco.config.NeCoCropsConfig`.
         seed: seeds the CPU generator of all random parameters (give each rank its own).
     """
 

@@ -87,7 +87,7 @@ class DataConfig:
 
 @dataclass
 class CropsConfig:
-    """GPU multi-crop (``wtours.augment.ClipAugment``); sizes in pixels, scales as area fractions."""
+    """GPU multi-crop (``wtours.stages.video.augment.ClipAugment``); sizes in pixels, scales as area fractions."""
 
     precrop_size: int = 300
     precrop_scale: tuple[float, float] = (0.2, 1.0)
@@ -157,7 +157,7 @@ class CropDetail(NamedTuple):
 def smallest_crops(c: "CropsConfig", height: float, width: float) -> list[CropDetail]:
     """The recipe's smallest pre-crop, global view and local crop (:class:`CropDetail`) for frames of
     ``height x width`` pixels of detail: our crops are cut from the (decoded) frame in one resampling
-    (:mod:`wtours.augment`), so the pre-crop's scale and the view's scale multiply::
+    (:mod:`wtours.stages.video.augment`), so the pre-crop's scale and the view's scale multiply::
 
         pre = sqrt(precrop_scale[0] * H * W)       global = sqrt(global_scale[0]) * pre
         local = sqrt(local_scale[0]) * pre

@@ -2,7 +2,7 @@
 
 One training step on a batch of uint8 canvases ``[B, 3, H, W]`` with valid sizes ``[B, 2]``:
 
-1. GPU multi-crop (:class:`wtours.neco_augment.NeCoAugment`): ``[B, G, 3, Sg, Sg]`` global and
+1. GPU multi-crop (:class:`wtours.stages.neco.crops.NeCoAugment`): ``[B, G, 3, Sg, Sg]`` global and
    ``[B, L, 3, Sl, Sl]`` local crops, boxes ``[B, G + L, 4]``.
 2. Teacher (EMA, ``no_grad``), one call on the ``B*G`` global crops -> projected, L2-normalised patch
    maps ``[B, G, C, hg, wg]``.
@@ -39,10 +39,10 @@ from wtours.config import to_dict
 from wtours.models.ema import cosine_schedule, ema_update_
 from wtours.models.heads import gelu_mlp
 from wtours.models.init_weights import build_vit
-from wtours.neco_augment import NeCoAugment
+from wtours.stages.neco.crops import NeCoAugment
 from wtours.objectives.neco import NeCoLoss
 from wtours.train.checkpointing import rng_state, set_rng_state
-from wtours.train.neco_config import NeCoConfig, neco_training_hash
+from wtours.stages.neco.config import NeCoConfig, neco_training_hash
 
 
 class ProjectionHead(nn.Module):
@@ -266,7 +266,7 @@ class NeCoModule(pl.LightningModule):
     def pca_features(self, images: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Centre crops of uint8 canvases at the global size -> (``[M, 3, S, S]`` in [0, 1], first 3 PCA
         components of the student's backbone patch tokens ``[M, 3, S/p, S/p]`` in [0, 1])."""
-        from wtours.augment import crop_resize, normalize
+        from wtours.stages.video.augment import crop_resize, normalize
 
         s = self.cfg.crops.global_size
         h, w = sizes[:, 0].float(), sizes[:, 1].float()

@@ -44,7 +44,7 @@ from wtours.errors import UserError
 from wtours.fsutil import ensure_dir, remove_stale_temps, write_text
 from wtours.train.stage_run import (auto_resume, check_run_options, drop_set_aside,  # noqa: F401 (public here too)
                                     fresh_start, launch_rank_zero, loss_endpoints, print_loss_line, set_stage_aside)
-from wtours.train.video_config import VideoPretrainConfig, training_hash
+from wtours.stages.video.config import VideoPretrainConfig, training_hash
 
 OOM_HINT = ("lower data.batch_size (e.g. --set data.batch_size=8, with trainer.accumulate_grad_batches=2 to keep "
             "the batch), crops.local_number, tracking.objects or model.arch (e.g. vit_tiny_patch16_224)")
@@ -118,7 +118,7 @@ def crop_detail_warning(cfg: VideoPretrainConfig, videos: Sequence[str] = ()) ->
 
     A warning, not an error: training below the reference's detail is a legitimate trade (CPU demos, quick
     ablations, sources that are only that large); the recipe preset itself is kept clear of it by a test."""
-    from wtours.train.video_config import detail_problem, min_short_side
+    from wtours.stages.video.config import detail_problem, min_short_side
     from wtours.video.decode import clip_size
 
     d = cfg.data
@@ -183,8 +183,8 @@ def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | No
     from wtours.train.schedules import clips_per_step, resolve_clips_per_epoch
     from wtours.train.trainer_setup import (make_trainer, parse_devices, quiet_lightning, resolve_accelerator,
                                             step_options, world_size)
-    from wtours.train.video_data import DataEpochCallback, VideoDataModule, make_clip_dataset
-    from wtours.train.video_module import DoRAModule
+    from wtours.stages.video.data import DataEpochCallback, VideoDataModule, make_clip_dataset
+    from wtours.stages.video.module import DoRAModule
 
     check_run_options(cfg, resume, fresh, num_nodes)
     dev = parse_devices(devices if devices is not None else cfg.trainer.devices)

@@ -295,7 +295,7 @@ class ClipAugment(SeededAugment):
     """DoRA multi-crop of uint8 clips on their own device (see the module docstring).
 
     Args:
-        cfg: a :class:`wtours.train.video_config.CropsConfig` (or anything with its fields).
+        cfg: a :class:`wtours.stages.video.config.CropsConfig` (or anything with its fields).
         seed: seeds the CPU generator of all random parameters (give each rank its own).
     """
 

@@ -1,0 +1,1 @@
+"""Stage 2: NeCo post-pretraining of an encoder on image crops."""

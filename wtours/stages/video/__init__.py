@@ -1,0 +1,1 @@
+"""Stage 1: video pretraining from scratch (DoRA and/or TimeT) on walking-tour clips."""
