@@ -117,9 +117,9 @@ def _training_checkpoint(tmp_path, rename=None):
     from wtours.fsutil import torch_save
     from wtours.integrity import seal
     from wtours.stages.video.config import VideoPretrainConfig
-    from wtours.stages.video.module import DoRAModule
+    from wtours.stages.video.module import VideoModule
 
-    m = DoRAModule(load_config(VideoPretrainConfig, "video/tiny"))
+    m = VideoModule(load_config(VideoPretrainConfig, "video/tiny"))
     with torch.no_grad():
         for p in m.teacher.parameters():
             p.add_(0.01 * torch.randn_like(p))

@@ -287,9 +287,9 @@ def test_a_training_checkpoint_is_evaluated_teacher_first(synth_dir, tmp_path, c
     from wtours.fsutil import torch_save
     from wtours.integrity import seal
     from wtours.stages.video.config import VideoPretrainConfig
-    from wtours.stages.video.module import DoRAModule
+    from wtours.stages.video.module import VideoModule
 
-    m = DoRAModule(load_config(VideoPretrainConfig, "video/tiny"))
+    m = VideoModule(load_config(VideoPretrainConfig, "video/tiny"))
     with torch.no_grad():
         for p in m.teacher.parameters():
             p.mul_(0.5)  # a teacher far from the student

@@ -13,7 +13,7 @@ import yaml
 from wtours.config import load_config
 from wtours.errors import ConfigError
 from wtours.stages.video.run import crop_detail_warning, load_pretrain_config
-from wtours.train.schedules import build_schedules, clip_starts, resolve_clips_per_epoch, steps_per_epoch
+from wtours.stages.video.schedules import build_schedules, clip_starts, resolve_clips_per_epoch, steps_per_epoch
 from wtours.stages.video.config import (
     CropsConfig,
     VideoPretrainConfig,

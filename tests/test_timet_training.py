@@ -117,10 +117,10 @@ def test_init_of_another_patch_size_is_one_line(dora_timet_run, tmp_path, capsys
 
 
 def test_backbone_lr_scale_and_frozen_blocks_in_the_optimizer():
-    from wtours.stages.video.module import DoRAModule, apply_schedules_
+    from wtours.stages.video.module import VideoModule, apply_schedules_
 
     cfg = load_pretrain_config("video/timet_tiny", [])
-    m = DoRAModule(cfg)
+    m = VideoModule(cfg)
     opt = m.configure_optimizers()
     apply_schedules_(opt, m.ensure_schedules(1).at(0))
     ids = {id(p): n for n, p in m.named_parameters()}
@@ -133,11 +133,11 @@ def test_backbone_lr_scale_and_frozen_blocks_in_the_optimizer():
 
 
 def test_timet_alone_in_compat_mode_swaps_the_backbone_ema():
-    from wtours.stages.video.module import DoRAModule
+    from wtours.stages.video.module import VideoModule
 
     for compat in (False, True):
         cfg = load_pretrain_config("video/timet_tiny", [f"timet.compat_reference={str(compat).lower()}"])
-        m = DoRAModule(cfg)
+        m = VideoModule(cfg)
         with torch.no_grad():
             for p in m.student.parameters():
                 p.add_(1.0)

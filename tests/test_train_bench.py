@@ -28,7 +28,7 @@ def test_bench_weights_equal_training_weights_after_the_same_steps():
     and optimizer state of N training steps on that batch: schedules (lr warm-up), the frozen last layer
     (step 0), per-parameter clipping, gradient accumulation, EMA and centre all included."""
     from wtours.train.trainer_setup import step_options
-    from wtours.stages.video.module import DoRAModule
+    from wtours.stages.video.module import VideoModule
 
     # 8 clips / (2 x 2 accumulated) = 2 steps per epoch: lr warms up over 2 steps, last layer frozen for 1
     cfg = make_cfg("trainer.accumulate_grad_batches=2", "optim.warmup_epochs=1", "optim.freeze_last_layer_epochs=0.5",
@@ -38,7 +38,7 @@ def test_bench_weights_equal_training_weights_after_the_same_steps():
     res, benched = bench_step(cfg, clips, steps=2, warmup=0)  # step 0 counted, steps 1-2 timed
     assert res["steps_per_s"] > 0 and res["flops_per_step"] > 0 and res["precision"] == "32-true"
 
-    trained = DoRAModule(cfg)
+    trained = VideoModule(cfg)
     init = {k: v.clone() for k, v in trained.state_dict().items()}
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, **step_options(cfg, on_gpu=False), logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

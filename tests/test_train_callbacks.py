@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from wtours.train.callbacks import PALETTE, render_masks_png
+from wtours.stages.video.callbacks import PALETTE, render_masks_png
 from wtours.train.csv_logger import ResumableCSVLogger
 from wtours.train.checkpointing import AtomicCheckpointIO
 

@@ -1,4 +1,4 @@
-"""DoRAModule (stage-1 LightningModule): loss falls, EMA/centre once per optimizer step, clipping, frozen last layer."""
+"""VideoModule (stage-1 LightningModule): loss falls, EMA/centre once per optimizer step, clipping, frozen last layer."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from wtours.config import load_config
 from wtours.objectives.interface import StepInputs
 from wtours.stages.video.config import VideoPretrainConfig
-from wtours.stages.video.module import DoRAModule, clip_per_parameter_
+from wtours.stages.video.module import VideoModule, clip_per_parameter_
 
 TINY = [
     "data.frames_per_clip=2", "data.batch_size=2", "data.clips_per_epoch=8",
@@ -41,7 +41,7 @@ class FixedClips(Dataset):
         return {"clip": self.clips[i % 2]}
 
 
-def fit(module: DoRAModule, steps: int, accumulate: int = 1) -> pl.Trainer:
+def fit(module: VideoModule, steps: int, accumulate: int = 1) -> pl.Trainer:
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, accumulate_grad_batches=accumulate,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
@@ -49,7 +49,7 @@ def fit(module: DoRAModule, steps: int, accumulate: int = 1) -> pl.Trainer:
     return trainer
 
 
-def fixed_loss(module: DoRAModule) -> float:
+def fixed_loss(module: VideoModule) -> float:
     batch = FixedClips()
     clips = torch.stack([batch[0]["clip"], batch[1]["clip"]])
     module.augment.generator.manual_seed(123)
@@ -65,7 +65,7 @@ def fixed_loss(module: DoRAModule) -> float:
 
 
 def test_training_steps_lower_the_loss_on_a_fixed_batch():
-    m = DoRAModule(make_cfg())
+    m = VideoModule(make_cfg())
     before = fixed_loss(m)
     fit(m, 10)
     after = fixed_loss(m)
@@ -83,7 +83,7 @@ def test_ema_and_centre_once_per_optimizer_step_with_accumulation(monkeypatch):
         return real_ema(*a, **k)
 
     monkeypatch.setattr(vm, "ema_update_", counting_ema)
-    m = DoRAModule(make_cfg("trainer.accumulate_grad_batches=2"))
+    m = VideoModule(make_cfg("trainer.accumulate_grad_batches=2"))
     dino = m.objective.dora.dino  # the objective owns the centre and its queue of micro-batch means
     real_queue, real_apply = dino.queue_center, dino.apply_center_update
     queued = []
@@ -128,20 +128,20 @@ def test_per_parameter_clipping_scales_each_gradient_on_its_own():
 
 def test_last_layer_is_frozen_for_the_first_epoch_only():
     # 8 clips / batch 2 = 4 steps per epoch; frozen for 0.5 epoch = 2 steps
-    m = DoRAModule(make_cfg("optim.freeze_last_layer_epochs=0.5"))
+    m = VideoModule(make_cfg("optim.freeze_last_layer_epochs=0.5"))
     assert m.ensure_schedules(1).freeze_last_layer_steps == 2
     last0 = [p.detach().clone() for p in m.objective.dora.student_head.last_layer.parameters()]
     mlp0 = m.objective.dora.student_head.mlp[0].weight.detach().clone()
     fit(m, 2)
     assert all(torch.equal(p0, p) for p0, p in zip(last0, m.objective.dora.student_head.last_layer.parameters()))
     assert not torch.equal(mlp0, m.objective.dora.student_head.mlp[0].weight)
-    m2 = DoRAModule(make_cfg("optim.freeze_last_layer_epochs=0.5"))
+    m2 = VideoModule(make_cfg("optim.freeze_last_layer_epochs=0.5"))
     fit(m2, 3)  # step 3 is past the frozen steps
     assert any(not torch.equal(p0, p) for p0, p in zip(last0, m2.objective.dora.student_head.last_layer.parameters()))
 
 
 def test_schedules_follow_the_recipe():
-    m = DoRAModule(make_cfg("optim.warmup_epochs=1", "trainer.max_steps=20", "optim.lr=0.0005",
+    m = VideoModule(make_cfg("optim.warmup_epochs=1", "trainer.max_steps=20", "optim.lr=0.0005",
                             "optim.lr_batch_reference=256"))
     s = m.ensure_schedules(1)
     assert s.steps_per_epoch == 4 and s.total_steps == 20
@@ -159,7 +159,7 @@ def test_schedules_follow_the_recipe():
 
 def test_sinkhorn_queue_fills_with_copies_then_rolls_and_is_state():
     cfg = make_cfg("loss.centering=sinkhorn", "loss.sinkhorn_queue=6")
-    obj = DoRAModule(cfg).objective.dora
+    obj = VideoModule(cfg).objective.dora
     assert obj.queue.shape == (6, cfg.model.bottleneck_dim) and not bool(obj.queue_ready)
     a, b = torch.randn(4, 16), torch.randn(4, 16)
     obj._push_queue(a)  # empty: filled with copies of the first rows
@@ -167,7 +167,7 @@ def test_sinkhorn_queue_fills_with_copies_then_rolls_and_is_state():
     obj._push_queue(b)  # newest first, oldest dropped
     torch.testing.assert_close(obj.queue, torch.cat([b, a[:2]]))
     assert {"queue", "queue_ready"} <= {k.split(".")[-1] for k in obj.state_dict()}
-    assert "queue" not in dict(DoRAModule(make_cfg("loss.centering=sinkhorn")).objective.dora.named_buffers())
+    assert "queue" not in dict(VideoModule(make_cfg("loss.centering=sinkhorn")).objective.dora.named_buffers())
 
 
 @pytest.mark.parametrize("full_view", ["none", "other_frame", "same_frame"])
@@ -175,7 +175,7 @@ def test_student_sees_the_whole_global_view_only_with_full_view(full_view):
     """Issue 16's root cause: DoRA's student never sees the kind of view the teacher's targets come from (the
     whole global view), so on small data the network's output on whole views drifts to one point and the
     targets go uniform. ``loss.full_view`` gives the student each frame's whole global view."""
-    m = DoRAModule(make_cfg(f"loss.full_view={full_view}"))
+    m = VideoModule(make_cfg(f"loss.full_view={full_view}"))
     seen: list[torch.Tensor] = []
     m.student.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().clone()))
     clips = torch.stack([FixedClips()[0]["clip"], FixedClips()[1]["clip"]])

@@ -157,11 +157,11 @@ def test_local_crops_interpolate_the_position_embedding_as_dino(hw):
 def test_pos_interp_comes_from_the_config():
     from wtours.config import load_config
     from wtours.stages.video.config import VideoPretrainConfig
-    from wtours.stages.video.module import DoRAModule
+    from wtours.stages.video.module import VideoModule
 
     for choice in ("dino", "timm"):
         cfg = load_config(VideoPretrainConfig, "video/tiny", [f"model.pos_interp={choice}"])
-        m = DoRAModule(cfg)
+        m = VideoModule(cfg)
         assert m.student.pos_interp == m.teacher.pos_interp == choice
     with pytest.raises(ValueError, match="pos_interp"):
         TrackingViT("vit_tiny_patch16_224", pos_interp="nearest", **TINY)

@@ -18,7 +18,7 @@ from wtours.errors import UserError
 EPILOG_TMPL = "example:\n  {}"
 
 
-def _sub(subs, name: str, handler: str, help: str, example: str) -> argparse.ArgumentParser:
+def _sub(subs, name: str, handler: str | None, help: str, example: str) -> argparse.ArgumentParser:
     p = subs.add_parser(
         name,
         help=help,
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objects", type=int, default=4, help="moving objects in the scene (default: 4)")
     p.add_argument("--seed", type=int, default=0)
 
-    p = _sub(subs, "pretrain", "wtours.stages.video.run",
+    p = _sub(subs, "pretrain", "wtours.commands.pretrain",
              "the whole chain (a pipeline: video stage -> NeCo -> evaluation -> report, resumable stage by "
              "stage), or with --config / --init / --frames / --resume stage 1 alone (DoRA and/or TimeT)",
              "wtours pretrain --video venice.mp4 --out runs/venice                  # pipelines/walking-tours.yaml\n"
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="shortcut for --set trainer.max_steps=N")
     _add_trust_arg(p)
 
-    p = _sub(subs, "neco", "wtours.stages.neco.run", "stage 2: NeCo post-pretraining of an encoder on image crops",
+    p = _sub(subs, "neco", "wtours.commands.neco", "stage 2: NeCo post-pretraining of an encoder on image crops",
              "wtours neco --init runs/venice/stage1/backbone.pt --frames-from venice.mp4 --out runs/venice")
     p.add_argument("--init", metavar="BACKBONE",
                    help="encoder to start from: a stage-1 backbone.pt, a timm ViT state dict, DINOv2 weights, or "
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="shortcut for --set trainer.max_steps=N")
     _add_trust_arg(p)
 
-    p = groups["eval"] = _sub(subs, "eval", "wtours.eval.cli", "evaluate an encoder",
+    p = groups["eval"] = _sub(subs, "eval", None, "evaluate an encoder",
              "wtours eval clustering --dataset davis --root DAVIS --checkpoint runs/venice/backbone.pt")
     esubs = p.add_subparsers(dest="eval_command", metavar="<protocol>")
     q = _sub(esubs, "clustering", "wtours.eval.cli",
@@ -229,10 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="take the memory / training frames from every video of this YTVOS-layout root instead "
                             "(the queries are then every held-out video of --root)")
 
-    p = groups["bench"] = _sub(subs, "bench", "wtours.bench.cli", "benchmarks (decode, train, eval, learn, neco, instruments)",
+    p = groups["bench"] = _sub(subs, "bench", None, "benchmarks (decode, train, eval, learn, neco, instruments)",
                                "wtours bench decode venice.mp4")
     bsubs = p.add_subparsers(dest="bench_command", metavar="<what>")
-    q = _sub(bsubs, "decode", "wtours.bench.decode",
+    q = _sub(bsubs, "decode", "wtours.commands.bench_decode",
              "training loader throughput vs the decode ceiling and the GPU's appetite",
              "wtours bench decode venice.mp4 --short-side 360 --proxy --json bench-decode.json")
     q.add_argument("video", nargs="?", help="video to decode (default: a synthetic 4K H.264 tour, cached)")
@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-step", action="store_true", help="only the sorter + loss part, not the whole training step")
     q.add_argument("--json", metavar="FILE", default=None)
     _add_config_args(q)
-    q = _sub(bsubs, "learn", "wtours.bench.learn",
+    q = _sub(bsubs, "learn", "wtours.commands.bench_learn",
              "proof that training learns: stage 1 vs random init over seeds on the synthetic tour's ground truth",
              "wtours bench learn --config video/proof --eval-config eval/proof --seeds 0 1 2 --readme README.md")
     q.add_argument("--config", default="video/proof", metavar="FILE",
@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", metavar="FILE", default=None, help="also write instruments.json here")
     q.add_argument("--quiet", action="store_true")
 
-    p = _sub(subs, "report", "wtours.report", "(re)write a run directory's report.md from its metrics and pictures",
+    p = _sub(subs, "report", "wtours.commands.report", "(re)write a run directory's report.md from its metrics and pictures",
              "wtours report runs/venice")
     p.add_argument("run_dir", metavar="RUN_DIR")
     return parser
@@ -394,14 +394,14 @@ def _end_progress_bars() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    group = getattr(args, "_groups", {}).get(getattr(args, "command", None))
+    if group is not None and not getattr(args, f"{args.command}_command", None):  # a group without its command
+        group.print_help(sys.stderr)
+        print(f"\nwtours {args.command}: error: choose one of the commands above", file=sys.stderr)
+        return 2
     handler = getattr(args, "_handler", None)
     if handler is None:
         parser.print_help(sys.stderr)
-        return 2
-    group = args._groups.get(args.command)
-    if group is not None and not getattr(args, f"{args.command}_command", None):
-        group.print_help(sys.stderr)
-        print(f"\nwtours {args.command}: error: choose one of the commands above", file=sys.stderr)
         return 2
     try:
         module = importlib.import_module(handler)

@@ -234,7 +234,7 @@ def run_curve(args: Any) -> tuple[dict[str, Any], str]:
     from wtours.bench.learn import _say, _train_seed, _Times
     from wtours.bench.supervised import supervised_set, train_supervised
     from wtours.stages.video.run import load_pretrain_config, synth_videos
-    from wtours.train.schedules import clips_per_step
+    from wtours.stages.video.schedules import clips_per_step
 
     from wtours.bench.learn import CURVE_BEGIN, CURVE_END, check_readme, write_readme
 

@@ -705,18 +705,3 @@ def _rel(path: Path, base: Path) -> str:
         return Path(os.path.relpath(path, base)).as_posix()
     except ValueError:
         return path.as_posix()
-
-
-def cli_main(args: Any) -> int:
-    if getattr(args, "curve", False):  # a learning curve (make proof-long)
-        from wtours.bench.curve import run_curve
-
-        run, stem = run_curve, "curve"
-    else:
-        run, stem = run_learn, "proof"
-    _, text = run(args)
-    out = Path(args.out)
-    print(text)
-    print(f"wrote {out / f'{stem}.json'}, {out / f'{stem}.md'}, {out / f'{stem}.png'}"
-          + (f"; updated {args.readme}" if args.readme else ""))
-    return 0

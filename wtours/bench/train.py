@@ -8,7 +8,7 @@ Measures, on the default device (CUDA when available, else CPU):
 * train step (one fixed batch already on the device, so the loader is out of the picture):
   optimizer steps/s and clips/s of training itself: a ``pl.Trainer`` set up as ``wtours pretrain``
   sets it up (:func:`wtours.train.trainer_setup.step_options`: precision, i.e. bf16-mixed on CUDA and
-  fp32 on CPU, gradient accumulation, determinism) runs :class:`~wtours.stages.video.module.DoRAModule`
+  fp32 on CPU, gradient accumulation, determinism) runs :class:`~wtours.stages.video.module.VideoModule`
   on a loader that yields that batch forever. Each optimizer step is therefore exactly the training
   step: schedules at the step, GPU augmentation, the objective (teacher, tracking, student forward),
   backward, the objective's frozen parameters, per-parameter clipping, AdamW, backbone EMA and the
@@ -147,18 +147,18 @@ class StepClock(Callback):
 def bench_step(cfg: Any, clips: Any, steps: int, warmup: int = 2) -> tuple[dict[str, Any], Any]:
     """Train on the fixed batch ``clips`` (uint8 ``[B, T, 3, H, W]`` on the target device) for ``warmup``
     + 1 (FLOPs) + ``steps`` (timed) optimizer steps, exactly as ``wtours pretrain`` trains (see the
-    module docstring). Returns ``(results, the trained DoRAModule)``."""
+    module docstring). Returns ``(results, the trained VideoModule)``."""
     import warnings
 
     import torch
     from torch.utils.data import DataLoader
 
     from wtours.train.trainer_setup import make_trainer, quiet_lightning, step_options
-    from wtours.stages.video.module import DoRAModule
+    from wtours.stages.video.module import VideoModule
 
     device = clips.device
     on_gpu = device.type == "cuda"
-    module = DoRAModule(cfg)
+    module = VideoModule(cfg)
     clock = StepClock(flop_step=warmup, start=warmup + 1, stop=warmup + 1 + steps)
     with warnings.catch_warnings():
         quiet_lightning()
@@ -203,7 +203,7 @@ def cli_main(args: Any) -> int:
 
         check_output_file(args.json, "--json")
     videos = list(cfg.videos) or synth_videos(cfg, Path("runs/bench"), progress=True)
-    from wtours.train.schedules import resolve_clips_per_epoch
+    from wtours.stages.video.schedules import resolve_clips_per_epoch
 
     resolve_clips_per_epoch(cfg, videos)  # data.clips_per_epoch: frames -> a number, as wtours pretrain does
     device = torch.device("cuda" if on_gpu else "cpu")

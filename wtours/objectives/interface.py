@@ -1,6 +1,6 @@
 """The contract between the stage-1 LightningModule and a stage-1 objective (DoRA today, TimeT next).
 
-The module (:class:`wtours.stages.video.module.DoRAModule`) owns what every objective shares: the
+The module (:class:`wtours.stages.video.module.VideoModule`) owns what every objective shares: the
 student backbone, its EMA teacher backbone, the GPU augmentation, the per-step schedules, the
 optimizer, gradient clipping and the random streams. An objective owns everything of its own: its
 heads (student copy trained, teacher copy as an EMA), its state (DINO's centre, TimeT's prototypes,
@@ -39,7 +39,7 @@ from torch import nn
 
 @dataclass(frozen=True)
 class StepValues:
-    """The schedules' values at optimizer step ``step`` (see :mod:`wtours.train.schedules`)."""
+    """The schedules' values at optimizer step ``step`` (see :mod:`wtours.stages.video.schedules`)."""
 
     step: int
     lr: float

@@ -12,7 +12,7 @@ Run directory (``--out``, default ``runs/<pipeline name>``)::
     <neco stage>/               a stage-2 run directory (config_neco.yaml, stage2/{last.ckpt, backbone.pt, ...})
     <eval stage>/metrics.json   the stage's table; <eval stage>/<dataset>/trained/ the evaluation itself
     random/<dataset>/<arch>@<seed>/   the random-init baseline (shared by the eval stages, reused)
-    report.md, report.html      the report (:mod:`wtours.pipeline.report`)
+    report.md, report.html      the report (:mod:`wtours.report`)
 
 A stage is skipped when its status is ``done`` with the same fingerprint (its config, as the resume check
 of its trainer sees it, and the checksum of the backbone it takes); a ``running`` stage with the same
@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from wtours.errors import ConfigError, UserError
+from wtours.rundir import STAGE_SUBDIR
 from wtours.fsutil import ensure_dir, write_json, write_text
 from wtours.pipeline.spec import Pipeline, Stage, load_stage_config
 from wtours.config import changed_keys, flatten
 from wtours.pipeline.status import (backbone_checksum, digest, fingerprint, now,
                                     read_status, write_status)
 
-STAGE_SUBDIR = {"video": "stage1", "neco": "stage2"}
 RANK_WAIT_S = 6 * 3600.0  # how long ranks > 0 wait for rank 0 to finish a stage (and its eval stages)
 
 
@@ -235,8 +235,8 @@ class PipelineRun:
         _close_process_group()
         result: dict[str, Any] = {"out": str(self.out), "stages": {}}
         if self.main:
-            from wtours.pipeline.report import write_reports
-            from wtours.pipeline.tables import summary_rows, text_table
+            from wtours.report.chain import write_reports
+            from wtours.report.tables import summary_rows, text_table
 
             docs = self.eval_docs()
             if docs:
@@ -347,7 +347,7 @@ class PipelineRun:
         """The input backbone and the ``random:`` baseline of the same arch on every evaluation set."""
         from wtours.eval.cli import evaluate_clustering, reusable_metrics
         from wtours.eval.report import scores_of
-        from wtours.pipeline.tables import stage_doc, stage_rows, text_table
+        from wtours.report.tables import stage_doc, stage_rows, text_table
 
         if self.progress is False:
             cfg.progress = False
@@ -435,70 +435,3 @@ class PipelineRun:
 def run_pipeline(pipe: Pipeline, out: str | Path, **kwargs: Any) -> dict[str, Any]:
     """Run (or continue) ``pipe`` into ``out``; see :class:`PipelineRun` for the keyword arguments."""
     return PipelineRun(pipe, out, **kwargs).run()
-
-
-# ----------------------------------------------------------------------------------------------- command
-
-# options of `wtours pretrain` that only a stage-1 run alone has, and those that only the pipeline has
-STAGE1_OPTIONS = ("config", "init", "frames", "resume")
-PIPELINE_OPTIONS = ("pipeline", "stages", "davis", "ytvos", "images")
-
-
-def _given(args: Any, names: Sequence[str]) -> list[str]:
-    return [f"--{n}" for n in names if getattr(args, n, None) not in (None, [], False)]
-
-
-def pipeline_mode(args: Any) -> bool:
-    """``wtours pretrain`` runs the pipeline unless an option of a stage-1 run alone is given
-    (``--config``, ``--init``, ``--frames``, ``--resume``); mixing both kinds is a usage error."""
-    one, chain = _given(args, STAGE1_OPTIONS), _given(args, PIPELINE_OPTIONS)
-    if one and chain:
-        raise UserError(f"{' '.join(chain)} run(s) a pipeline, {' '.join(one)} a stage-1 run alone: give one kind "
-                        "(a pipeline stage takes its config from the pipeline file and --set stage.key=value)")
-    return not one
-
-
-def _command(args: Any) -> str:
-    import shlex
-
-    parts = ["wtours", "pretrain"]
-    for v in args.video:
-        parts += ["--video", v]
-    for flag in ("pipeline", "stages", "out", "davis", "ytvos", "images", "devices", "num_nodes"):
-        v = getattr(args, flag, None)
-        if v not in (None, ""):
-            parts += [f"--{flag.replace('_', '-')}", str(v)]
-    for o in args.overrides:
-        parts += ["--set", o]
-    return shlex.join(parts)
-
-
-def cli_main(args: Any) -> int:
-    """``wtours pretrain`` in pipeline mode."""
-    from wtours.pipeline.spec import DEFAULT_PIPELINE, load_pipeline, select_stages
-
-    pipe = load_pipeline(args.pipeline or DEFAULT_PIPELINE, args.overrides)
-    if args.max_steps is not None:
-        sets = " ".join(f"--set {s.name}.trainer.max_steps={args.max_steps}" for s in pipe.stages if s.trains)
-        raise UserError(f"--max-steps: in pipeline mode each training stage has its own length: {sets}")
-    stages = select_stages(pipe, args.stages)
-    out = Path(args.out) if args.out else Path("runs") / pipe.name
-    runner = PipelineRun(pipe, out, stages, videos=args.video, images=args.images, davis=args.davis,
-                         ytvos=args.ytvos, devices=args.devices, num_nodes=args.num_nodes,
-                         trust=getattr(args, "trust_checkpoint", False), fresh=args.fresh, command=_command(args))
-    try:
-        result = runner.run()
-    except KeyboardInterrupt:
-        running = [s.name for s in pipe.stages if read_status(runner.stage_dir(s)).get("state") == "running"]
-        where = f" during stage '{running[0]}'" if running else ""
-        print(f"wtours pretrain: stopped{where}; run the same command again to continue (finished stages are kept)",
-              file=sys.stderr)
-        raise
-    if result.get("table"):
-        print(f"\n{pipe.name}: scores % per stage (F / C / D clustering" + (", K=<k> overclustering" if "K=" in
-              result["table"] else "") + (", J&F propagation, in-context and linear-probe mIoU" if "J&F" in
-                                          result["table"] else "") + ")")
-        print(result["table"])
-    if result.get("report"):
-        print(f"report: {' '.join(result['report'])}")
-    return 0

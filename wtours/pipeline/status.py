@@ -26,9 +26,8 @@ from typing import Any
 
 from wtours.fsutil import write_json
 from wtours.integrity import content_digest
+from wtours.rundir import STATES, STATUS_FILE, read_status  # noqa: F401 (public here too)
 
-STATUS_FILE = "status.json"
-STATES = ("pending", "running", "done")
 
 
 def now() -> str:
@@ -43,15 +42,6 @@ def digest(obj: Any) -> str:
 
 def fingerprint(config_digest: str, input_checksum: str | None) -> str:
     return digest({"config": config_digest, "input": input_checksum})
-
-
-def read_status(stage_dir: Path) -> dict[str, Any]:
-    """The stage's status, or ``{"state": "pending"}`` when it has none (or an unreadable one)."""
-    try:
-        st = json.loads((stage_dir / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        return {"state": "pending"}
-    return st if isinstance(st, dict) and st.get("state") in STATES else {"state": "pending"}
 
 
 def write_status(stage_dir: Path, status: dict[str, Any]) -> dict[str, Any]:

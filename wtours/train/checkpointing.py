@@ -18,6 +18,7 @@ before ``trainer.fit(ckpt_path=...)`` and compares the config hash it was writte
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 from typing import Any, Callable
@@ -26,11 +27,10 @@ import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from wtours.config import changed_keys, flatten
+from wtours.config import changed_keys, flatten, to_dict
 from wtours.errors import UserError
 from wtours.fsutil import torch_save
 from wtours.integrity import load_verified, seal
-from wtours.stages.video.config import training_view
 
 
 RESUME_HINT = "restore it from a copy, or start over with --fresh"
@@ -87,38 +87,50 @@ def config_changed(old_view: dict[str, Any], new_view: dict[str, Any], path: str
                      "resume with the same config, or start over with --fresh or another --out", path=path)
 
 
-def read_checkpoint_meta(path: str | Path, trust: bool = False) -> dict[str, Any]:
+def read_checkpoint_meta(path: str | Path, trust: bool = False, command: str = "pretrain",
+                         stage: str | None = None) -> dict[str, Any]:
     """The ``wtours`` block of a training checkpoint (config hash, config, arch, ...), its
     ``global_step`` and ``verified`` (False: written without a checksum, by an older wtours).
-    A damaged file raises a one-line :class:`UserError`."""
+    A damaged file, or one that is not a training checkpoint of ``wtours <command>`` (with ``stage``: whose
+    ``wtours`` block names that stage), raises a one-line :class:`UserError`."""
     p = Path(path)
     if not p.is_file():
         raise UserError("checkpoint to resume from not found" if not p.exists() else "not a checkpoint file", path=p)
     ckpt, verified = load_verified(p, trust=trust, hint=RESUME_HINT)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("wtours"), dict) or "state_dict" not in ckpt:
-        raise UserError("not a 'wtours pretrain' training checkpoint", path=p)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("wtours"), dict) or "state_dict" not in ckpt \
+            or (stage is not None and ckpt["wtours"].get("stage") != stage):
+        raise UserError(f"not a 'wtours {command}' training checkpoint", path=p)
     meta = dict(ckpt["wtours"])
     meta["global_step"] = int(ckpt.get("global_step", 0))
     meta["verified"] = verified
     return meta
 
 
-def check_config(meta: dict[str, Any], config_hash: str, config: dict[str, Any], path: str | Path) -> None:
+def _same(view: dict[str, Any]) -> dict[str, Any]:
+    return view
+
+
+def check_config(meta: dict[str, Any], config_hash: str, config: dict[str, Any], path: str | Path,
+                 view: Callable[[dict[str, Any]], dict[str, Any]] = _same, layout: int | None = CHECKPOINT_LAYOUT
+                 ) -> None:
     """Raise a one-line :class:`UserError` unless the checkpoint ``meta`` (:func:`read_checkpoint_meta`)
-    of ``path`` was written by this config (and in this wtours's state-dict layout)."""
-    layout = int(meta.get("layout", 1))
-    if layout != CHECKPOINT_LAYOUT:
-        raise UserError(f"checkpoint was written by {'an older' if layout < CHECKPOINT_LAYOUT else 'a newer'} wtours "
-                        f"(checkpoint layout {layout}, this one reads {CHECKPOINT_LAYOUT}) and cannot be resumed; "
+    of ``path`` was written by this config (and, unless ``layout`` is None, in that state-dict layout).
+    ``view``: the stage's training view of a config dict (the keys that decide the hash), to name the
+    keys that differ."""
+    have = int(meta.get("layout", 1))
+    if layout is not None and have != layout:
+        raise UserError(f"checkpoint was written by {'an older' if have < layout else 'a newer'} wtours "
+                        f"(checkpoint layout {have}, this one reads {layout}) and cannot be resumed; "
                         "start over with --fresh or another --out (an exported backbone.pt stays usable)", path=path)
     if meta.get("config_hash") != config_hash:
-        raise config_changed(training_view(meta.get("config", {})), training_view(config), path)
+        raise config_changed(view(meta.get("config", {})), view(config), path)
 
 
-def check_resume(path: str | Path, config_hash: str, config: dict[str, Any], trust: bool = False) -> dict[str, Any]:
+def check_resume(path: str | Path, config_hash: str, config: dict[str, Any], trust: bool = False,
+                 view: Callable[[dict[str, Any]], dict[str, Any]] = _same) -> dict[str, Any]:
     """Raise a one-line :class:`UserError` unless ``path`` is intact and was written by this config."""
     meta = read_checkpoint_meta(path, trust)
-    check_config(meta, config_hash, config, path)
+    check_config(meta, config_hash, config, path, view)
     return meta
 
 
@@ -139,3 +151,46 @@ def set_rng_state(rng: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def step_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes and platforms)."""
+    h = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+class ResumableState:
+    """What every stage's LightningModule keeps in ``checkpoint["wtours"]`` for an exact resume, as a mixin
+    (``class M(ResumableState, pl.LightningModule)``): the config (and its hash), ``ema_updates``, the
+    augmentation's state and the process's random streams (:func:`rng_state`), plus the stage's own entries
+    (:meth:`checkpoint_state` / :meth:`load_checkpoint_state`).
+
+    The module provides ``cfg``, ``config_hash``, ``ema_updates`` and ``augment`` (with ``state_dict`` /
+    ``load_state_dict``)."""
+
+    cfg: Any
+    config_hash: str
+    ema_updates: int
+    augment: Any
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The stage's own entries of ``checkpoint["wtours"]`` (``arch``, ``stage``, queues, ...)."""
+        return {}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Restore the stage's own entries (called before the random streams are restored)."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["wtours"] = {"config_hash": self.config_hash, "config": to_dict(self.cfg),
+                                "ema_updates": self.ema_updates, "augment": self.augment.state_dict(),
+                                **self.checkpoint_state(), "rng": rng_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        st = checkpoint.get("wtours", {})
+        self.ema_updates = int(st.get("ema_updates", 0))
+        if "augment" in st:
+            self.augment.load_state_dict(st["augment"])
+        self.load_checkpoint_state(st)
+        rng = st.get("rng")
+        if rng:
+            set_rng_state(rng)

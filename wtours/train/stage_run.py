@@ -1,19 +1,16 @@
-"""What ``wtours pretrain`` (stage 1) and ``wtours neco`` (stage 2) share around a training run.
+"""What the stage engine (:mod:`wtours.train.engine`) does around a training run, in small parts.
 
 * :func:`check_run_options`: quiets Lightning's loggers and rejects contradictory run options
   (``--fresh`` with ``--resume``, ``--num-nodes`` < 1, a CUDA accelerator without CUDA) as one line.
 * :func:`launch_rank_zero`: whether this process prepares the run directory.
-* :func:`auto_resume`: ``--fresh`` / ``--resume`` as the commands read them (re-running a command
-  continues its run).
 * :func:`set_stage_aside` (:func:`fresh_start`), :func:`drop_set_aside`: ``--fresh`` moves a stage directory aside and
   deletes it once the new run has saved a checkpoint.
-* :func:`loss_endpoints`, :func:`print_loss_line`: the first and last logged loss of ``metrics.csv``.
+* :func:`loss_endpoints`: the first and last logged loss of ``metrics.csv``.
 """
 
 from __future__ import annotations
 
 import csv
-import math
 import os
 import shutil
 import sys
@@ -50,20 +47,6 @@ def launch_rank_zero() -> bool:
         if v not in ("", "0"):
             return False
     return True
-
-
-def auto_resume(args: Any, last_ckpt: Path, continuing: str) -> tuple[str | None, bool]:
-    """``(resume, fresh)`` of a command's ``args``: without ``--fresh`` or ``--resume``, a ``last_ckpt``
-    that exists is resumed (``"last"``), printing ``continuing`` to stderr."""
-    resume = args.resume
-    fresh = getattr(args, "fresh", False)
-    if fresh:
-        if resume is not None:
-            raise UserError("--fresh and --resume contradict each other")
-    elif resume is None and last_ckpt.is_file():
-        print(continuing, file=sys.stderr)
-        resume = "last"
-    return resume, fresh
 
 
 def set_stage_aside(stage: Path) -> Path | None:
@@ -108,13 +91,3 @@ def loss_endpoints(metrics_csv: str | Path, key: str = "train/loss") -> tuple[fl
         return None, None
     vals.sort()
     return vals[0][1], vals[-1][1]
-
-
-def print_loss_line(summary: dict[str, Any], metrics_csv: Path) -> None:
-    """``loss: first ... -> last ... after N steps; student-teacher KL ...`` (stdout) when the run's
-    ``summary`` has a finite first loss."""
-    first, last_loss = summary.get("first_loss"), summary.get("last_loss")
-    if first is not None and last_loss is not None and math.isfinite(first):
-        kl = loss_endpoints(metrics_csv, "train/kl")
-        kl_txt = f"; student-teacher KL {kl[0]:.4f} -> {kl[1]:.4f}" if None not in kl else ""
-        print(f"loss: first {first:.4f} -> last {last_loss:.4f} after {summary['steps']} steps{kl_txt}")

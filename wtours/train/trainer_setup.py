@@ -1,6 +1,6 @@
-"""How stage 1 sets up its ``pl.Trainer``: shared by ``wtours pretrain`` and ``wtours bench train``
-(``wtours neco`` uses :func:`parse_devices`, :func:`resolve_accelerator` and :func:`step_options` too:
-they read only the ``trainer`` section, which both stages' configs have).
+"""How a stage sets up its ``pl.Trainer``: shared by the stage engine (:mod:`wtours.train.engine`, both
+stages) and ``wtours bench train``. Everything here reads only a config's ``trainer`` section, which every
+stage's config has.
 
 * :func:`step_options`: the Trainer arguments that define what one training step computes
   (precision, gradient accumulation, determinism, cuDNN autotuning). Both commands pass exactly
@@ -22,12 +22,11 @@ import warnings
 from typing import Any
 
 from wtours.errors import UserError
-from wtours.stages.video.config import VideoPretrainConfig
 
 SETUP_HINT = "see --devices, --num-nodes, trainer.accelerator"
 
 
-def precision(cfg: VideoPretrainConfig, on_gpu: bool) -> str:
+def precision(cfg: Any, on_gpu: bool) -> str:
     """``trainer.precision`` as Lightning spells it; ``auto``: bf16-mixed on CUDA, 32-true on CPU."""
     p = cfg.trainer.precision
     if p == "auto":
@@ -35,7 +34,7 @@ def precision(cfg: VideoPretrainConfig, on_gpu: bool) -> str:
     return {"32": "32-true"}.get(p, p)
 
 
-def step_options(cfg: VideoPretrainConfig, on_gpu: bool) -> dict[str, Any]:
+def step_options(cfg: Any, on_gpu: bool) -> dict[str, Any]:
     """The Trainer arguments that decide what a training step computes (see the module docstring)."""
     return {"precision": precision(cfg, on_gpu),
             "accumulate_grad_batches": cfg.trainer.accumulate_grad_batches,
@@ -43,7 +42,7 @@ def step_options(cfg: VideoPretrainConfig, on_gpu: bool) -> dict[str, Any]:
             "benchmark": on_gpu or None}
 
 
-def resolve_accelerator(cfg: VideoPretrainConfig) -> tuple[str, bool]:
+def resolve_accelerator(cfg: Any) -> tuple[str, bool]:
     """``(accelerator for pl.Trainer, on_gpu)``; ``auto`` without a usable GPU becomes ``cpu``."""
     import torch
 

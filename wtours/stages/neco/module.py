@@ -35,13 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wtours.config import to_dict
 from wtours.models.ema import cosine_schedule, ema_update_
 from wtours.models.heads import gelu_mlp
 from wtours.models.init_weights import build_vit
 from wtours.stages.neco.crops import NeCoAugment
 from wtours.objectives.neco import NeCoLoss
-from wtours.train.checkpointing import rng_state, set_rng_state
+from wtours.train.checkpointing import ResumableState, step_seed
 from wtours.stages.neco.config import NeCoConfig, neco_training_hash
 
 
@@ -112,15 +111,7 @@ def build_neco_schedules(cfg: NeCoConfig, steps_per_epoch: int) -> NeCoSchedules
         momentum=cosine_schedule(o.momentum_teacher, o.momentum_teacher_end, total))
 
 
-def step_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across processes and platforms)."""
-    import hashlib
-
-    h = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
-
-
-class NeCoModule(pl.LightningModule):
+class NeCoModule(ResumableState, pl.LightningModule):
     """NeCo student/teacher pair; see the module docstring.
 
     Args:
@@ -237,28 +228,12 @@ class NeCoModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["wtours"] = {
-            "stage": "neco",
-            "config_hash": self.config_hash,
-            "config": to_dict(self.cfg),
-            "arch": self.arch,
-            "ema_updates": self.ema_updates,
-            "augment": self.augment.state_dict(),
-            "queue_counters": self.neco.counters(),
-            "rng": rng_state(),
-        }
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"stage": "neco", "arch": self.arch, "queue_counters": self.neco.counters()}
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        st = checkpoint.get("wtours", {})
-        self.ema_updates = int(st.get("ema_updates", 0))
-        if "augment" in st:
-            self.augment.load_state_dict(st["augment"])
-        if "queue_counters" in st:
-            self.neco.load_counters(st["queue_counters"])
-        rng = st.get("rng")
-        if rng:
-            set_rng_state(rng)
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        if "queue_counters" in state:
+            self.neco.load_counters(state["queue_counters"])
 
     # ------------------------------------------------------------------ pictures
 

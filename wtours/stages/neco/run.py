@@ -25,21 +25,14 @@ export nothing. Multi-GPU: ``--devices N --num-nodes M`` (DDP).
 
 from __future__ import annotations
 
-import os
 import sys
-import time
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from wtours.config import load_config, to_dict, to_yaml
+from wtours.config import load_config
 from wtours.errors import ConfigError, UserError
-from wtours.fsutil import ensure_dir, remove_stale_temps, write_text
-from wtours.train.checkpointing import config_changed
 from wtours.stages.neco.config import NeCoConfig, neco_training_hash, neco_training_view
-from wtours.train.stage_run import (auto_resume, check_run_options, drop_set_aside, fresh_start, launch_rank_zero,
-                                    loss_endpoints, print_loss_line)
-from wtours.train.trainer_setup import parse_devices, resolve_accelerator, step_options
+from wtours.train.engine import Built, Stage, StageRun, run_stage, wait_for_local_rank_zero
 
 STAGE = "stage2"
 CONFIG_FILE = "config_neco.yaml"
@@ -62,28 +55,6 @@ def load_neco_config(config: str | None, overrides: Sequence[str], max_steps: in
     if frames_from:
         cfg.frames_from = [str(Path(v).resolve()) for v in frames_from]
     return cfg
-
-
-# ----------------------------------------------------------------------------- small run helpers
-
-
-def _read_resume(path: Path, trust: bool) -> dict[str, Any]:
-    from wtours.integrity import load_verified
-
-    if not path.is_file():
-        raise UserError("checkpoint to resume from not found" if not path.exists() else "not a checkpoint file",
-                        path=path)
-    ckpt, verified = load_verified(path, trust=trust, hint="restore it from a copy, or start over with --fresh")
-    st = ckpt.get("wtours") if isinstance(ckpt, dict) else None
-    if not isinstance(st, dict) or st.get("stage") != "neco" or "state_dict" not in ckpt:
-        raise UserError("not a 'wtours neco' training checkpoint", path=path)
-    return {**st, "global_step": int(ckpt.get("global_step", 0)), "verified": verified}
-
-
-def _check_same_config(meta: dict[str, Any], cfg: NeCoConfig, path: Path) -> None:
-    if meta.get("config_hash") == neco_training_hash(cfg):
-        return
-    raise config_changed(neco_training_view(meta.get("config", {})), neco_training_view(to_dict(cfg)), path)
 
 
 def _patch_size(arch: str) -> int:
@@ -147,12 +118,9 @@ def make_dataset(cfg: NeCoConfig, stage: Path, show: bool) -> tuple[Any, tuple[i
     if not cfg.frames_from:
         raise UserError("no training data: give --images DIR (a folder of images) or --frames-from VIDEO ...")
     cache_dir = stage / "frames"
-    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) or 0)
-    if local_rank > 0:  # local rank 0 builds the cache; the others wait for it
-        for _ in range(7200):
-            if (cache_dir / "frames.json").is_file():
-                break
-            time.sleep(0.5)
+    # local rank 0 builds the cache; the others wait for it
+    wait_for_local_rank_zero(lambda: (cache_dir / "frames.json").is_file(), "the frame cache", cache_dir,
+                             timeout_s=3600)
     d = cfg.data
     npy = build_frame_cache(cfg.frames_from, cache_dir, d.frames, d.frame_short_side, d.frame_sampling, cfg.seed,
                             progress=show)
@@ -163,264 +131,103 @@ def make_dataset(cfg: NeCoConfig, stage: Path, show: bool) -> tuple[Any, tuple[i
     return ds, (int(shape[1]), int(shape[2])), f"{len(ds)} frames of {len(cfg.frames_from)} video(s)"
 
 
-# ----------------------------------------------------------------------------- callbacks
-
-from wtours.train.callbacks import PeriodicPictures, StepProgressBar  # noqa: E402
-
-
-class _NeCoBar(StepProgressBar):
-    """The stage-1 step bar, labelled ``neco``."""
-
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        super().on_train_start(trainer, pl_module)
-        if self.bar is not None:
-            self.bar.set_description("neco")
-
-
-class PCAPictures(PeriodicPictures):
-    """Every ``every`` optimizer steps (and at the end): fixed images (the run's first 4, kept in the
-    checkpoint) and the first 3 PCA components of the student's patch features, as
-    ``pictures/pca_step{N:06d}.png`` (row 1 images, row 2 features as RGB)."""
-
-    def __init__(self, out_dir: str | Path, every: int, count: int = 4) -> None:
-        super().__init__(out_dir, every)
-        self.count = count
-        self.images: Any = None
-        self.sizes: Any = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"images": self.images, "sizes": self.sizes}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.images, self.sizes = state_dict.get("images"), state_dict.get("sizes")
-
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self.images is None:
-            self.images = batch["image"][: self.count].detach().to("cpu", copy=True)
-            self.sizes = batch["size"][: self.count].detach().to("cpu", copy=True)
-
-    def write(self, trainer: Any, pl_module: Any) -> Path | None:
-        step = trainer.global_step
-        if self.images is None or step == self._last or not trainer.is_global_zero:
-            return None
-        self._last = step
-        crops, pca = pl_module.pca_features(self.images.to(pl_module.device), self.sizes)
-        from wtours.fsutil import atomic_open
-
-        path = ensure_dir(self.out_dir) / f"pca_step{step:06d}.png"
-        with atomic_open(path, "wb") as f:
-            f.write(render_pca_png(crops, pca))
-        self.written.append(path)
-        return path
-
-
-def render_pca_png(crops: Any, pca: Any, min_size: int = 128) -> bytes:
-    """PNG bytes: crops ``[M, 3, S, S]`` in a row, their PCA maps ``[M, 3, g, g]`` (nearest-upsampled) below."""
-    import io
-
-    import numpy as np
-    import torch.nn.functional as F
-    from PIL import Image
-
-    m, _, s, _ = crops.shape
-    up = F.interpolate(pca.float().cpu(), size=(s, s), mode="nearest")
-    rows = [crops.float().cpu(), up]
-    scale = max(1, -(-min_size // s))
-    gap = 2
-    canvas = np.full((2 * s * scale + gap, m * (s * scale + gap) - gap, 3), 255, dtype=np.uint8)
-    for r, data in enumerate(rows):
-        tiles = (data.permute(0, 2, 3, 1).numpy() * 255).clip(0, 255).astype(np.uint8)
-        tiles = tiles.repeat(scale, axis=1).repeat(scale, axis=2)
-        for i in range(m):
-            y, x = r * (s * scale + gap), i * (s * scale + gap)
-            canvas[y:y + s * scale, x:x + s * scale] = tiles[i]
-    buf = io.BytesIO()
-    Image.fromarray(canvas).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 # ----------------------------------------------------------------------------- the run
+
+
+class NeCoStage(Stage):
+    """Stage 2 as hooks on :func:`wtours.train.engine.run_stage`."""
+
+    command, subdir, config_file = "neco", STAGE, CONFIG_FILE
+    checkpoint_stage = "neco"
+    trainer_options = {"use_distributed_sampler": False}  # NeCoDataModule shards the images itself
+
+    def config_hash(self) -> str:
+        return neco_training_hash(self.cfg)
+
+    def training_view(self, config: dict[str, Any]) -> dict[str, Any]:
+        return neco_training_view(config)
+
+    def divergence_hint(self) -> str:
+        o = self.cfg.optim
+        return f"lower optim.lr_backbone / optim.lr_head (now {o.lr_backbone:g} / {o.lr_head:g}) or set optim.clip_grad (e.g. 3.0)"
+
+    def check_options(self, on_gpu: bool) -> None:
+        if self.cfg.loss.sorter == "torchsort":
+            from wtours.objectives.sorting import torchsort_problem
+
+            problem = torchsort_problem("cuda" if on_gpu else "cpu")
+            if problem:
+                raise ConfigError(f"loss.sorter: {problem}")
+
+    def prepare(self, run: StageRun) -> None:
+        """The encoder: its arch, and its weights unless a checkpoint replaces them; with ``--fresh`` the data
+        too (every input checked before the old run is set aside)."""
+        from wtours.models.init_weights import load_init
+
+        if run.resumed is not None:
+            self.arch, self.init_sd, self.init_info = str(run.resumed["arch"]), None, {"kind": "checkpoint"}
+        else:
+            w = load_init(self.cfg.init, self.cfg.model.drop_registers, trust=run.trust)
+            self.arch, self.init_sd, self.init_info = w.arch, w.state_dict, w.info
+        if run.fresh:
+            check_data(self.cfg)
+
+    def data(self, run: StageRun) -> None:
+        self.dataset, canvas, self.described = make_dataset(self.cfg, run.stage_dir, run.show)
+        check_crops(self.cfg, self.arch, canvas)
+
+    def build(self, run: StageRun) -> Built:
+        from wtours.stages.neco.callbacks import PCAPictures
+        from wtours.stages.neco.data import NeCoDataModule
+        from wtours.stages.neco.module import NeCoModule
+
+        cfg = self.cfg
+        per_step = cfg.data.batch_size * run.world * cfg.trainer.accumulate_grad_batches
+        if len(self.dataset) < per_step:
+            raise ConfigError(f"data.batch_size: {per_step} images per step (batch x ranks x accumulation) but the data "
+                              f"has only {len(self.dataset)} ({self.described})")
+        self.steps_per_epoch = max(1, len(self.dataset) // per_step)
+        module = NeCoModule(cfg, self.arch, self.init_sd, self.steps_per_epoch)
+        dm = NeCoDataModule(self.dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.data.prefetch_factor,
+                            cfg.seed, cfg.trainer.accumulate_grad_batches)
+        self.pictures = PCAPictures(run.stage_dir / "pictures", cfg.log.picture_every)
+        # the throughput monitor's "clips" are images, its "frames" crops
+        return Built(module, dm, module.schedules.total_steps, per_step,
+                     cfg.crops.global_number + cfg.crops.local_number, [self.pictures])
+
+    def announce(self, run: StageRun, trainer: Any, built: Built) -> None:
+        cfg = self.cfg
+        if run.show:
+            print(f"neco: {self.arch} from {self.init_info.get('kind')} weights, {self.described}, {built.total_steps} "
+                  f"steps ({self.steps_per_epoch}/epoch), {built.per_step} images/step on {run.world} "
+                  f"{'GPU' if run.on_gpu else 'CPU'} rank(s), sorter {cfg.loss.sorter} ({cfg.loss.impl}), precision "
+                  f"{trainer.precision}" + (f"; resuming at step {run.resumed_step}" if run.resumed else ""),
+                  file=sys.stderr)
+
+    def export(self, run: StageRun, trainer: Any, built: Built) -> tuple[Any, str, dict[str, Any]]:
+        cfg, module, dm = self.cfg, built.module, built.datamodule
+        net = module.student if cfg.export == "student" else module.teacher
+        meta = {"stage": "neco", "steps": trainer.global_step, "config_hash": module.config_hash, "arch": self.arch,
+                "init": cfg.init, "data": cfg.images or list(cfg.frames_from), "exported": cfg.export,
+                "sorter": cfg.loss.sorter, "images_seen": trainer.global_step * built.per_step,
+                "skipped_images": dm.skipped_images}
+        return net.vit, self.arch, meta
+
+    def summary(self, run: StageRun, trainer: Any, built: Built, rank_zero: bool) -> dict[str, Any]:
+        dm = built.datamodule
+        out: dict[str, Any] = {"skipped_images": dm.skipped_images, "bad_images": list(dm.bad_examples)}
+        if rank_zero:
+            out["pictures"] = [str(p) for p in self.pictures.written]
+        return out
 
 
 def run_neco(cfg: NeCoConfig, run_dir: str | Path, resume: str | None = None, devices: Any = None,
              num_nodes: int | None = None, extra_callbacks: Sequence[Any] = (), progress: bool | None = None,
              fresh: bool = False, trust: bool = False) -> dict[str, Any]:
-    """Run stage 2 into ``run_dir`` (see the module docstring) -> a summary dict.
+    """Run stage 2 into ``run_dir`` (see the module docstring) -> a summary dict (:func:`run_stage`).
 
     ``fresh`` sets an existing ``stage2/`` aside first; ``trust`` reads files that need pickle
     (``--init``, ``resume``). ``extra_callbacks`` are added to the Trainer (tests simulate a kill).
     """
-    import lightning.pytorch as pl
-    import torch
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from wtours.models.backbone_io import export_backbone
-    from wtours.models.init_weights import load_init
-    from wtours.train.callbacks import ThroughputMonitor
-    from wtours.train.csv_logger import ResumableCSVLogger
-    from wtours.train.checkpointing import AtomicCheckpointIO
-    from wtours.train.guard import FiniteGuard
-    from wtours.stages.neco.data import NeCoDataModule
-    from wtours.stages.neco.module import NeCoModule
-
-    check_run_options(cfg, resume, fresh, num_nodes)
-    accelerator, on_gpu = resolve_accelerator(cfg)
-    if cfg.loss.sorter == "torchsort":
-        from wtours.objectives.sorting import torchsort_problem
-
-        problem = torchsort_problem("cuda" if on_gpu else "cpu")
-        if problem:
-            raise ConfigError(f"loss.sorter: {problem}")
-    if not on_gpu and cfg.trainer.cpu_threads > 0:
-        torch.set_num_threads(cfg.trainer.cpu_threads)
-    dev = parse_devices(devices if devices is not None else cfg.trainer.devices)
-    main_process = launch_rank_zero()
-    run_dir = Path(run_dir)
-    ckpt_path = None
-    if resume is not None:
-        ckpt_path = run_dir / STAGE / "last.ckpt" if resume == "last" else Path(resume)
-    resumed = _read_resume(ckpt_path, trust) if ckpt_path is not None else None
-    if resumed is not None:
-        _check_same_config(resumed, cfg, ckpt_path)
-        if not resumed["verified"] and main_process:
-            print(f"wtours neco: {ckpt_path} carries no checksum: not verified", file=sys.stderr)
-    resumed_step = resumed["global_step"] if resumed is not None else None
-    # the encoder (its arch, and its weights unless a checkpoint replaces them)
-    if resumed is not None:
-        arch, init_sd, init_info = str(resumed["arch"]), None, {"kind": "checkpoint"}
-    else:
-        w = load_init(cfg.init, cfg.model.drop_registers, trust=trust)
-        arch, init_sd, init_info = w.arch, w.state_dict, w.info
-    run_dir = ensure_dir(run_dir)
-    show = cfg.log.progress if progress is None else progress
-    stage = run_dir / STAGE
-    if fresh:
-        check_data(cfg)  # every input checked before the old run is set aside
-    if fresh and main_process:
-        fresh_start(stage, "wtours neco")
-    stage = ensure_dir(stage)
-    if main_process:
-        remove_stale_temps(stage)
-    dataset, canvas, described = make_dataset(cfg, stage, show)
-    check_crops(cfg, arch, canvas)
-    write_text(run_dir / CONFIG_FILE, to_yaml(cfg))
-    loggers: list[Any] = [ResumableCSVLogger(run_dir, STAGE, keep_until_step=resumed_step)]
-    if cfg.log.tensorboard:
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name=STAGE, version="tb", default_hp_metric=False))
-    ckpt_cb = ModelCheckpoint(dirpath=str(stage), filename="last", every_n_train_steps=cfg.trainer.checkpoint_every,
-                              save_top_k=1, save_last=False, enable_version_counter=False, save_on_train_epoch_end=False)
-    bar = _NeCoBar(refresh=cfg.trainer.log_every, enabled=show)
-    pictures = PCAPictures(stage / "pictures", cfg.log.picture_every)
-    crops_per_image = cfg.crops.global_number + cfg.crops.local_number
-    throughput = ThroughputMonitor(0, crops_per_image, cfg.trainer.log_every)  # "clips" = images, "frames" = crops
-    guard = FiniteGuard(cfg.trainer.log_every, f"lower optim.lr_backbone / optim.lr_head (now {cfg.optim.lr_backbone:g}"
-                        f" / {cfg.optim.lr_head:g}) or set optim.clip_grad (e.g. 3.0)", stage / "last.ckpt",
-                        saved_step=resumed_step if ckpt_path == stage / "last.ckpt" else None)
-
-    def saved(path: Path, step: int) -> None:
-        guard.saved(step)
-        drop_set_aside(stage)
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(GPU available but not used).*")
-        try:
-            trainer = pl.Trainer(
-                accelerator=accelerator, devices=dev, num_nodes=num_nodes or cfg.trainer.num_nodes,
-                **step_options(cfg, on_gpu), max_epochs=-1, max_steps=1,
-                callbacks=[bar, throughput, pictures, guard, ckpt_cb, *extra_callbacks],
-                log_every_n_steps=cfg.trainer.log_every,
-                logger=loggers, plugins=[AtomicCheckpointIO(trust=trust, on_saved=saved)], limit_val_batches=0,
-                num_sanity_val_steps=0, enable_model_summary=False, default_root_dir=str(run_dir),
-                use_distributed_sampler=False)
-        except (MisconfigurationException, TypeError, ValueError) as e:
-            msg = " ".join(str(e).split())[:300]
-            raise UserError(f"cannot set up training (accelerator={accelerator!r}, devices={dev!r}; see --devices, "
-                            f"--num-nodes, trainer.accelerator): {msg}") from None
-    world = trainer.world_size
-    per_step = cfg.data.batch_size * world * cfg.trainer.accumulate_grad_batches
-    if len(dataset) < per_step:
-        raise ConfigError(f"data.batch_size: {per_step} images per step (batch x ranks x accumulation) but the data has "
-                          f"only {len(dataset)} ({described})")
-    steps_per_epoch = max(1, len(dataset) // per_step)
-    module = NeCoModule(cfg, arch, init_sd, steps_per_epoch)
-    total = module.schedules.total_steps
-    trainer.fit_loop.epoch_loop.max_steps = total
-    throughput.clips_per_step = per_step
-    dm = NeCoDataModule(dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.data.prefetch_factor, cfg.seed,
-                        cfg.trainer.accumulate_grad_batches)
-    if trainer.is_global_zero and show:
-        print(f"neco: {arch} from {init_info.get('kind')} weights, {described}, {total} steps ({steps_per_epoch}/epoch),"
-              f" {per_step} images/step on {world} {'GPU' if on_gpu else 'CPU'} rank(s), sorter {cfg.loss.sorter} "
-              f"({cfg.loss.impl}), precision {trainer.precision}"
-              + (f"; resuming at step {resumed_step}" if resumed_step is not None else ""), file=sys.stderr)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(does not have many workers|is not resumable|LeafSpec"
-                                "|exists and is not empty|checkpoint, but the dataloader|IterableDataset"
-                                "|on_before_batch_transfer).*")
-        try:
-            trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
-        except SystemExit as e:
-            if trainer.interrupted:
-                raise KeyboardInterrupt from e
-            raise
-    if trainer.interrupted or trainer.global_step < total:
-        raise KeyboardInterrupt
-    summary: dict[str, Any] = {"steps": trainer.global_step, "run_dir": str(run_dir),
-                               "skipped_images": dm.skipped_images, "bad_images": list(dm.bad_examples)}
-    trainer.save_checkpoint(str(stage / "last.ckpt"))  # the guard checks the weights first
-    guard.check(trainer, module)
-    if trainer.is_global_zero:
-        net = module.student if cfg.export == "student" else module.teacher
-        meta = {"stage": "neco", "steps": trainer.global_step, "config_hash": module.config_hash, "arch": arch,
-                "init": cfg.init, "data": cfg.images or list(cfg.frames_from), "exported": cfg.export,
-                "sorter": cfg.loss.sorter, "images_seen": trainer.global_step * per_step,
-                "skipped_images": dm.skipped_images}
-        export_backbone(net.vit, arch, stage / "backbone.pt", meta)
-        summary["backbone"] = str(stage / "backbone.pt")
-        for lg in loggers:
-            lg.save()
-        first, last = loss_endpoints(stage / "metrics.csv")
-        summary.update(first_loss=first, last_loss=last, pictures=[str(p) for p in pictures.written])
-        from wtours.report import write_report
-
-        summary["report"] = str(write_report(run_dir))
-    return summary
-
-
-def cli_main(args: Any) -> int:
-    cfg = load_neco_config(args.config, args.overrides, args.max_steps, args.init, args.images, args.frames_from)
-    run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
-    import torch
-
-    resume, fresh = auto_resume(args, run_dir / STAGE / "last.ckpt",
-                                f"wtours neco: {run_dir} holds a stage-2 run: continuing it (--fresh starts over)")
-    if not cfg.init and resume is None:
-        raise UserError("--init: give the encoder to start from (a stage-1 backbone.pt, a timm ViT state dict, "
-                        "DINOv2 weights, or random:<timm arch>)")
-    try:
-        summary = run_neco(cfg, run_dir, resume=resume, devices=args.devices, num_nodes=args.num_nodes, fresh=fresh,
-                           trust=getattr(args, "trust_checkpoint", False))
-    except torch.cuda.OutOfMemoryError:
-        raise UserError(f"CUDA out of memory (data.batch_size={cfg.data.batch_size}, crops.global_size="
-                        f"{cfg.crops.global_size}, loss.impl={cfg.loss.impl}): {OOM_HINT}") from None
-    except KeyboardInterrupt:
-        last = run_dir / STAGE / "last.ckpt"
-        hint = f"; continue by running the same command again (checkpoint: {last})" if last.is_file() else ""
-        print(f"wtours neco: stopped before the end{hint}", file=sys.stderr)
-        raise
-    print_loss_line(summary, run_dir / STAGE / "metrics.csv")
-    if summary.get("skipped_images"):
-        eg = f" (e.g. {summary['bad_images'][0]})" if summary.get("bad_images") else ""
-        print(f"wtours neco: skipped {summary['skipped_images']} unreadable image(s){eg}", file=sys.stderr)
-    if summary.get("backbone"):
-        print(f"backbone: {summary['backbone']}")
-        print(f"report: {summary['report']}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from wtours.cli import main
-
-    sys.exit(main(["neco", *sys.argv[1:]]))
+    return run_stage(NeCoStage(cfg), run_dir, resume=resume, devices=devices, num_nodes=num_nodes,
+                     extra_callbacks=extra_callbacks, progress=progress, fresh=fresh, trust=trust)

@@ -12,7 +12,7 @@ for the recipe's schedule shapes (warm-ups, frozen last layer); an epoch is
 ``data.clips_per_epoch`` clips, so ``steps_per_epoch = clips_per_epoch // (batch x world x accumulate)``.
 ``data.clips_per_epoch: frames`` is the reference's epoch (dora.md §1.2: every frame that can start a
 clip starts one, ~N clips per epoch of an N-frame tour); it is resolved to that number when the run
-indexes its videos (:func:`wtours.train.schedules.resolve_clips_per_epoch`), and the resolved number
+indexes its videos (:func:`wtours.stages.video.schedules.resolve_clips_per_epoch`), and the resolved number
 is what the schedules, the checkpoint and ``config.yaml`` hold.
 """
 

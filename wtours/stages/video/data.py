@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from wtours.train.schedules import steps_per_epoch
+from wtours.stages.video.schedules import steps_per_epoch
 from wtours.stages.video.config import VideoPretrainConfig
 from wtours.video.loader import ClipLoader, loader_source, to_clip_chw
 

@@ -3,7 +3,7 @@
 The module handles what every objective shares; the objective handles the rest:
 
 ==========================================  ===================================================
-:class:`DoRAModule` (optimisation)          the objective (:mod:`wtours.objectives.interface`)
+:class:`VideoModule` (optimisation)         the objective (:mod:`wtours.objectives.interface`)
 ==========================================  ===================================================
 student / teacher backbones (TrackingViT)   its heads (student + EMA teacher copy), prototypes
 GPU multi-crop (ClipAugment), random        its state (DINO centre, queues), updated once per
@@ -30,12 +30,12 @@ One training step, per optimizer step (``accumulate_grad_batches`` micro-batches
 ``[B, T, 3, H, W]`` on the device), in Lightning's automatic optimisation, under the Trainer's
 precision (bf16-mixed autocast on CUDA, fp32 on CPU):
 
-1. ``training_step`` (each micro-batch): schedules at the step, reseed, :meth:`DoRAModule.forward_step`
+1. ``training_step`` (each micro-batch): schedules at the step, reseed, :meth:`VideoModule.forward_step`
    (augment -> objective) -> loss, logged stats; Lightning runs backward.
 2. ``on_before_optimizer_step``: the objective's hook (frozen parameters), then per-parameter
    gradient clipping (DINO; ``torch._foreach_norm``, no host sync).
 3. ``optimizer_step``: lr / weight decay of the step into the param groups, AdamW, then
-   :meth:`DoRAModule.after_optimizer_step` (backbone EMA + the objective's state updates).
+   :meth:`VideoModule.after_optimizer_step` (backbone EMA + the objective's state updates).
 
 ``wtours bench train`` runs exactly this, through a ``pl.Trainer`` on a fixed batch
 (:mod:`wtours.bench.train`).
@@ -47,7 +47,6 @@ would have, on every rank.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import lightning.pytorch as pl
@@ -55,7 +54,6 @@ import torch
 from torch import nn
 
 from wtours.stages.video.augment import ClipAugment, crop_resize, normalize
-from wtours.config import to_dict
 from wtours.models.ema import ema_update_
 from wtours.models.vit import TrackingViT
 from wtours.objectives.dora import (
@@ -68,8 +66,8 @@ from wtours.objectives.dora import (
 )
 from wtours.objectives.interface import ObjectiveSet, StepInputs, StepValues
 from wtours.objectives.timet import TimeTObjective
-from wtours.train.checkpointing import CHECKPOINT_LAYOUT, rng_state, set_rng_state
-from wtours.train.schedules import Schedules, build_schedules, steps_per_epoch
+from wtours.train.checkpointing import CHECKPOINT_LAYOUT, ResumableState, step_seed
+from wtours.stages.video.schedules import Schedules, build_schedules, steps_per_epoch
 from wtours.stages.video.config import VideoPretrainConfig, training_hash
 
 
@@ -129,13 +127,7 @@ def freeze_all_but_last_blocks_(backbone: TrackingViT, n: int) -> None:
         blk.requires_grad_(True)
 
 
-def step_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across processes and platforms)."""
-    h = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
-
-
-class DoRAModule(pl.LightningModule):
+class VideoModule(ResumableState, pl.LightningModule):
     """Student/teacher backbones + the stage-1 objective; optimisation only (see the module docstring).
 
     Attributes: ``student`` / ``teacher`` (:class:`TrackingViT`; the teacher is the student's EMA and
@@ -262,28 +254,12 @@ class DoRAModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["wtours"] = {
-            "config_hash": self.config_hash,
-            "config": to_dict(self.cfg),
-            "arch": self.cfg.model.arch,
-            "ema_updates": self.ema_updates,
-            "layout": CHECKPOINT_LAYOUT,
-            "augment": self.augment.state_dict(),
-            "generator": self.generator.get_state(),
-            "rng": rng_state(),
-        }
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"arch": self.cfg.model.arch, "layout": CHECKPOINT_LAYOUT, "generator": self.generator.get_state()}
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        st = checkpoint.get("wtours", {})
-        self.ema_updates = int(st.get("ema_updates", 0))
-        if "augment" in st:
-            self.augment.load_state_dict(st["augment"])
-        if "generator" in st:
-            self.generator.set_state(st["generator"])
-        rng = st.get("rng")
-        if rng:
-            set_rng_state(rng)
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
 
     # ------------------------------------------------------------------ pictures
 
@@ -378,3 +354,7 @@ def clip_per_parameter_(params: Any, max_norm: float) -> torch.Tensor | None:
         torch._foreach_mul_(gs, list(coef.to(gs[0].dtype).unbind(0)))
         all_norms.append(norms)
     return torch.cat(all_norms)
+
+
+#: the name it had when stage 1 ran DoRA only (it runs DoRA and/or TimeT)
+DoRAModule = VideoModule

@@ -31,20 +31,16 @@ detected by Lightning).
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from wtours.config import load_config, to_dict, to_yaml
+from wtours.config import load_config
 from wtours.errors import UserError
-from wtours.fsutil import ensure_dir, remove_stale_temps, write_text
-from wtours.train.stage_run import (auto_resume, check_run_options, drop_set_aside,  # noqa: F401 (public here too)
-                                    fresh_start, launch_rank_zero, loss_endpoints, print_loss_line, set_stage_aside)
-from wtours.stages.video.config import VideoPretrainConfig, training_hash
+from wtours.fsutil import ensure_dir
+from wtours.stages.video.config import VideoPretrainConfig, training_hash, training_view
+from wtours.train.engine import Built, Stage, StageRun, run_stage, wait_for_local_rank_zero
 
 OOM_HINT = ("lower data.batch_size (e.g. --set data.batch_size=8, with trainer.accumulate_grad_batches=2 to keep "
             "the batch), crops.local_number, tracking.objects or model.arch (e.g. vit_tiny_patch16_224)")
@@ -94,17 +90,8 @@ def synth_videos(cfg: VideoPretrainConfig, run_dir: Path, progress: bool = True,
             return False
         return all(have.get(k) == v for k, v in want.items())
 
-    if ready():
+    if ready() or wait_for_local_rank_zero(ready, "the synthetic video", out, timeout_s=600):
         return [str(out / "tour.mp4")]
-    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) or 0)
-    if local_rank > 0:  # torchrun / srun start all ranks at once: local rank 0 writes, the others wait
-        import time
-
-        for _ in range(1200):
-            if ready():
-                return [str(out / "tour.mp4")]
-            time.sleep(0.5)
-        raise UserError("timed out waiting for local rank 0 to write the synthetic video", path=out)
     if progress:
         print(f"{why}: writing a synthetic walking tour to {out}", file=sys.stderr)
     res = synthesize(out_dir=out, width=s.width, height=s.height, fps=s.fps, seconds=s.seconds, seed=s.seed,
@@ -149,227 +136,132 @@ def divergence_hint(cfg: VideoPretrainConfig) -> str:
     return hint + f" or optim.clip_grad (now {o.clip_grad:g})"
 
 
-def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    if resume is None:
-        return None
-    p = run_dir / "stage1" / "last.ckpt" if resume == "last" else Path(resume)
-    if not p.is_file():
-        raise UserError("checkpoint to resume from not found" + (" (no earlier run in --out)" if resume == "last" else ""),
-                        path=p)
-    return p
+class VideoStage(Stage):
+    """Stage 1 as hooks on :func:`wtours.train.engine.run_stage`."""
+
+    command, subdir, config_file = "pretrain", "stage1", "config.yaml"
+
+    def __init__(self, cfg: VideoPretrainConfig) -> None:
+        from wtours.train.checkpointing import CHECKPOINT_LAYOUT
+
+        super().__init__(cfg)
+        self.checkpoint_layout = CHECKPOINT_LAYOUT
+
+    def config_hash(self) -> str:
+        return training_hash(self.cfg)
+
+    def training_view(self, config: dict[str, Any]) -> dict[str, Any]:
+        return training_view(config)
+
+    def divergence_hint(self) -> str:
+        return divergence_hint(self.cfg)
+
+    def prepare(self, run: StageRun) -> None:
+        import torch
+
+        from wtours.stages.video.data import make_clip_dataset
+        from wtours.stages.video.schedules import resolve_clips_per_epoch
+
+        cfg = self.cfg
+        run_dir = ensure_dir(run.run_dir)
+        synthetic = False
+        if cfg.data.frames:
+            if cfg.videos:
+                raise UserError("give either --video files or --frames (data.frames), not both")
+            if not Path(cfg.data.frames).is_dir():
+                raise UserError("frame folder not found" if not Path(cfg.data.frames).exists() else "not a folder",
+                                path=cfg.data.frames)
+        elif not cfg.videos:
+            cfg.videos = synth_videos(cfg, run_dir, progress=run.show)
+            synthetic = True
+        for v in cfg.videos:
+            if not Path(v).is_file():
+                from wtours.video.index import missing_reason
+
+                raise UserError(missing_reason(v, "video not found") if not Path(v).exists() else "not a file", path=v)
+        # data.clips_per_epoch: frames -> the number (indexes the videos, cached), before the config is hashed, so
+        # the schedules, config.yaml, the checkpoint and the resume check all hold the resolved number
+        per_epoch_given = cfg.data.clips_per_epoch
+        resolve_clips_per_epoch(cfg, cfg.videos)
+        if per_epoch_given != cfg.data.clips_per_epoch:
+            run.notes.append(f"data.clips_per_epoch: {per_epoch_given} -> {cfg.data.clips_per_epoch} (one clip per "
+                             "frame that can start a clip, as the DoRA reference's epoch)")
+        detail = crop_detail_warning(cfg, cfg.videos)
+        if detail:
+            run.notes.append(f"warning: {detail}")
+        decoded = list(cfg.videos)
+        if not cfg.data.frames and not synthetic:  # data.proxy: auto: a 4K source is decoded from a cached proxy
+            from wtours.video.prepare import training_videos
+
+            decoded = training_videos(cfg.videos, cfg.data.short_side, cfg.data.proxy,
+                                      progress=run.main_process and run.show)
+        self.dataset = make_clip_dataset(cfg, decoded)  # indexes the videos; too-short ones fail here
+        if cfg.model.init:  # read (verified) now: a bad --init fails before --fresh touches the old run
+            from wtours.models.backbone_io import load_backbone
+
+            with torch.random.fork_rng(devices=[]):
+                load_backbone(cfg.model.init, arch=cfg.model.arch)
+
+    def build(self, run: StageRun) -> Built:
+        from wtours.stages.video.callbacks import MaskPictures
+        from wtours.stages.video.data import DataEpochCallback, VideoDataModule
+        from wtours.stages.video.module import VideoModule
+        from wtours.stages.video.schedules import clips_per_step
+        from wtours.train.callbacks import CollapseWarning
+
+        cfg = self.cfg
+        module = VideoModule(cfg)
+        self.sched = module.ensure_schedules(run.world)
+        dm = VideoDataModule(cfg, self.dataset, run.world)
+        self.pictures = MaskPictures(run.stage_dir / "pictures", cfg.log.picture_every)
+        self.collapse = CollapseWarning(cfg.model.out_dim, cfg.trainer.log_every, run.run_dir / "report.md")
+        return Built(module, dm, self.sched.total_steps, clips_per_step(cfg, run.world), cfg.data.frames_per_clip,
+                     [self.pictures, DataEpochCallback(dm), self.collapse])
+
+    def announce(self, run: StageRun, trainer: Any, built: Built) -> None:
+        cfg, sched, world = self.cfg, self.sched, run.world
+        if run.main_process and world > 1 and not run.on_gpu:
+            print(f"pretrain: running {world} CPU processes (DDP, gloo); the learning rate scales with the {world}x "
+                  f"larger total batch: peak lr {sched.peak_lr:.3g} (optim.lr {cfg.optim.lr:g} x "
+                  f"{built.per_step} clips/step / optim.lr_batch_reference {cfg.optim.lr_batch_reference})",
+                  file=sys.stderr)
+        if run.show:
+            for note in run.notes:
+                print(f"pretrain: {note}", file=sys.stderr)
+            print(f"pretrain: {cfg.model.arch}, {sched.total_steps} steps ({sched.steps_per_epoch}/epoch), "
+                  f"{built.per_step} clips/step x {cfg.data.frames_per_clip} frames on {world} "
+                  f"{'GPU' if run.on_gpu else 'CPU'} rank(s), peak lr {sched.peak_lr:.3g}, precision "
+                  f"{trainer.precision}" + (f"; resuming at step {run.resumed_step}" if run.resumed else ""),
+                  file=sys.stderr)
+
+    def export(self, run: StageRun, trainer: Any, built: Built) -> tuple[Any, str, dict[str, Any]]:
+        cfg, step = self.cfg, trainer.global_step
+        meta = {"stage": "+".join(cfg.objective.enabled()), "objectives": cfg.objective.enabled(),
+                "steps": step, "config_hash": self.config_hash(), "init": cfg.model.init,
+                "videos": [str(v) for v in cfg.videos], "frames": cfg.data.frames, "arch": cfg.model.arch,
+                "clips_seen": step * built.per_step, "planned_steps": built.total_steps,
+                "stopped_by_time": 0 < step < built.total_steps}
+        return built.module.teacher.vit, cfg.model.arch, meta
+
+    def summary(self, run: StageRun, trainer: Any, built: Built, rank_zero: bool) -> dict[str, Any]:
+        if not rank_zero:
+            return {}
+        return {"pictures": [str(p) for p in self.pictures.written],
+                "collapse_warnings": list(self.collapse.warnings)}
 
 
 def run_pretrain(cfg: VideoPretrainConfig, run_dir: str | Path, resume: str | None = None,
                  devices: Any = None, num_nodes: int | None = None, extra_callbacks: Sequence[Any] = (),
                  progress: bool | None = None, fresh: bool = False, trust: bool = False,
                  max_seconds: float | None = None) -> dict[str, Any]:
-    """Run stage 1 into ``run_dir`` (see the module docstring). Returns a summary dict.
+    """Run stage 1 into ``run_dir`` (see the module docstring) -> a summary dict (:func:`run_stage`).
 
     ``fresh`` sets an existing ``stage1/`` aside first; ``trust`` reads a ``resume`` checkpoint that
     needs pickle. ``extra_callbacks`` are added to the Trainer (tests use one to simulate a kill).
-    ``max_seconds`` caps this invocation's training time (Lightning's ``max_time``): a run stopped by it
-    ends like a finished one (checkpoint, guard, export) with ``summary["stopped_by_time"]`` set and
-    ``meta["planned_steps"]`` in ``backbone.pt``; the schedules keep their planned length.
+    ``max_seconds`` caps this invocation's training time: a run stopped by it ends like a finished one
+    (checkpoint, guard, export) with ``summary["stopped_by_time"]`` set and ``meta["planned_steps"]`` in
+    ``backbone.pt``; the schedules keep their planned length.
     """
-    import torch
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from wtours.models.backbone_io import export_backbone
-    from wtours.train.callbacks import CollapseWarning, MaskPictures, StepProgressBar, ThroughputMonitor
-    from wtours.train.checkpointing import AtomicCheckpointIO, check_config, read_checkpoint_meta
-    from wtours.train.csv_logger import ResumableCSVLogger
-    from wtours.train.guard import FiniteGuard
-    from wtours.train.schedules import clips_per_step, resolve_clips_per_epoch
-    from wtours.train.trainer_setup import (make_trainer, parse_devices, quiet_lightning, resolve_accelerator,
-                                            step_options, world_size)
-    from wtours.stages.video.data import DataEpochCallback, VideoDataModule, make_clip_dataset
-    from wtours.stages.video.module import DoRAModule
-
-    check_run_options(cfg, resume, fresh, num_nodes)
-    dev = parse_devices(devices if devices is not None else cfg.trainer.devices)
-    main_process = launch_rank_zero()
-    # the checkpoint to resume from is read (verified, weights_only) before anything is written
-    ckpt_path = resolve_resume(resume, Path(run_dir))
-    resumed = read_checkpoint_meta(ckpt_path, trust) if ckpt_path is not None else None
-    resumed_step = resumed["global_step"] if resumed is not None else None
-    if resumed is not None and not resumed["verified"] and main_process:
-        print(f"wtours pretrain: {ckpt_path} carries no checksum (written by an older wtours): not verified",
-              file=sys.stderr)
-    run_dir = ensure_dir(run_dir)
-    show = cfg.log.progress if progress is None else progress
-    synthetic = False
-    if cfg.data.frames:
-        if cfg.videos:
-            raise UserError("give either --video files or --frames (data.frames), not both")
-        if not Path(cfg.data.frames).is_dir():
-            raise UserError("frame folder not found" if not Path(cfg.data.frames).exists() else "not a folder",
-                            path=cfg.data.frames)
-    elif not cfg.videos:
-        cfg.videos = synth_videos(cfg, run_dir, progress=show)
-        synthetic = True
-    for v in cfg.videos:
-        if not Path(v).is_file():
-            from wtours.video.index import missing_reason
-
-            raise UserError(missing_reason(v, "video not found") if not Path(v).exists() else "not a file", path=v)
-    # data.clips_per_epoch: frames -> the number (indexes the videos, cached), before the config is hashed, so
-    # the schedules, config.yaml, the checkpoint and the resume check all hold the resolved number
-    per_epoch_given = cfg.data.clips_per_epoch
-    resolve_clips_per_epoch(cfg, cfg.videos)
-    notes = []
-    if per_epoch_given != cfg.data.clips_per_epoch:
-        notes.append(f"data.clips_per_epoch: {per_epoch_given} -> {cfg.data.clips_per_epoch} (one clip per frame "
-                     "that can start a clip, as the DoRA reference's epoch)")
-    detail = crop_detail_warning(cfg, cfg.videos)
-    if detail:
-        notes.append(f"warning: {detail}")
-    cfg_hash = training_hash(cfg)
-    if resumed is not None:
-        check_config(resumed, cfg_hash, to_dict(cfg), ckpt_path)
-    decoded = list(cfg.videos)
-    if not cfg.data.frames and not synthetic:  # data.proxy: auto: a 4K source is decoded from a cached proxy
-        from wtours.video.prepare import training_videos
-
-        decoded = training_videos(cfg.videos, cfg.data.short_side, cfg.data.proxy, progress=main_process and show)
-    dataset = make_clip_dataset(cfg, decoded)  # indexes the videos; too-short ones fail here
-    if cfg.model.init:  # read (verified) now: a bad --init fails before --fresh touches the old run
-        from wtours.models.backbone_io import load_backbone
-
-        with torch.random.fork_rng(devices=[]):
-            load_backbone(cfg.model.init, arch=cfg.model.arch)
-    # every input is checked: only now may --fresh set the old stage1/ aside
-    if fresh and main_process:
-        fresh_start(run_dir / "stage1", "wtours pretrain")
-    stage = ensure_dir(run_dir / "stage1")
-    if main_process:
-        n_tmp, size = remove_stale_temps(stage)
-        if n_tmp:
-            print(f"wtours pretrain: removed {n_tmp} temp file(s) ({size / 2**20:.1f} MiB) left by killed writes "
-                  f"in {stage}", file=sys.stderr)
-    write_text(run_dir / "config.yaml", "".join(f"# {n}\n" for n in notes) + to_yaml(cfg))
-    accelerator, on_gpu = resolve_accelerator(cfg)
-    if not on_gpu and cfg.trainer.cpu_threads > 0:
-        torch.set_num_threads(cfg.trainer.cpu_threads)
-    nodes = num_nodes or cfg.trainer.num_nodes
-    # the world size decides the schedules' length, which is the Trainer's max_steps
-    world = world_size(accelerator, dev, nodes)
-    module = DoRAModule(cfg)
-    sched = module.ensure_schedules(world)
-    loggers: list[Any] = [ResumableCSVLogger(run_dir, "stage1", keep_until_step=resumed_step)]
-    if cfg.log.tensorboard:
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="stage1", version="tb",
-                                         default_hp_metric=False))
-    # save_top_k=0 + save_last: only stage1/last.ckpt, overwritten (and no "directory not empty" warning)
-    ckpt_cb = ModelCheckpoint(dirpath=str(stage), every_n_train_steps=cfg.trainer.checkpoint_every, save_top_k=0,
-                              save_last=True, enable_version_counter=False, save_on_train_epoch_end=False)
-    bar = StepProgressBar(refresh=cfg.trainer.log_every, enabled=show)
-    pictures = MaskPictures(stage / "pictures", cfg.log.picture_every)
-    throughput = ThroughputMonitor(clips_per_step(cfg, world), cfg.data.frames_per_clip, cfg.trainer.log_every)
-    dm = VideoDataModule(cfg, dataset, world)
-    data_epochs = DataEpochCallback(dm)
-    guard = FiniteGuard(cfg.trainer.log_every, divergence_hint(cfg), stage / "last.ckpt",
-                        saved_step=resumed_step if ckpt_path == stage / "last.ckpt" else None)
-
-    def saved(path: Path, step: int) -> None:
-        guard.saved(step)
-        drop_set_aside(stage)  # a --fresh start is now safe: the new run has a checkpoint
-
-    collapse = CollapseWarning(cfg.model.out_dim, cfg.trainer.log_every, run_dir / "report.md")
-    callbacks = [bar, throughput, pictures, data_epochs, collapse, guard, ckpt_cb, *extra_callbacks]
-
-    with warnings.catch_warnings():
-        quiet_lightning()
-        trainer = make_trainer(
-            world, accelerator=accelerator, devices=dev, num_nodes=nodes, **step_options(cfg, on_gpu),
-            max_epochs=-1, max_steps=sched.total_steps, callbacks=callbacks, log_every_n_steps=cfg.trainer.log_every,
-            max_time=None if max_seconds is None else datetime.timedelta(seconds=float(max_seconds)),
-            logger=loggers, plugins=[AtomicCheckpointIO(trust=trust, on_saved=saved)], limit_val_batches=0,
-            num_sanity_val_steps=0, enable_model_summary=False, default_root_dir=str(run_dir))
-
-    if trainer.is_global_zero and main_process and world > 1 and not on_gpu:
-        print(f"pretrain: running {world} CPU processes (DDP, gloo); the learning rate scales with the {world}x "
-              f"larger total batch: peak lr {sched.peak_lr:.3g} (optim.lr {cfg.optim.lr:g} x "
-              f"{clips_per_step(cfg, world)} clips/step / optim.lr_batch_reference {cfg.optim.lr_batch_reference})",
-              file=sys.stderr)
-    if trainer.is_global_zero and show:
-        for note in notes:
-            print(f"pretrain: {note}", file=sys.stderr)
-        print(f"pretrain: {cfg.model.arch}, {sched.total_steps} steps ({sched.steps_per_epoch}/epoch), "
-              f"{clips_per_step(cfg, world)} clips/step x {cfg.data.frames_per_clip} frames on {world} "
-              f"{'GPU' if on_gpu else 'CPU'} rank(s), peak lr {sched.peak_lr:.3g}, precision "
-              f"{trainer.precision}" + (f"; resuming at step {resumed_step}" if resumed_step is not None else ""),
-              file=sys.stderr)
-    with warnings.catch_warnings():
-        quiet_lightning()
-        try:
-            trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
-        except SystemExit as e:  # Lightning's graceful Ctrl-C ends in sys.exit(1)
-            if trainer.interrupted:
-                raise KeyboardInterrupt from e
-            raise
-    stopped_by_time = max_seconds is not None and 0 < trainer.global_step < sched.total_steps
-    if trainer.interrupted or (trainer.global_step < sched.total_steps and not stopped_by_time):
-        raise KeyboardInterrupt
-    summary: dict[str, Any] = {"steps": trainer.global_step, "run_dir": str(run_dir),
-                               "stopped_by_time": stopped_by_time, "planned_steps": sched.total_steps}
-    trainer.save_checkpoint(str(stage / "last.ckpt"))  # the guard checks the weights first
-    guard.check(trainer, module)
-    if trainer.is_global_zero:
-        meta = {"stage": "+".join(cfg.objective.enabled()), "objectives": cfg.objective.enabled(),
-                "steps": trainer.global_step, "config_hash": cfg_hash, "init": cfg.model.init,
-                "videos": [str(v) for v in cfg.videos], "frames": cfg.data.frames, "arch": cfg.model.arch,
-                "clips_seen": trainer.global_step * clips_per_step(cfg, world), "planned_steps": sched.total_steps,
-                "stopped_by_time": stopped_by_time}
-        export_backbone(module.teacher.vit, cfg.model.arch, stage / "backbone.pt", meta)
-        summary["backbone"] = str(stage / "backbone.pt")
-        for lg in loggers:
-            lg.save()
-        first, last = loss_endpoints(stage / "metrics.csv")
-        summary.update(first_loss=first, last_loss=last, pictures=[str(p) for p in pictures.written],
-                       collapse_warnings=list(collapse.warnings))
-        from wtours.report import write_report
-
-        summary["report"] = str(write_report(run_dir))
-    return summary
-
-
-def cli_main(args: Any) -> int:
-    from wtours.pipeline.run import pipeline_mode
-
-    if pipeline_mode(args):  # no stage-1-only option (--config, --init, --frames, --resume): the whole chain
-        from wtours.pipeline.run import cli_main as pipeline_main
-
-        return pipeline_main(args)
-    cfg = load_pretrain_config(args.config, args.overrides, args.max_steps, args.video,
-                               init=getattr(args, "init", None), frames=getattr(args, "frames", None))
-    run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
-    import torch
-
-    # auto-resume (as DINOv2 and solo-learn do): re-running a command continues its run, and a finished
-    # run only re-exports; --fresh starts over
-    resume, fresh = auto_resume(args, run_dir / "stage1" / "last.ckpt",
-                                f"wtours pretrain: {run_dir} holds a run: continuing it (--fresh starts over)")
-    try:
-        summary = run_pretrain(cfg, run_dir, resume=resume, devices=args.devices, num_nodes=args.num_nodes,
-                               fresh=fresh, trust=getattr(args, "trust_checkpoint", False))
-    except torch.cuda.OutOfMemoryError:
-        raise UserError(f"CUDA out of memory (data.batch_size={cfg.data.batch_size}, crops.local_number="
-                        f"{cfg.crops.local_number}, tracking.objects={cfg.tracking.objects}, model.arch="
-                        f"{cfg.model.arch}): {OOM_HINT}") from None
-    except KeyboardInterrupt:
-        last = run_dir / "stage1" / "last.ckpt"
-        hint = f"; continue with --resume (checkpoint: {last})" if last.is_file() else ""
-        print(f"wtours pretrain: stopped before the end{hint}", file=sys.stderr)
-        raise
-    print_loss_line(summary, run_dir / "stage1" / "metrics.csv")
-    if summary.get("backbone"):
-        print(f"backbone: {summary['backbone']}")
-        print(f"report: {summary['report']}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from wtours.cli import main
-
-    sys.exit(main(["pretrain", *sys.argv[1:]]))
+    return run_stage(VideoStage(cfg), run_dir, resume=resume, devices=devices, num_nodes=num_nodes,
+                     extra_callbacks=extra_callbacks, progress=progress, fresh=fresh, trust=trust,
+                     max_seconds=max_seconds)

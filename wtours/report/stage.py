@@ -1,4 +1,4 @@
-"""``wtours report RUN_DIR``: (re)write a run directory's ``report.md`` from what the run left.
+"""The report of a stage's run directory: (re)write its ``report.md`` from what the run left.
 
 Reads ``config.yaml``, ``stage1/metrics.csv`` (loss, schedules, throughput), ``stage1/pictures/*.png``,
 ``stage1/backbone.pt`` (its meta), ``stage2/metrics.csv`` and ``eval/metrics.json`` when present,
@@ -268,9 +268,3 @@ def write_report(run_dir: str | Path) -> Path:
                 lines.append(f"| {k} | {_fmt(v)} |")
             lines.append("")
     return write_text(run / "report.md", "\n".join(lines).rstrip() + "\n")
-
-
-def cli_main(args: Any) -> int:
-    path = write_report(args.run_dir)
-    print(path)
-    return 0

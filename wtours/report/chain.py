@@ -5,7 +5,7 @@ run directory holds: ``pipeline.yaml``, each stage's ``status.json`` (state, tim
 ``metrics.csv`` (loss curves, drawn to ``<stage>/loss.png``) and pictures (stage 1: tracked-object masks;
 NeCo: PCA of the patch features), the eval stages' ``metrics.json`` (tables) and cluster overlays (the
 same frames for the random baseline and after each training stage: before / after NeCo), and the
-published numbers of :mod:`wtours.pipeline.tables` (marked as not measured here). Missing parts are
+published numbers of :mod:`wtours.report.tables` (marked as not measured here). Missing parts are
 skipped, so a stopped run is reported as far as it got.
 """
 
@@ -20,8 +20,9 @@ from typing import Any
 import yaml
 
 from wtours.fsutil import atomic_open, write_text
-from wtours.pipeline.status import read_status
-from wtours.pipeline.tables import DORA_NOTE, markdown_rows, published_tables, stage_rows, summary_rows
+from wtours.rundir import STAGE_SUBDIR, read_status
+from wtours.report.stage import plot_curve, read_metrics
+from wtours.report.tables import DORA_NOTE, markdown_rows, published_tables, stage_rows, summary_rows
 
 Block = tuple  # ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", path, caption) | ("pre", text)
 
@@ -40,8 +41,6 @@ def _secs(s: Any) -> str:
 
 
 def _loss_picture(out: Path, stage: str, sub: Path) -> Path | None:
-    from wtours.report import plot_curve, read_metrics
-
     pts = read_metrics(sub / "metrics.csv").get("train/loss")
     if not pts:
         return None
@@ -58,8 +57,6 @@ def _pictures(sub: Path) -> list[Path]:
 
 def build_blocks(out: Path) -> list[Block]:
     """The report's content (see the module docstring)."""
-    from wtours.pipeline.run import STAGE_SUBDIR
-
     try:
         spec = yaml.safe_load((out / "pipeline.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):

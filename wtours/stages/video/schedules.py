@@ -99,7 +99,7 @@ def clips_per_epoch(cfg: VideoPretrainConfig) -> int:
     n = cfg.data.clips_per_epoch
     if n == CLIPS_PER_EPOCH_FRAMES:
         raise ConfigError(f"data.clips_per_epoch: '{CLIPS_PER_EPOCH_FRAMES}' is resolved when the videos are indexed "
-                          "(wtours.train.schedules.resolve_clips_per_epoch) and was not resolved here")
+                          "(wtours.stages.video.schedules.resolve_clips_per_epoch) and was not resolved here")
     return int(n)
 
 
