@@ -6,7 +6,7 @@ import torch
 import pytest
 
 from wtours.errors import UserError
-from wtours.models.backbone_io import export_backbone, infer_arch, load_backbone
+from wtours.models.weights import export_backbone, infer_arch, load_backbone
 
 ARCH = "vit_tiny_patch16_224"
 

@@ -103,7 +103,7 @@ def test_snapshot_callback_writes_each_step_once(tmp_path):
 
     class M:
         class teacher:
-            from wtours.models.backbone_io import create_vit
+            from wtours.models.weights import create_vit
 
             vit = create_vit("vit_nano_patch8_64", num_classes=0)
 

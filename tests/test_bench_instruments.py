@@ -76,7 +76,7 @@ def test_aggregate_separation():
 
 
 def test_pixel_encoder_features():
-    from wtours.models.backbone_io import load_backbone
+    from wtours.models.weights import load_backbone
 
     enc, info = load_backbone("pixels:4@0.5")
     assert info["kind"] == "pixels" and enc.patch_embed.patch_size == (4, 4) and enc.embed_dim == 8

@@ -10,7 +10,7 @@ import torch
 
 from wtours.bench.supervised import crop_grids, load_frames, supervised_set, train_supervised
 from wtours.errors import UserError
-from wtours.models.backbone_io import load_backbone
+from wtours.models.weights import load_backbone
 
 
 def test_crop_grids_stay_inside_the_frame_with_the_asked_area_and_flips():

@@ -155,7 +155,7 @@ def test_pretrain_cross_section_checks_happen_at_load(overrides, message):
 
 
 def test_patch_size_comes_from_the_model_not_its_name():
-    from wtours.models.backbone_io import vit_geometry
+    from wtours.models.weights import vit_geometry
     from wtours.stages.video.config import VideoPretrainConfig
 
     assert vit_geometry("vit_nano_patch8_64") == (8, 4, 128, 6)

@@ -61,7 +61,7 @@ def test_synth_end_to_end_with_overclustering_and_repeats(synth_dir, tmp_path, c
 
 
 def test_ytvos_layout_with_an_exported_backbone(synth_dir, tmp_path):
-    from wtours.models.backbone_io import create_vit, export_backbone
+    from wtours.models.weights import create_vit, export_backbone
 
     ckpt = export_backbone(create_vit("vit_tiny_patch16_224"), "vit_tiny_patch16_224", tmp_path / "backbone.pt",
                            {"stage": "test"})
@@ -107,7 +107,7 @@ def test_empty_video_list(synth_dir, tmp_path, capsys):
 
 
 def test_checkpoint_whose_arch_does_not_match_its_weights(synth_dir, tmp_path, capsys):
-    from wtours.models.backbone_io import create_vit
+    from wtours.models.weights import create_vit
 
     sd = create_vit("vit_tiny_patch16_224").state_dict()
     bad = tmp_path / "bad.pt"
@@ -151,7 +151,7 @@ def test_bad_config_key_is_one_line(synth_dir, capsys):
 
 
 def test_bare_timm_state_dict_with_inferred_arch(synth_dir, tmp_path):
-    from wtours.models.backbone_io import create_vit
+    from wtours.models.weights import create_vit
 
     sd = create_vit("vit_tiny_patch16_224").state_dict()  # like a released DINO .pth: timm key names
     path = tmp_path / "weights.pth"
@@ -363,7 +363,7 @@ def test_diverged_weights_are_refused_with_one_line_naming_the_checkpoint(synth_
                                                                           problem):
     """Issue 20 #2: finite weights of 5e27 (and non-finite ones, in a file not written by wtours) gave
     `RuntimeError: probability tensor contains either inf, nan or element < 0` in kmeans_pp."""
-    from wtours.models.backbone_io import create_vit
+    from wtours.models.weights import create_vit
 
     vit = create_vit("vit_tiny_patch16_224")
     sd = {k: v * scale if k.endswith(key) else v for k, v in vit.state_dict().items()}

@@ -191,7 +191,7 @@ def test_cuda_matches_cpu():
 def test_an_exported_backbone_scores_as_its_random_spec(synth_dir, tmp_path):
     """backbone.pt of the weights random:<arch>@0 builds gives the same J&F, and its identity is recorded."""
     from wtours.eval.propagation import PropagationConfig, evaluate_propagation
-    from wtours.models.backbone_io import create_vit, export_backbone
+    from wtours.models.weights import create_vit, export_backbone
 
     torch.manual_seed(0)
     ckpt = export_backbone(create_vit("vit_nano_patch8_64", num_classes=0, dynamic_img_size=True),

@@ -97,7 +97,7 @@ def test_sampler_resumes_mid_stream_and_shards_ranks():
 
 
 def test_init_from_a_stage1_backbone_and_a_random_spec(tmp_path):
-    from wtours.models.backbone_io import create_vit, export_backbone
+    from wtours.models.weights import create_vit, export_backbone
     from wtours.models.init_weights import build_vit, load_init
 
     torch.manual_seed(0)
@@ -209,7 +209,7 @@ def _neco_init_error(tmp_path, capsys, init):
 def test_a_bare_state_dict_of_a_small_vit_names_no_option_neco_lacks(tmp_path, capsys):
     """Issue 20 #7: `neco` on a bare small-ViT state dict said "pass --arch", an option neco does not have;
     the layout it suggests loads."""
-    from wtours.models.backbone_io import create_vit
+    from wtours.models.weights import create_vit
     from wtours.models.init_weights import load_init
 
     sd = create_vit("vit_nano_patch8_64", num_classes=0).state_dict()

@@ -4,7 +4,7 @@ import json, sys
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 from PIL import Image
-from wtours.models.backbone_io import load_backbone
+from wtours.models.weights import load_backbone
 torch.set_num_threads(1)
 root = Path(sys.argv[1]) / "ytvos/train"
 meta = json.load(open(root / "meta.json"))["videos"]

@@ -57,7 +57,7 @@ class BackboneSnapshots(Callback):
         step = int(trainer.global_step)
         if step not in self.steps or not trainer.is_global_zero or self.path(step).is_file():
             return
-        from wtours.models.backbone_io import export_backbone
+        from wtours.models.weights import export_backbone
 
         ensure_dir(self.path(step).parent)
         export_backbone(pl_module.teacher.vit, self.arch, self.path(step), {"steps": step, "snapshot": True})

@@ -385,7 +385,7 @@ def gflop_per_frame(config: str | None = CONFIG_DEFAULT) -> tuple[float, str]:
     from torch.utils.flop_counter import FlopCounterMode
 
     import wtours.models  # noqa: F401 - registers the small ViTs
-    from wtours.models.backbone_io import create_vit
+    from wtours.models.weights import create_vit
     from wtours.models.heads import DINOHead
     from wtours.stages.video.run import load_pretrain_config
 

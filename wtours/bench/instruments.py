@@ -201,7 +201,7 @@ def run_instruments(args: Any) -> tuple[dict, str]:
             synthesize(root, width=args.width, height=args.height, fps=15.0, seconds=1.0, sequences=args.sequences,
                        seq_frames=args.seq_frames, seed=args.data_seed, progress=not quiet)
             times["synth"] = time.perf_counter() - t0
-    from wtours.models.backbone_io import vit_geometry
+    from wtours.models.weights import vit_geometry
 
     patch = int(vit_geometry(args.arch).patch_size)  # an unknown arch: one line, before any work
     rows: dict[str, str] = {"random": f"random:{args.arch}@{{seed}}"}

@@ -281,7 +281,7 @@ def cli_main(args: Any) -> int:
 
         check_output_file(args.json, "--json")
     arch = args.arch or ("vit_small_patch16_224" if on_gpu else "vit_nano_patch8_64")
-    from wtours.models.backbone_io import vit_arch_problem
+    from wtours.models.weights import vit_arch_problem
 
     problem = vit_arch_problem(arch)
     if problem:

@@ -123,7 +123,7 @@ def train_supervised(arch: str, data_root: str | Path, out_dir: str | Path, step
     """
     from wtours.eval.features import IMAGENET_MEAN, IMAGENET_STD, patch_tokens
     from wtours.fsutil import write_json
-    from wtours.models.backbone_io import export_backbone, load_backbone
+    from wtours.models.weights import export_backbone, load_backbone
 
     if steps < 1 or batch < 1:
         raise UserError(f"supervised training needs steps >= 1 and batch >= 1 (got {steps}, {batch})")

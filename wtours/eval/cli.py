@@ -172,7 +172,7 @@ def evaluate_clustering(
     """Run the whole evaluation and write its outputs -> the metrics dict (also in metrics.json).
     ``feature_transform``: ``FeatureSet -> FeatureSet`` applied after extraction (e.g. the oracle
     :func:`wtours.eval.features.gt_patch_features` of ``wtours bench instruments``)."""
-    from wtours.models.backbone_io import load_backbone, split_spec
+    from wtours.models.weights import load_backbone, split_spec
 
     cfg = cfg or EvalConfig()
     try:

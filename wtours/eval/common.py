@@ -1,5 +1,5 @@
 """What the evaluation instruments share: loading the encoder (every checkpoint form of
-:func:`wtours.models.backbone_io.load_backbone`), its identity for ``metrics.json``, the device,
+:func:`wtours.models.weights.load_backbone`), its identity for ``metrics.json``, the device,
 validated configs, and the mIoU of a confusion matrix as open-hummingbird-eval / NeCo compute it."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from wtours.errors import ConfigError, UserError
 def load_encoder(checkpoint: str, arch: str | None = None, trust: bool = False, verbose: bool = True):
     """-> (model in eval mode on CPU, info dict from ``load_backbone``); says which backbone of a training
     checkpoint is evaluated (its teacher unless ``:student``), as ``wtours eval clustering`` does."""
-    from wtours.models.backbone_io import load_backbone, split_spec
+    from wtours.models.weights import load_backbone, split_spec
 
     model, info = load_backbone(checkpoint, arch, trust=trust)
     picked = (info.get("meta") or {}).get("checkpoint") or {}
@@ -30,7 +30,7 @@ def load_encoder(checkpoint: str, arch: str | None = None, trust: bool = False, 
 def encoder_identity(checkpoint: str, info: dict, model: torch.nn.Module) -> dict:
     """The ``encoder`` entry of metrics.json: spec, kind, arch, role, meta, sha256 of the file, width, patch."""
     from wtours.eval.cli import _sha256
-    from wtours.models.backbone_io import split_spec
+    from wtours.models.weights import split_spec
 
     enc = {k: v for k, v in info.items() if k != "meta"}
     enc["meta"] = info.get("meta") or {}

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from wtours.errors import UserError
-from wtours.models.backbone_io import create_vit, fit_problem, infer_arch, read_state_dict, vit_arch_problem
+from wtours.models.weights import create_vit, fit_problem, infer_arch, read_state_dict, vit_arch_problem
 
 _DINOV2_BY_DIM = {384: "small", 768: "base", 1024: "large"}
 

@@ -3,7 +3,7 @@
 The backbone is a plain ``timm`` VisionTransformer built by name with random init
 (``dynamic_img_size=True``, so 112/96 px local crops work with an interpolated position
 embedding; ``num_classes=0``). Its state dict is therefore timm's own (``model.vit``), which is
-what :func:`wtours.models.backbone_io.export_backbone` writes.
+what :func:`wtours.models.weights.export_backbone` writes.
 
 ``forward_tracking`` (teacher, under ``no_grad``) returns a :class:`TrackingOutput`:
 
@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wtours.models.backbone_io import create_vit
+from wtours.models.weights import create_vit
 
 
 class TrackingOutput(NamedTuple):

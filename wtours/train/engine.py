@@ -158,7 +158,7 @@ def run_stage(stage: Stage, run_dir: str | Path, resume: str | None = None, devi
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from wtours.models.backbone_io import export_backbone
+    from wtours.models.weights import export_backbone
     from wtours.report import write_report
     from wtours.train.callbacks import StepProgressBar, ThroughputMonitor
     from wtours.train.checkpointing import AtomicCheckpointIO, check_config, read_checkpoint_meta

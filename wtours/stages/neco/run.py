@@ -58,7 +58,7 @@ def load_neco_config(config: str | None, overrides: Sequence[str], max_steps: in
 
 
 def _patch_size(arch: str) -> int:
-    from wtours.models.backbone_io import create_vit
+    from wtours.models.weights import create_vit
 
     import torch
 

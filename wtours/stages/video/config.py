@@ -214,7 +214,7 @@ class ModelConfig:
     train_blocks: int = 0  # train only the last N transformer blocks (0: the whole backbone; TimeT: 2)
 
     def validate(self) -> None:
-        from wtours.models.backbone_io import vit_arch_problem
+        from wtours.models.weights import vit_arch_problem
 
         problem = vit_arch_problem(self.arch)
         if problem:
@@ -376,7 +376,7 @@ class VideoPretrainConfig:
     def validate(self) -> None:
         """Checks across sections (each section has checked itself already). The ViT's patch size and
         heads come from the model itself, built on the ``meta`` device (no weights)."""
-        from wtours.models.backbone_io import vit_geometry
+        from wtours.models.weights import vit_geometry
 
         c, arch = self.crops, self.model.arch
         geometry = vit_geometry(arch)

@@ -108,8 +108,8 @@ def build_objective(cfg: VideoPretrainConfig, embed_dim: int) -> ObjectiveSet:
 def load_init_(backbone: TrackingViT, arch: str, spec: str) -> None:
     """Initial weights for ``backbone`` from ``spec`` (``backbone.pt``, a timm ViT state dict file, or
     ``random:<arch>@<seed>``), read as a ViT of ``arch``: one line naming the file when its weights do not
-    fit (another patch size, width or depth), from :func:`wtours.models.backbone_io.load_backbone`."""
-    from wtours.models.backbone_io import load_backbone
+    fit (another patch size, width or depth), from :func:`wtours.models.weights.load_backbone`."""
+    from wtours.models.weights import load_backbone
 
     model, _ = load_backbone(spec, arch=arch)
     sd = model.state_dict()

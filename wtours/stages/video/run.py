@@ -197,7 +197,7 @@ class VideoStage(Stage):
                                       progress=run.main_process and run.show)
         self.dataset = make_clip_dataset(cfg, decoded)  # indexes the videos; too-short ones fail here
         if cfg.model.init:  # read (verified) now: a bad --init fails before --fresh touches the old run
-            from wtours.models.backbone_io import load_backbone
+            from wtours.models.weights import load_backbone
 
             with torch.random.fork_rng(devices=[]):
                 load_backbone(cfg.model.init, arch=cfg.model.arch)
