@@ -98,7 +98,7 @@ def test_sampler_resumes_mid_stream_and_shards_ranks():
 
 def test_init_from_a_stage1_backbone_and_a_random_spec(tmp_path):
     from wtours.models.weights import create_vit, export_backbone
-    from wtours.models.init_weights import build_vit, load_init
+    from wtours.models.weights import build_vit, load_init
 
     torch.manual_seed(0)
     m = create_vit("vit_nano_patch8_64", num_classes=0)
@@ -114,7 +114,7 @@ def test_init_from_a_stage1_backbone_and_a_random_spec(tmp_path):
 def test_init_converts_dinov2_weights_and_drops_registers(tmp_path):
     import timm
 
-    from wtours.models.init_weights import build_vit, load_init
+    from wtours.models.weights import build_vit, load_init
 
     ref = timm.create_model("vit_small_patch14_dinov2", num_classes=0, dynamic_img_size=True).eval()
     sd = dict(ref.state_dict())
@@ -135,7 +135,7 @@ def test_init_converts_dinov2_weights_and_drops_registers(tmp_path):
 def test_init_that_is_not_a_vit_fails_in_one_line(tmp_path):
     import torchvision
 
-    from wtours.models.init_weights import load_init
+    from wtours.models.weights import load_init
 
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
     for spec, pattern in ((str(tmp_path / "resnet18.pth"), "not a ViT"), ("random:resnet18", "not a ViT"),
@@ -210,7 +210,7 @@ def test_a_bare_state_dict_of_a_small_vit_names_no_option_neco_lacks(tmp_path, c
     """Issue 20 #7: `neco` on a bare small-ViT state dict said "pass --arch", an option neco does not have;
     the layout it suggests loads."""
     from wtours.models.weights import create_vit
-    from wtours.models.init_weights import load_init
+    from wtours.models.weights import load_init
 
     sd = create_vit("vit_nano_patch8_64", num_classes=0).state_dict()
     torch.save(sd, tmp_path / "nano.pth")

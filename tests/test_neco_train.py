@@ -29,7 +29,7 @@ def _sets(items):
 
 
 def test_module_teacher_is_a_frozen_copy_with_its_head_and_two_learning_rates():
-    from wtours.models.init_weights import load_init
+    from wtours.models.weights import load_init
     from wtours.stages.neco.module import NeCoModule
 
     cfg = load_neco_config("neco/tiny", [])

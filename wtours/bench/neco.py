@@ -124,7 +124,7 @@ def bench_step(cfg: Any, arch: str, sorter: str, impl: str, batch: int, steps: i
     """The whole NeCo optimizer step on a fixed batch of random canvases -> ms and peak bytes."""
     import torch
 
-    from wtours.models.init_weights import load_init
+    from wtours.models.weights import load_init
     from wtours.stages.neco.module import NeCoModule
 
     cfg.loss.sorter = sorter

@@ -10,7 +10,7 @@ One training step on a batch of uint8 canvases ``[B, 3, H, W]`` with valid sizes
 4. :class:`wtours.objectives.neco.NeCoLoss`: ROI alignment of all 10 pairs, references, soft sorting,
    cross-entropy (fp32, autocast off).
 
-Networks: the backbone is a timm ViT loaded from ``--init`` (:mod:`wtours.models.init_weights`);
+Networks: the backbone is a timm ViT loaded from ``--init`` (:mod:`wtours.models.weights`);
 patch tokens after the final norm (prefix tokens dropped) go through the projection head
 ``D -> 2048 -> 2048 -> 256`` (GELU, trunc-normal init, no norm layers) and are L2-normalised. Student
 and teacher start from the same weights, **including the head** (the reference initialises the
@@ -37,7 +37,7 @@ from torch import nn
 
 from wtours.models.ema import cosine_schedule, ema_update_
 from wtours.models.heads import gelu_mlp
-from wtours.models.init_weights import build_vit
+from wtours.models.weights import build_vit
 from wtours.stages.neco.crops import NeCoAugment
 from wtours.objectives.neco import NeCoLoss
 from wtours.train.checkpointing import ResumableState, step_seed

@@ -162,7 +162,7 @@ class NeCoStage(Stage):
     def prepare(self, run: StageRun) -> None:
         """The encoder: its arch, and its weights unless a checkpoint replaces them; with ``--fresh`` the data
         too (every input checked before the old run is set aside)."""
-        from wtours.models.init_weights import load_init
+        from wtours.models.weights import load_init
 
         if run.resumed is not None:
             self.arch, self.init_sd, self.init_info = str(run.resumed["arch"]), None, {"kind": "checkpoint"}
