@@ -9,7 +9,7 @@ import pytest
 
 from wtours.cli import main
 from wtours.errors import UserError
-from wtours.pipeline.run import pipeline_mode
+from wtours.commands.pretrain import pipeline_mode
 from wtours.pipeline.spec import PIPELINE_DIR, load_pipeline, select_stages
 
 GOOD = """

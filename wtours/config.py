@@ -24,11 +24,10 @@ from typing import Any, TypeVar
 import yaml
 
 from wtours.errors import ConfigError
+from wtours.resources import CONFIG_DIR
 
 T = TypeVar("T")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
 
 
 def resolve_config_path(path: str | Path) -> Path:

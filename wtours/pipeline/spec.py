@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from wtours.config import REPO_ROOT, load_yaml_file
+from wtours.config import load_yaml_file
 from wtours.errors import UserError
 from wtours.config import flatten
+from wtours.resources import PIPELINE_DIR
 
-PIPELINE_DIR = REPO_ROOT / "pipelines"
 DEFAULT_PIPELINE = "walking-tours"
 KINDS = ("video", "neco", "eval")
 TRAINING_KINDS = ("video", "neco")
