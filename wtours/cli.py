@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     groups: dict[str, argparse.ArgumentParser] = {}
     parser.set_defaults(_groups=groups)
 
-    p = _sub(subs, "download", "wtours.video.download", "fetch a video with yt-dlp (video-only stream)",
+    p = _sub(subs, "download", "wtours.commands.download", "fetch a video with yt-dlp (video-only stream)",
              "wtours download 'https://www.youtube.com/watch?v=...' --out videos/ --max-height 2160")
     p.add_argument("url", help="video URL (file:// URLs work too)")
     p.add_argument("--out", default="videos", metavar="DIR", help="output folder (default: videos)")
@@ -71,13 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", dest="format_spec", metavar="SPEC", help="raw yt-dlp format selector (overrides the above)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = _sub(subs, "index", "wtours.video.index", "probe a video and build its keyframe index (cached)",
+    p = _sub(subs, "index", "wtours.commands.index", "probe a video and build its keyframe index (cached)",
              "wtours index venice.mp4 --json")
     p.add_argument("videos", nargs="+", metavar="VIDEO")
     p.add_argument("--json", action="store_true", help="print the index summary as JSON")
     p.add_argument("--rebuild", action="store_true", help="ignore a cached index")
 
-    p = _sub(subs, "prepare", "wtours.video.prepare", "transcode a video to a training proxy (H.264, short GOP)",
+    p = _sub(subs, "prepare", "wtours.commands.prepare", "transcode a video to a training proxy (H.264, short GOP)",
              "wtours prepare venice.mp4 --short-side 540 --out venice_540p.mp4")
     p.add_argument("video", metavar="VIDEO")
     p.add_argument("--short-side", type=int, default=540,
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=None, help="resample to this frame rate (default: keep)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = _sub(subs, "synth", "wtours.video.synth", "write a synthetic walking tour (video + DAVIS/YTVOS-style masks)",
+    p = _sub(subs, "synth", "wtours.commands.synth", "write a synthetic walking tour (video + DAVIS/YTVOS-style masks)",
              "wtours synth --out data/synth --width 640 --height 360 --seconds 10 --seed 0")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--width", type=int, default=640)
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = groups["eval"] = _sub(subs, "eval", None, "evaluate an encoder",
              "wtours eval clustering --dataset davis --root DAVIS --checkpoint runs/venice/backbone.pt")
     esubs = p.add_subparsers(dest="eval_command", metavar="<protocol>")
-    q = _sub(esubs, "clustering", "wtours.eval.cli",
+    q = _sub(esubs, "clustering", "wtours.commands.eval_clustering",
              "unsupervised video segmentation by clustering (F / C / D mIoU, overclustering)",
              "wtours eval clustering --dataset davis --root DAVIS --checkpoint random:vit_small_patch16_224 --k 100 300")
     q.add_argument("--dataset", required=True, choices=["davis", "ytvos", "synth"])
@@ -206,19 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(q)
         return q
 
-    instrument("propagation", "wtours.eval.propagation",
+    instrument("propagation", "wtours.commands.eval_propagation",
                "semi-supervised video object segmentation by label propagation (DINO's protocol), DAVIS-2017 J&F",
                "wtours eval propagation --dataset davis --root DAVIS --checkpoint runs/venice/stage1/backbone.pt\n"
                "  wtours eval propagation --dataset synth --root data/synth --checkpoint random:vit_nano_patch8_64 "
                "--config eval/propagation_tiny", ["davis", "synth"])
     for name, handler, help_, example in (
-            ("incontext", "wtours.eval.incontext",
+            ("incontext", "wtours.commands.eval_incontext",
              "in-context segmentation by dense nearest-neighbour retrieval (Hummingbird / open-hummingbird-eval), "
              "mIoU: memory from the training split, queries from the held-out split",
              "wtours eval incontext --dataset ytvos --root YTVOS --checkpoint runs/venice/stage1/backbone.pt\n"
              "  wtours eval incontext --dataset synth --root data/synth --checkpoint random:vit_nano_patch8_64 "
              "--config eval/incontext_tiny"),
-            ("linear", "wtours.eval.linear_probe",
+            ("linear", "wtours.commands.eval_linear",
              "linear segmentation probe on frozen patch features (NeCo-style), trained on the training split, "
              "mIoU on the held-out split",
              "wtours eval linear --dataset ytvos --root YTVOS --checkpoint runs/venice/stage1/backbone.pt\n"
@@ -262,13 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--soak-every", type=float, default=60.0, metavar="SECONDS",
                    help="seconds between memory samples of --soak (default: 60)")
     q.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON here")
-    q = _sub(bsubs, "train", "wtours.bench.train", "training step throughput, MFU, memory and loader speed",
+    q = _sub(bsubs, "train", "wtours.commands.bench_train", "training step throughput, MFU, memory and loader speed",
              "wtours bench train --stage video --config configs/video/dora_vits16.yaml")
     q.add_argument("--stage", default="video", choices=["video"])
     q.add_argument("--steps", type=int, default=20)
     q.add_argument("--json", metavar="FILE", default=None)
     _add_config_args(q)
-    q = _sub(bsubs, "eval", "wtours.bench.eval", "evaluation speed on a DAVIS-sized synthetic set",
+    q = _sub(bsubs, "eval", "wtours.commands.bench_eval", "evaluation speed on a DAVIS-sized synthetic set",
              "wtours bench eval --sequences 30 --frames 70")
     q.add_argument("--sequences", type=int, default=30)
     q.add_argument("--frames", type=int, default=70)
@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write / reuse the synthetic set (default: the wtours cache)")
     q.add_argument("--json", metavar="FILE", default=None)
 
-    q = _sub(bsubs, "neco", "wtours.bench.neco",
+    q = _sub(bsubs, "neco", "wtours.commands.bench_neco",
              "NeCo step time and peak memory per sorter, against the naive (dense, diffsort-style) sorter",
              "wtours bench neco --config neco/neco_vits16 --json bench-neco.json")
     q.add_argument("--sorters", nargs="+", default=["bitonic", "odd_even", "torchsort"],
@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", metavar="FILE", default=None, help="also write proof.json here")
     q.add_argument("--quiet", action="store_true", help="no progress output")
 
-    q = _sub(bsubs, "instruments", "wtours.bench.instruments",
+    q = _sub(bsubs, "instruments", "wtours.commands.bench_instruments",
              "calibrate the dense instruments (clustering F/C/D, propagation J&F, in-context and linear mIoU) on the "
              "synthetic sets: random init vs raw pixels vs a ground-truth oracle (vs your encoders), over seeds",
              "wtours bench instruments --seeds 0 1 2 --out runs/bench-instruments\n"

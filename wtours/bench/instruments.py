@@ -262,10 +262,3 @@ def run_instruments(args: Any) -> tuple[dict, str]:
     if args.json:
         write_json(args.json, result)
     return result, table
-
-
-def cli_main(args: Any) -> int:
-    _, table = run_instruments(args)
-    print(table)
-    print(f"wrote {Path(args.out) / 'instruments.json'}")
-    return 0

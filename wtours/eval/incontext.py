@@ -348,12 +348,3 @@ def evaluate_incontext(
         print(f"total {timer.seconds['total']:.1f} s on {dev}")
         print(f"wrote {out_dir / 'metrics.json'}")
     return metrics
-
-
-def cli_main(args) -> int:
-    from wtours.config import load_config
-
-    cfg = load_config(InContextConfig, args.config, args.overrides)
-    evaluate_incontext(args.dataset, args.root, args.checkpoint, args.out, cfg, args.arch, args.videos, args.device,
-                       trust=getattr(args, "trust_checkpoint", False), memory_root=args.memory_root)
-    return 0

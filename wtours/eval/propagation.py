@@ -367,12 +367,3 @@ def evaluate_propagation(
         print("\n".join(summary_lines(metrics)))
         print(f"wrote {out_dir / 'metrics.json'}")
     return metrics
-
-
-def cli_main(args) -> int:
-    from wtours.config import load_config
-
-    cfg = load_config(PropagationConfig, args.config, args.overrides)
-    evaluate_propagation(args.dataset, args.root, args.checkpoint, args.out, cfg, args.arch, args.videos,
-                         args.device, trust=getattr(args, "trust_checkpoint", False))
-    return 0

@@ -203,10 +203,3 @@ def download(url: str, out_dir: str | Path = "videos", max_height: int = 2160, a
     if not path or not Path(path).is_file():
         raise UserError(f"{url}: yt-dlp finished but no file was written")
     return Path(path)
-
-
-def cli_main(args) -> int:
-    path = download(args.url, args.out, max_height=args.max_height, allow_av1=args.allow_av1,
-                    format_spec=args.format_spec, progress=not args.quiet)
-    print(path)
-    return 0

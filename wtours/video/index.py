@@ -585,18 +585,3 @@ def format_summary(idx: VideoIndex) -> str:
         f"  {s['keyframes']} keyframes, mean spacing {s['mean_keyframe_spacing']:.1f} frames "
         f"(max {s['max_keyframe_spacing']})"
     )
-
-
-def cli_main(args) -> int:
-    """``wtours index VIDEO... [--json] [--rebuild]``."""
-    results = []
-    for v in args.videos:
-        idx = index_video(v, rebuild=args.rebuild)
-        results.append(idx)
-    if args.json:
-        out = [i.summary() for i in results]
-        json.dump(out[0] if len(out) == 1 else out, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print("\n".join(format_summary(i) for i in results))
-    return 0

@@ -292,13 +292,3 @@ def _lock_alive(lock: Path) -> bool:
     except (PermissionError, ValueError):
         return True
     return True
-
-
-def cli_main(args) -> int:
-    """``wtours prepare VIDEO --short-side N [--out FILE] [--gop] [--crf] [--preset] [--fps] [--quiet]``."""
-    out = prepare_video(args.video, short_side=args.short_side, out=args.out, gop=args.gop, crf=args.crf,
-                        preset=args.preset, fps=args.fps, progress=not args.quiet)
-    idx = index_video(out)
-    print(f"{out}: {idx.width}x{idx.height} h264, {idx.fps:.3f} fps, {idx.num_frames} frames, "
-          f"{len(idx.keyframes)} keyframes (every {idx.mean_keyframe_spacing:.0f} frames)")
-    return 0

@@ -846,13 +846,3 @@ def synthesize(out_dir: str | Path, width: int = 640, height: int = 360, fps: fl
     write_json(out / "synth.json", meta)
     return SynthResult(video=out / "tour.mp4", davis_root=out / "davis", ytvos_root=out / "ytvos",
                        meta=out / "synth.json")
-
-
-def cli_main(args) -> int:
-    res = synthesize(args.out, width=args.width, height=args.height, fps=args.fps, seconds=args.seconds,
-                     codec=args.codec, gop=args.gop, sequences=args.sequences, seq_frames=args.seq_frames,
-                     objects=args.objects, seed=args.seed, progress=True)
-    for path in (res.video, res.davis_root, res.ytvos_root, res.meta):
-        if path.exists():  # --sequences 0 writes no datasets
-            print(path)
-    return 0
