@@ -73,6 +73,14 @@ class StageRun:
     def resumed_step(self) -> int | None:
         return self.resumed["global_step"] if self.resumed is not None else None
 
+    def ranks(self) -> str:
+        """``on 2 GPU rank(s)`` (the stages' start-up line)."""
+        return f"on {self.world} {'GPU' if self.on_gpu else 'CPU'} rank(s)"
+
+    def precision_and_resume(self, trainer: Any) -> str:
+        """``precision bf16-mixed; resuming at step 40`` (the end of the stages' start-up line)."""
+        return f"precision {trainer.precision}" + (f"; resuming at step {self.resumed_step}" if self.resumed else "")
+
 
 @dataclass
 class Built:

@@ -1,4 +1,5 @@
-"""``wtours neco``: stage 2, NeCo post-pretraining of an encoder on image crops.
+"""Stage 2 (``wtours neco``, :mod:`wtours.commands.neco`): NeCo post-pretraining of an encoder on image
+crops, as hooks on the stage engine (:mod:`wtours.train.engine`).
 
     wtours neco --init runs/venice/stage1/backbone.pt --frames-from venice.mp4 --out runs/venice
     wtours neco --init dinov2_vits14_reg4_pretrain.pth --images coco/train2017 --config neco/neco_vits16
@@ -199,10 +200,8 @@ class NeCoStage(Stage):
         cfg = self.cfg
         if run.show:
             print(f"neco: {self.arch} from {self.init_info.get('kind')} weights, {self.described}, {built.total_steps} "
-                  f"steps ({self.steps_per_epoch}/epoch), {built.per_step} images/step on {run.world} "
-                  f"{'GPU' if run.on_gpu else 'CPU'} rank(s), sorter {cfg.loss.sorter} ({cfg.loss.impl}), precision "
-                  f"{trainer.precision}" + (f"; resuming at step {run.resumed_step}" if run.resumed else ""),
-                  file=sys.stderr)
+                  f"steps ({self.steps_per_epoch}/epoch), {built.per_step} images/step {run.ranks()}, sorter "
+                  f"{cfg.loss.sorter} ({cfg.loss.impl}), {run.precision_and_resume(trainer)}", file=sys.stderr)
 
     def export(self, run: StageRun, trainer: Any, built: Built) -> tuple[Any, str, dict[str, Any]]:
         cfg, module, dm = self.cfg, built.module, built.datamodule

@@ -1,4 +1,5 @@
-"""``wtours pretrain``: stage 1, DoRA video pretraining of a ViT from scratch.
+"""Stage 1 (``wtours pretrain``, :mod:`wtours.commands.pretrain`): video pretraining of a ViT from scratch
+(DoRA and/or TimeT), as hooks on the stage engine (:mod:`wtours.train.engine`).
 
 Without any of ``--config``, ``--init``, ``--frames``, ``--resume`` the command runs a pipeline instead (the whole
 chain, :mod:`wtours.pipeline.run`); with one of them, stage 1 alone as described here.
@@ -229,10 +230,8 @@ class VideoStage(Stage):
             for note in run.notes:
                 print(f"pretrain: {note}", file=sys.stderr)
             print(f"pretrain: {cfg.model.arch}, {sched.total_steps} steps ({sched.steps_per_epoch}/epoch), "
-                  f"{built.per_step} clips/step x {cfg.data.frames_per_clip} frames on {world} "
-                  f"{'GPU' if run.on_gpu else 'CPU'} rank(s), peak lr {sched.peak_lr:.3g}, precision "
-                  f"{trainer.precision}" + (f"; resuming at step {run.resumed_step}" if run.resumed else ""),
-                  file=sys.stderr)
+                  f"{built.per_step} clips/step x {cfg.data.frames_per_clip} frames {run.ranks()}, peak lr "
+                  f"{sched.peak_lr:.3g}, {run.precision_and_resume(trainer)}", file=sys.stderr)
 
     def export(self, run: StageRun, trainer: Any, built: Built) -> tuple[Any, str, dict[str, Any]]:
         cfg, step = self.cfg, trainer.global_step
