@@ -115,7 +115,7 @@ LS=(--set "data.batch_size=$LEARN_BATCH" --set "optim.lr_batch_reference=$LEARN_
 ( timeout "$(left 200)" "$PY" - "$LEARN" "${LS[@]}" <<'EOF'
 import sys, time
 from pathlib import Path
-from wtours.train.pretrain import load_pretrain_config, synth_videos
+from wtours.stages.video.run import load_pretrain_config, synth_videos
 t = time.time()
 cfg = load_pretrain_config("video/proof", [a for a in sys.argv[2:] if a != "--set"])
 print(synth_videos(cfg, Path(sys.argv[1]), progress=False), "synth seconds", round(time.time() - t, 1))

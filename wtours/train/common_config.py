@@ -1,4 +1,4 @@
-"""Config pieces shared by the training stages (stage 1 ``video_config``, stage 2 ``neco_config``).
+"""Config pieces shared by the training stages (:mod:`wtours.stages.video.config`, :mod:`wtours.stages.neco.config`).
 
 * value checks used by the sections' ``validate()`` methods (:func:`at_least`, :func:`positive`,
   :func:`check_prob`, :func:`check_range`): each raises ``ValueError("<key>: ...")``, which
