@@ -2,7 +2,7 @@
 # masked views and local crops of 64 rows of a synthetic tour.  usage (repo root, PYTHONPATH=.):
 #   python scripts/issue16/analyse.py RUN/stage1/last.ckpt [RUN/data/synth/tour.mp4]
 import sys, torch, av, numpy as np, torch.nn.functional as F
-from wtours.stages.video.module import DoRAModule
+from wtours.stages.video.module import VideoModule
 from wtours.objectives.collapse import effective_rank
 from wtours.objectives.dora import *
 torch.set_num_threads(1)
@@ -11,7 +11,7 @@ from wtours.config import from_dict
 from wtours.stages.video.config import VideoPretrainConfig
 from wtours.config import load_config
 cfg = load_config(VideoPretrainConfig, "configs/video/proof.yaml", [])
-m = DoRAModule(cfg)
+m = VideoModule(cfg)
 m.load_state_dict(ck["state_dict"], strict=False)
 # decode frames: clips of 4 frames stride 8 at 8 places
 c = av.open(sys.argv[2] if len(sys.argv) > 2 else "runs/A_base/data/synth/tour.mp4"); fr = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
