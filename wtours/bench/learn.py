@@ -326,7 +326,7 @@ def _train_seed(cfg: Any, run_dir: Path, times: _Times, phase: str, quiet: bool,
     from wtours.integrity import load_verified
     from wtours.train.checkpointing import check_resume
     from wtours.stages.video.run import run_pretrain
-    from wtours.stages.video.config import training_hash
+    from wtours.stages.video.config import training_hash, training_view
 
     bb = run_dir / "stage1" / "backbone.pt"
     want = training_hash(cfg)
@@ -344,7 +344,7 @@ def _train_seed(cfg: Any, run_dir: Path, times: _Times, phase: str, quiet: bool,
     resume = None
     if last.is_file():
         try:
-            check_resume(last, want, to_dict(cfg))
+            check_resume(last, want, to_dict(cfg), view=training_view)
         except UserError as e:
             raise UserError(str(e).replace("start over with --fresh or another --out",
                                            f"use another --out, or delete {run_dir} to start this seed over")) from None
