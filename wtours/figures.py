@@ -54,11 +54,11 @@ def _png(fig: Any, dpi: int = 100) -> bytes:
 
 def smooth(values: Sequence[float], span: int | None = None) -> np.ndarray:
     """Exponential moving average (bias-corrected, as TensorBoard's smoothing) over ``span`` points (default:
-    a twentieth of the curve, at least 1); non-finite values are carried over from the last finite average."""
+    a fifteenth of the curve, at least 3); non-finite values are carried over from the last finite average."""
     v = np.asarray(values, dtype=np.float64)
     if v.size == 0:
         return v
-    span = span or max(1, v.size // 20)
+    span = span or max(3, v.size // 15)
     alpha = 2.0 / (span + 1.0)
     out = np.empty_like(v)
     avg, weight = 0.0, 0.0
