@@ -22,7 +22,7 @@ def test_export_loads_strictly_into_timm_and_keeps_the_weights(model, tmp_path):
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert list(ckpt) == ["arch", "state_dict", "meta"]
     assert ckpt["arch"] == ARCH and ckpt["meta"]["steps"] == 3 and ckpt["meta"]["wtours_checksum"].startswith("sha256:")
-    fresh = timm.create_model(ckpt["arch"])
+    fresh = timm.create_model(ckpt["arch"], num_classes=0)
     fresh.load_state_dict(ckpt["state_dict"])  # strict
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():

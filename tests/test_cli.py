@@ -66,3 +66,23 @@ def test_an_os_error_on_an_output_path_is_one_line_exit_2(bigbuckbunny, capsys):
     assert main(["prepare", str(bigbuckbunny), "--short-side", "48", "--out", "/proc/no/such/dir/x.mp4", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("wtours prepare: error: /proc/no/such/dir") and "\n" not in err
+
+
+def test_every_option_of_every_command_has_help_text():
+    """``wtours <cmd> --help`` explains every option and positional (issue 19)."""
+    import argparse
+
+    from wtours.cli import build_parser
+
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    walk(sub, [*path, name])
+            elif not a.help:
+                missing.append(" ".join([*path, *(a.option_strings[-1:] or [a.dest])]))
+
+    walk(build_parser(), ["wtours"])
+    assert missing == []

@@ -17,15 +17,16 @@ ROOT = Path(__file__).resolve().parents[1] / "wtours"
 
 #: top-level part of the package -> its layer (a part imports only parts of its own layer or below)
 LAYERS = {
-    "__init__": 0, "config": 0, "errors": 0, "fsutil": 0, "integrity": 0, "resources": 0, "rundir": 0,
+    "config": 0, "errors": 0, "fsutil": 0, "integrity": 0, "resources": 0, "rundir": 0, "figures": 0,
     "video": 1,
-    "models": 2, "objectives": 2, "eval": 2,
+    "models": 2, "objectives": 2, "eval": 2, "_timm_registry": 2,
     "report": 3,
     "train": 4,
     "stages": 5,
     "pipeline": 6, "bench": 6,
-    "commands": 7,
+    "commands": 7, "api": 7,
     "cli": 8,
+    "__init__": 8,  # the package facade: the lazy Python API and the timm registration hook; only cli imports it
 }
 
 

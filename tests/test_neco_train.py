@@ -95,7 +95,7 @@ def test_cli_run_from_a_stage1_backbone_exports_an_evaluable_backbone(tmp_path, 
 
     bb = torch.load(out / "stage2" / "backbone.pt", map_location="cpu", weights_only=True)
     assert bb["arch"] == "vit_nano_patch8_64" and bb["meta"]["stage"] == "neco" and bb["meta"]["steps"] == 4
-    timm.create_model(bb["arch"]).load_state_dict(bb["state_dict"], strict=True)
+    timm.create_model(bb["arch"], num_classes=0).load_state_dict(bb["state_dict"], strict=True)
     ck = _ckpt(out)
     sd = ck["state_dict"]
     assert ck["global_step"] == 4

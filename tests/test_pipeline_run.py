@@ -84,13 +84,15 @@ def test_tiny_pipeline_end_to_end(tiny_run, capsys):
     for part in ("## Pipeline", "| video | video | video/dora_timet_tiny", "## Results (measured here)",
                  "Published numbers (not measured here)", "| davis | TimeT | 53.7 | 53.0 | 20.5 |", "| NeCo | 17.8",
                  "](video/loss.png)", "](video/stage1/pictures/masks_step000002.png)", "](neco/loss.png)",
-                 "random init: synth-000](random/synth/vit_nano_patch8_64@0/overlays/synth-000.png)",
-                 "after video: synth-000](eval_video/synth/trained/overlays/synth-000.png)",
-                 "after neco: synth-000](eval_neco/synth/trained/overlays/synth-000.png)"):
+                 "](video/stage1/collapse.png)", "](neco/stage2/collapse.png)",
+                 "frame | ground truth | random init | after video | after neco](overlays_synth.png)"):
         assert part in md, part
     page = (out / "report.html").read_text()
     n_img = md.count("![")
-    assert page.count('src="data:image/png;base64,') == n_img >= 6 and page.count("src=") == n_img
+    assert page.count('src="data:image/png;base64,') == n_img >= 8 and page.count("src=") == n_img
+    for caption in ("collapse signals", "frame | ground truth | random init | after video | after neco",
+                    "tracked-object masks"):  # the HTML embeds every picture the markdown shows
+        assert f'alt="{caption}' in page or caption in page, caption
 
     # the same command again: every stage is skipped, nothing is rewritten
     before = _bytes(out, *STAGES)

@@ -127,3 +127,15 @@ def test_mode_rule():
         assert not pipeline_mode(_args(**{k: "x"}))  # stage 1 alone, as before
     with pytest.raises(UserError, match="give one kind"):
         pipeline_mode(_args(config="video/tiny", stages="video"))
+
+
+def test_a_mistyped_set_key_is_blamed_on_the_command_line_not_the_pipeline_file(tmp_path):
+    p = _write(tmp_path, GOOD)
+    with pytest.raises(UserError) as e:
+        load_pipeline(str(p), ["video.optim.lrr=1"])
+    msg = str(e.value)
+    assert msg.startswith("--set (stage 'video'): unknown config key 'optim.lrr'") and str(p) not in msg
+    bad = _write(tmp_path, GOOD.replace("max_steps: 3", "max_stepz: 3"), "bad.yaml")
+    with pytest.raises(UserError) as e:  # the file's own mistake still names the file, even with a good --set
+        load_pipeline(str(bad), ["video.optim.lr=1e-4"])
+    assert str(bad) in str(e.value) and "stage 'neco'" in str(e.value) and "max_stepz" in str(e.value)

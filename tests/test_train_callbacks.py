@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from wtours.stages.video.callbacks import PALETTE, render_masks_png
+from wtours.stages.video.callbacks import PALETTE, mask_overlays, render_masks_png
 from wtours.train.csv_logger import ResumableCSVLogger
 from wtours.train.checkpointing import AtomicCheckpointIO
 
 
-def test_mask_picture_layout_and_colours():
+def test_mask_overlay_colours_and_the_picture():
     t, k, g = 3, 2, 32
     frames = torch.zeros(t, 3, g, g)  # black frames
     masks = torch.zeros(t, k, 4, dtype=torch.bool)  # 2x2 patch grid
@@ -24,17 +24,18 @@ def test_mask_picture_layout_and_colours():
     masks[:, 0, 3] = True  # ... also claimed by object 0, but weaker there
     maps = torch.zeros(t, k, 4)
     maps[:, 0, 0], maps[:, 0, 3], maps[:, 1, 3] = 0.9, 0.1, 0.8
+    img, over = mask_overlays(frames, masks, (2, 2), maps, alpha=1.0)
+    assert img.shape == over.shape == (t, g, g, 3) and img.dtype == over.dtype == np.uint8
+    for i in range(t):
+        assert tuple(over[i, 5, 5]) == tuple(PALETTE[0].astype(np.uint8))  # top-left: object 0
+        assert tuple(over[i, g - 5, g - 5]) == tuple(PALETTE[1].astype(np.uint8))  # strongest wins
+        assert tuple(over[i, 5, g - 5]) == (0, 0, 0)  # no object
+        assert tuple(img[i, 5, 5]) == (0, 0, 0)  # the plain frames
     png = render_masks_png(frames, masks, (2, 2), maps, min_size=64, alpha=1.0)
     im = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-    tile = 64
-    assert im.shape == (2 * tile + 2, t * (tile + 2) - 2, 3)
-    over = im[tile + 2:]  # second row
-    for i in range(t):
-        x = i * (tile + 2)
-        assert tuple(over[5, x + 5]) == tuple(PALETTE[0].astype(np.uint8))  # top-left: object 0
-        assert tuple(over[tile - 5, x + tile - 5]) == tuple(PALETTE[1].astype(np.uint8))  # strongest wins
-        assert tuple(over[5, x + tile - 5]) == (0, 0, 0)  # no object
-        assert tuple(im[5, x + 5]) == (0, 0, 0)  # first row: plain frames
+    assert im.shape[0] > 2 * 64 and im.shape[1] > t * 64  # two rows of frames plus headers and legend
+    colours = {tuple(c) for c in im.reshape(-1, 3)}
+    assert tuple(PALETTE[0].astype(np.uint8)) in colours and tuple(PALETTE[1].astype(np.uint8)) in colours
 
 
 def test_csv_metrics_keep_rows_before_the_resumed_step(tmp_path):
@@ -157,11 +158,13 @@ def test_report_has_a_collapse_section_and_picture(tmp_path):
     assert "| `train/teacher_entropy` | 1 | 3.7 | 1 | 3.7 |" in text
     assert "| `train/feature_std` | 0.9 | 0.18 | 0.18 | 0.9 |" in text
     assert "![collapse signals](stage1/collapse.png)" in text
-    im = Image.open(run / "stage1" / "collapse.png").convert("RGB")
-    assert im.size == (2 * 400, 4 * 200)  # 7 panels, 2 a row
-    colours = {im.getpixel((x, y)) for x in range(0, 400) for y in range(0, 200)}
-    assert (200, 40, 40) in colours  # the log C line on the teacher-entropy panel
-    assert (200, 40, 40) not in {im.getpixel((x, y)) for x in range(400, 800) for y in range(0, 200)}
+    im = np.asarray(Image.open(run / "stage1" / "collapse.png").convert("RGB"))
+    h, w = im.shape[:2]
+    assert w > 1.5 * 400 and h > 3.5 * 200 and h > w  # 7 panels, 2 a row: 4 rows
+    red = np.array([214, 39, 40])  # matplotlib's tab:red, the dashed log C line
+    is_red = (np.abs(im.astype(int) - red).sum(axis=2) < 10)
+    assert is_red[: h // 4, : w // 2].sum() > 20  # on the teacher-entropy panel (first)
+    assert is_red[: h // 4, w // 2:].sum() == 0  # not on the second one
 
 
 def test_collapse_warning_stays_quiet_when_the_run_diverged(capsys):

@@ -96,15 +96,16 @@ def test_hue_is_computed_once_and_matches_the_all_slots_formula():
     x = torch.rand(n, 3, 12, 12, generator=gen)
 
     def all_slots(x):
-        from wtours.stages.video.augment import _blend, gaussian_blur, rgb_to_gray
+        import kornia as K
+
+        from wtours.stages.video.augment import gaussian_blur, rgb_to_gray
 
         ident = torch.ones_like(p.brightness)
         for slot in range(4):
             op = p.order[:, slot]
-            x = _blend(x, torch.zeros_like(x[:, :1]), torch.where(op == 0, p.brightness, ident))
-            mean = rgb_to_gray(x).mean(dim=(1, 2, 3), keepdim=True)
-            x = _blend(x, mean, torch.where(op == 1, p.contrast, ident))
-            x = _blend(x, rgb_to_gray(x), torch.where(op == 2, p.saturation, ident))
+            x = K.enhance.adjust_brightness_accumulative(x, torch.where(op == 0, p.brightness, ident))
+            x = K.enhance.adjust_contrast_with_mean_subtraction(x, torch.where(op == 1, p.contrast, ident))
+            x = K.enhance.adjust_saturation_with_gray_subtraction(x, torch.where(op == 2, p.saturation, ident))
             x = torch.where((op == 3).view(-1, 1, 1, 1), adjust_hue(x, torch.where(op == 3, p.hue, 0.0 * ident)), x)
         x = torch.where(p.gray.view(-1, 1, 1, 1), rgb_to_gray(x).expand_as(x), x)
         return torch.where(p.blur.view(-1, 1, 1, 1), gaussian_blur(x, p.sigma, 2.0), x)

@@ -73,13 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(subs, "index", "wtours.commands.index", "probe a video and build its keyframe index (cached)",
              "wtours index venice.mp4 --json")
-    p.add_argument("videos", nargs="+", metavar="VIDEO")
+    p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files to index (mp4, mkv, webm, ...)")
     p.add_argument("--json", action="store_true", help="print the index summary as JSON")
     p.add_argument("--rebuild", action="store_true", help="ignore a cached index")
 
     p = _sub(subs, "prepare", "wtours.commands.prepare", "transcode a video to a training proxy (H.264, short GOP)",
              "wtours prepare venice.mp4 --short-side 540 --out venice_540p.mp4")
-    p.add_argument("video", metavar="VIDEO")
+    p.add_argument("video", metavar="VIDEO", help="source video to transcode")
     p.add_argument("--short-side", type=int, default=540,
                    help="short side of the proxy in pixels (default: 540, configs/video/dora_vits16's training size)")
     p.add_argument("--out", metavar="FILE", help="output file (default: <video>_<N>p.mp4 beside the input)")
@@ -91,17 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(subs, "synth", "wtours.commands.synth", "write a synthetic walking tour (video + DAVIS/YTVOS-style masks)",
              "wtours synth --out data/synth --width 640 --height 360 --seconds 10 --seed 0")
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--width", type=int, default=640)
-    p.add_argument("--height", type=int, default=360)
-    p.add_argument("--fps", type=float, default=30.0)
-    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder: tour.mp4, davis/ and ytvos/ evaluation sets, synth.json")
+    p.add_argument("--width", type=int, default=640, help="frame width in pixels (default: 640)")
+    p.add_argument("--height", type=int, default=360, help="frame height in pixels (default: 360)")
+    p.add_argument("--fps", type=float, default=30.0, help="frames per second (default: 30)")
+    p.add_argument("--seconds", type=float, default=10.0, help="length of the tour in seconds (default: 10)")
     p.add_argument("--codec", default="h264", help="h264, hevc, vp9 or av1 (default: h264)")
     p.add_argument("--gop", type=int, default=None, help="keyframe spacing in frames (default: 2 s)")
     p.add_argument("--sequences", type=int, default=3, help="DAVIS-layout sequences to write (default: 3)")
     p.add_argument("--seq-frames", type=int, default=12, help="frames per DAVIS sequence (default: 12)")
     p.add_argument("--objects", type=int, default=4, help="moving objects in the scene (default: 4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the synthetic world (streets, objects, camera path; default: 0)")
 
     p = _sub(subs, "pretrain", "wtours.commands.pretrain",
              "the whole chain (a pipeline: video stage -> NeCo -> evaluation -> report, resumable stage by "
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true",
                    help="start from scratch even if --out holds a run (pipeline mode: re-run every selected stage)")
     p.add_argument("--devices", default=None, help="GPUs per node (int or 'auto')")
-    p.add_argument("--num-nodes", type=int, default=None)
+    p.add_argument("--num-nodes", type=int, default=None, help="machines for multi-node DDP (default: trainer.num_nodes of the config, 1)")
     p.add_argument("--max-steps", type=int, default=None, help="shortcut for --set trainer.max_steps=N")
     _add_trust_arg(p)
 
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "a run directory that holds stage2/last.ckpt is continued anyway unless --fresh")
     p.add_argument("--fresh", action="store_true", help="start stage 2 from scratch even if --out holds a stage-2 run")
     p.add_argument("--devices", default=None, help="GPUs per node (int or 'auto')")
-    p.add_argument("--num-nodes", type=int, default=None)
+    p.add_argument("--num-nodes", type=int, default=None, help="machines for multi-node DDP (default: trainer.num_nodes of the config, 1)")
     p.add_argument("--max-steps", type=int, default=None, help="shortcut for --set trainer.max_steps=N")
     _add_trust_arg(p)
 
@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = _sub(esubs, "clustering", "wtours.commands.eval_clustering",
              "unsupervised video segmentation by clustering (F / C / D mIoU, overclustering)",
              "wtours eval clustering --dataset davis --root DAVIS --checkpoint random:vit_small_patch16_224 --k 100 300")
-    q.add_argument("--dataset", required=True, choices=["davis", "ytvos", "synth"])
+    q.add_argument("--dataset", required=True, choices=["davis", "ytvos", "synth"],
+                   help="layout of --root: davis (DAVIS-2017), ytvos (YouTube-VOS) or synth (wtours synth output); the README's \"Dataset layouts\" section shows each")
     q.add_argument("--root", required=True, metavar="PATH", help="dataset root")
     q.add_argument("--checkpoint", required=True, metavar="CKPT",
                    help="backbone.pt; a training checkpoint (stage1/last.ckpt: its teacher, last.ckpt:student for "
@@ -193,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def instrument(name: str, handler: str, help: str, example: str, datasets: list[str]) -> argparse.ArgumentParser:
         q = _sub(esubs, name, handler, help, example)
-        q.add_argument("--dataset", required=True, choices=datasets)
+        q.add_argument("--dataset", required=True, choices=datasets,
+                       help="layout of --root (see the README's \"Dataset layouts\"): " + ", ".join(datasets))
         q.add_argument("--root", required=True, metavar="PATH", help="dataset root")
         q.add_argument("--checkpoint", required=True, metavar="CKPT",
                        help="backbone.pt; last.ckpt (teacher) or last.ckpt:student; a timm ViT state dict file; or "
@@ -237,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
              "wtours bench decode venice.mp4 --short-side 360 --proxy --json bench-decode.json")
     q.add_argument("video", nargs="?", help="video to decode (default: a synthetic 4K H.264 tour, cached)")
     q.add_argument("--short-side", type=int, default=None, help="delivered short side (default: --config's data.short_side, 540 for the paper recipe)")
-    q.add_argument("--backends", nargs="+", default=["pyav", "decord"])
+    q.add_argument("--backends", nargs="+", default=["pyav", "decord"], help="decoders to compare (default: pyav decord)")
     q.add_argument("--clips", type=int, default=None,
                    help="clips to deliver per backend (default: enough for the steady state)")
     q.add_argument("--stride", type=int, default=None,
@@ -264,32 +266,33 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON here")
     q = _sub(bsubs, "train", "wtours.commands.bench_train", "training step throughput, MFU, memory and loader speed",
              "wtours bench train --stage video --config configs/video/dora_vits16.yaml")
-    q.add_argument("--stage", default="video", choices=["video"])
-    q.add_argument("--steps", type=int, default=20)
-    q.add_argument("--json", metavar="FILE", default=None)
+    q.add_argument("--stage", default="video", choices=["video"], help="stage to time (video: DoRA / TimeT stage 1)")
+    q.add_argument("--steps", type=int, default=20, help="timed steps after the warm-up (default: 20)")
+    q.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON here")
     _add_config_args(q)
     q = _sub(bsubs, "eval", "wtours.commands.bench_eval", "evaluation speed on a DAVIS-sized synthetic set",
              "wtours bench eval --sequences 30 --frames 70")
-    q.add_argument("--sequences", type=int, default=30)
-    q.add_argument("--frames", type=int, default=70)
-    q.add_argument("--arch", default="vit_small_patch16_224")
-    q.add_argument("--device", default="auto")
+    q.add_argument("--sequences", type=int, default=30, help="synthetic DAVIS-sized sequences to evaluate (default: 30, as DAVIS-2017 val)")
+    q.add_argument("--frames", type=int, default=70, help="frames per sequence (default: 70)")
+    q.add_argument("--arch", default="vit_small_patch16_224", help="timm ViT, random init (default: vit_small_patch16_224)")
+    q.add_argument("--device", default="auto", help="cuda, cpu or auto (default: auto)")
     q.add_argument("--k", type=int, nargs="*", default=[], help="also time overclustering with these K")
     q.add_argument("--data", metavar="DIR", default=None,
                    help="where to write / reuse the synthetic set (default: the wtours cache)")
-    q.add_argument("--json", metavar="FILE", default=None)
+    q.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON here")
 
     q = _sub(bsubs, "neco", "wtours.commands.bench_neco",
              "NeCo step time and peak memory per sorter, against the naive (dense, diffsort-style) sorter",
              "wtours bench neco --config neco/neco_vits16 --json bench-neco.json")
     q.add_argument("--sorters", nargs="+", default=["bitonic", "odd_even", "torchsort"],
-                   choices=["bitonic", "odd_even", "torchsort"])
+                   choices=["bitonic", "odd_even", "torchsort"],
+                   help="differentiable sorters to time (default: all three; torchsort only where it is built)")
     q.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
     q.add_argument("--batch", type=int, default=None, help="images per step (default: the config's data.batch_size)")
     q.add_argument("--arch", default=None, help="timm ViT for the step (default: vit_small_patch16_224 on a GPU, "
                                                 "vit_nano_patch8_64 on CPU)")
     q.add_argument("--no-step", action="store_true", help="only the sorter + loss part, not the whole training step")
-    q.add_argument("--json", metavar="FILE", default=None)
+    q.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON here")
     _add_config_args(q)
     q = _sub(bsubs, "learn", "wtours.commands.bench_learn",
              "proof that training learns: stage 1 vs random init over seeds on the synthetic tour's ground truth",
@@ -366,17 +369,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seq-frames", type=int, default=12, help="frames per sequence (default: 12)")
     q.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic sets (default: 0)")
     q.add_argument("--eval-config", default="eval/proof", metavar="FILE", help="clustering config (default: eval/proof)")
-    q.add_argument("--propagation-config", default="eval/propagation_tiny", metavar="FILE")
-    q.add_argument("--incontext-config", default="eval/incontext_tiny", metavar="FILE")
-    q.add_argument("--linear-config", default="eval/linear_tiny", metavar="FILE")
+    q.add_argument("--propagation-config", default="eval/propagation_tiny", metavar="FILE",
+                   help="propagation config (default: eval/propagation_tiny)")
+    q.add_argument("--incontext-config", default="eval/incontext_tiny", metavar="FILE",
+                   help="in-context retrieval config (default: eval/incontext_tiny)")
+    q.add_argument("--linear-config", default="eval/linear_tiny", metavar="FILE",
+                   help="linear-probe config (default: eval/linear_tiny)")
     q.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
-    q.add_argument("--out", default="runs/bench-instruments", metavar="DIR")
+    q.add_argument("--out", default="runs/bench-instruments", metavar="DIR", help="output folder (default: runs/bench-instruments)")
     q.add_argument("--json", metavar="FILE", default=None, help="also write instruments.json here")
-    q.add_argument("--quiet", action="store_true")
+    q.add_argument("--quiet", action="store_true", help="no progress output")
 
     p = _sub(subs, "report", "wtours.commands.report", "(re)write a run directory's report.md from its metrics and pictures",
              "wtours report runs/venice")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of wtours pretrain / neco (a stage or a pipeline run)")
     return parser
 
 

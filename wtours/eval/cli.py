@@ -281,7 +281,7 @@ def evaluate_clustering(
         "n_sequences": len(seq_names), "n_frames": feats.n_frames,
         "per_sequence": agg["per_sequence"], "settings": settings, "encoder": enc, "timing": timing,
         "pictures": pictures,
-        "reference": {"source": "TimeT ECCV-2024 talk slides (shared/reference/timet.md §3), mIoU % (F, C, D)",
+        "reference": {"source": "TimeT authors' results slides (Salehi et al., ICCV 2023; shown at ECCV 2024), mIoU % (F, C, D)",
                       "dataset": "davis" if dataset == "synth" else dataset,
                       "methods": {k: dict(zip("FCD", v)) for k, v in
                                   REFERENCE.get("davis" if dataset == "synth" else dataset, {}).items()}},

@@ -78,14 +78,29 @@ def write_csv(path: str | Path, rows: list[dict]) -> None:
         f.write(buf.getvalue())
 
 
-def _blend(img: np.ndarray, lab: np.ndarray, pal: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+OVERLAY_HEIGHT = 180  # px: the height of every panel of the overlay sheets
+OVERLAY_GAP = 4  # px of white between the columns and between the rows of a sheet
+
+
+def overlay_parts(sheet: np.ndarray, row: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split one row of an overlay sheet (:func:`write_overlays`' PNG as an ``[H, W, 3]`` array) into its
+    ``(frame, ground truth, clusters)`` panels."""
+    y = row * (OVERLAY_HEIGHT + OVERLAY_GAP)
+    strip = sheet[y:y + OVERLAY_HEIGHT]
+    w = (strip.shape[1] - 2 * OVERLAY_GAP) // 3
+    return (strip[:, :w], strip[:, w + OVERLAY_GAP:2 * w + OVERLAY_GAP],
+            strip[:, 2 * (w + OVERLAY_GAP):2 * (w + OVERLAY_GAP) + w])
+
+
+def _blend(img: np.ndarray, lab: np.ndarray, pal: np.ndarray, alpha: float = 0.75) -> np.ndarray:
     col = pal[lab].astype(np.float32)
     fg = (lab != 0)[..., None] & (lab != 255)[..., None]
     out = np.where(fg, (1 - alpha) * img + alpha * col, 0.6 * img)
     return out.clip(0, 255).astype(np.uint8)
 
 
-def overlay_frames(frames: list[Path], gt: np.ndarray, pred: np.ndarray, height: int = 180) -> list[np.ndarray]:
+def overlay_frames(frames: list[Path], gt: np.ndarray, pred: np.ndarray, height: int = OVERLAY_HEIGHT
+                   ) -> list[np.ndarray]:
     """One panel per frame: [frame | ground truth | clusters], at the frame's own aspect ratio."""
     from PIL import Image
 
@@ -97,7 +112,7 @@ def overlay_frames(frames: list[Path], gt: np.ndarray, pred: np.ndarray, height:
             img = np.asarray(im.convert("RGB").resize((w, height), Image.BILINEAR)).astype(np.float32)
         g2 = np.asarray(Image.fromarray(g).resize((w, height), Image.NEAREST))
         p2 = np.asarray(Image.fromarray(p).resize((w, height), Image.NEAREST))
-        gap = np.full((height, 4, 3), 255, np.uint8)
+        gap = np.full((height, OVERLAY_GAP, 3), 255, np.uint8)
         panels.append(np.concatenate([img.astype(np.uint8), gap, _blend(img, g2, pal), gap, _blend(img, p2, pal)], 1))
     return panels
 
@@ -109,7 +124,7 @@ def write_overlays(out_dir: Path, name: str, frames: list[Path], gt: np.ndarray,
 
     panels = overlay_frames(frames, gt, pred)
     pick = sorted({int(round(v)) for v in np.linspace(0, len(panels) - 1, min(rows, len(panels)))})
-    sheet = np.concatenate([np.concatenate([panels[i], np.full((4, panels[i].shape[1], 3), 255, np.uint8)])
+    sheet = np.concatenate([np.concatenate([panels[i], np.full((OVERLAY_GAP, panels[i].shape[1], 3), 255, np.uint8)])
                             for i in pick])
     written = []
     png = out_dir / f"{name}.png"

@@ -13,9 +13,11 @@ name                     patch  width  depth  heads  input size  parameters
 ``vit_nano_patch8_64``   8      128    6      4      64          1.2 M
 =======================  =====  =====  =====  =====  ==========  =========
 
-A ``backbone.pt`` of one loads into timm after ``import wtours.models``, or without wtours as
-``timm.create_model("vit_tiny_patch16_224", patch_size=8, embed_dim=128, depth=6, num_heads=4,
-img_size=64)`` (the same module tree and state-dict keys).
+They are registered by ``import wtours`` (and ``import wtours.models``). A ``backbone.pt`` of one loads
+into timm after ``import wtours`` as ``timm.create_model(ckpt["arch"], num_classes=0)``, or without wtours
+as ``timm.create_model(meta["timm_base"], **meta["timm_kwargs"], num_classes=0)``, i.e.
+``timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, embed_dim=128, depth=6, num_heads=4,
+num_classes=0)`` (the same module tree and state-dict keys).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import timm
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
 
+#: the timm ViT that the keyword arguments of :data:`SMALL_VITS` reshape (exports record both: ``meta["timm_base"]``)
+TIMM_BASE = "vit_tiny_patch16_224"
 #: name -> VisionTransformer keyword arguments
 SMALL_VITS: dict[str, dict[str, Any]] = {
     "vit_nano_patch8_64": dict(img_size=64, patch_size=8, embed_dim=128, depth=6, num_heads=4),

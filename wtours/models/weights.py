@@ -1,12 +1,18 @@
 """Backbone checkpoints anyone can load: ``backbone.pt`` export and a loader for what users have.
 
 ``backbone.pt`` = ``{"arch": timm name, "state_dict": timm-compatible, "meta": {...}}``. The state
-dict loads strictly into ``timm.create_model(arch)``: it carries a zero classifier head (no
-classifier is trained) so that timm's default 1000-class head finds its keys::
+dict is the backbone **without a classifier head** (DINO's and timm's convention for feature extractors:
+none is trained), so it loads strictly into ``timm.create_model(arch, num_classes=0)``::
 
-    ckpt = torch.load("runs/venice/backbone.pt", map_location="cpu", weights_only=True)
-    model = timm.create_model(ckpt["arch"])
+    ckpt = torch.load("runs/venice/stage1/backbone.pt", map_location="cpu", weights_only=True)
+    model = timm.create_model(ckpt["arch"], num_classes=0)   # after `import wtours` for wtours' small ViTs
     model.load_state_dict(ckpt["state_dict"])
+
+``meta["timm_base"]`` and ``meta["timm_kwargs"]`` build the same module tree with timm alone (no wtours):
+``timm.create_model(meta["timm_base"], **meta["timm_kwargs"], num_classes=0)``: for a timm name they are the
+name and ``{}``; for wtours' own CPU-scale ViTs (:mod:`wtours.models.small_vits`) a timm ViT and the
+keyword arguments that reshape it. Exports of wtours < 0.2 carried a zeroed 1000-class head; every wtours
+loader drops ``head.*`` keys, so they still load.
 
 ``meta["wtours_checksum"]`` is a checksum of the file's content (:mod:`wtours.integrity`), verified
 by :func:`read_state_dict`: a damaged file is refused with one line naming it. Non-finite weights
@@ -150,23 +156,33 @@ def create_vit(arch: str, **kwargs: Any) -> torch.nn.Module:
         raise UserError(f"unknown or unsupported timm architecture '{arch}' ({e})") from None
 
 
+def timm_recipe(arch: str) -> tuple[str, dict[str, Any]]:
+    """``(timm name, keyword arguments)`` that build ``arch`` with timm alone (see the module docstring)."""
+    from wtours.models.small_vits import SMALL_VITS, TIMM_BASE
+
+    if arch in SMALL_VITS:
+        return TIMM_BASE, dict(SMALL_VITS[arch])
+    return arch, {}
+
+
 def export_backbone(model: torch.nn.Module, arch: str, path: str | Path, meta: dict | None = None) -> Path:
-    """Write ``backbone.pt`` atomically from a timm ViT (its classifier head, if any, is zeroed)."""
-    sd = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
-    ref = create_vit(arch).state_dict()
-    for k in ("head.weight", "head.bias"):
-        if k in ref and k not in sd:
-            sd[k] = torch.zeros_like(ref[k])
-        elif k in sd:
-            sd[k] = torch.zeros_like(sd[k])
-    missing = sorted(set(ref) - set(sd))
-    if missing:
-        raise ValueError(f"state dict does not fit timm '{arch}': missing {missing[:5]}")
+    """Write ``backbone.pt`` atomically from a timm ViT: its state dict without the classifier head (if any),
+    checked against ``timm.create_model(arch, num_classes=0)``; ``meta`` gains ``timm_base`` / ``timm_kwargs``."""
+    sd = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()
+          if not k.startswith("head.")}
+    with torch.device("meta"):
+        ref = create_vit(arch, num_classes=0).state_dict()
+    missing, unexpected = sorted(set(ref) - set(sd)), sorted(set(sd) - set(ref))
+    if missing or unexpected:
+        raise ValueError(f"state dict does not fit timm '{arch}' (num_classes=0): missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
     bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise UserError(f"refusing to export non-finite weights ({bad[0]}"
                         + (f" and {len(bad) - 1} more)" if len(bad) > 1 else ")"), path=path)
-    return torch_save(seal({"arch": arch, "state_dict": sd, "meta": dict(meta or {})}, in_meta=True), path)
+    base, kwargs = timm_recipe(arch)
+    meta = {**dict(meta or {}), "timm_base": base, "timm_kwargs": kwargs}
+    return torch_save(seal({"arch": arch, "state_dict": sd, "meta": meta}, in_meta=True), path)
 
 
 def infer_arch(sd: dict[str, torch.Tensor]) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -166,6 +166,7 @@ def load_pipeline(spec: str | Path, sets: Sequence[str] = ()) -> Pipeline:
             raise _err(path, str(e)) from None
         stages.append(Stage(name, kind, config, ov, inp, str(body.get("description") or "")))
     by_name = {s.name: s for s in stages}
+    from_cli: dict[str, int] = {s.name: 0 for s in stages}  # how many of a stage's overrides came from --set
     # --set stage.key=value
     for item in sets:
         head, sep, rest = item.partition(".")
@@ -173,6 +174,7 @@ def load_pipeline(spec: str | Path, sets: Sequence[str] = ()) -> Pipeline:
             raise UserError(f"--set {item!r}: in pipeline mode a key names its stage first: stage.key=value, "
                             f"stages of {path.name}: {', '.join(by_name)} (stage 1 alone: give --config)")
         by_name[head].overrides.append(rest)
+        from_cli[head] += 1
     for s in stages:
         where = f"stage '{s.name}'"
         if s.input is None:
@@ -213,8 +215,19 @@ def load_pipeline(spec: str | Path, sets: Sequence[str] = ()) -> Pipeline:
         try:
             load_stage_config(s)
         except UserError as e:
+            n = from_cli[s.name]
+            if n and _loads(replace(s, overrides=s.overrides[:-n])):
+                raise UserError(f"--set (stage '{s.name}'): {e}") from None  # the command line's, not the file's
             raise _err(path, f"stage '{s.name}': {e}") from None
     return pipe
+
+
+def _loads(stage: Stage) -> bool:
+    try:
+        load_stage_config(stage)
+    except UserError:
+        return False
+    return True
 
 
 def load_stage_config(stage: Stage, videos: Sequence[str] = (), init: str | None = None, images: str | None = None,

@@ -116,18 +116,51 @@ def build_blocks(out: Path) -> list[Block]:
                 else "student patch features on fixed images, first 3 PCA components (first and last picture)")
         for p in _pictures(sub):
             blocks.append(("img", p, f"{name}: {what}: {p.stem}"))
-    # cluster overlays: the same frames for random and after each training stage
+        if (sub / "collapse.png").is_file():
+            blocks.append(("img", sub / "collapse.png", f"{name}: collapse signals (teacher entropy against log C, "
+                                                         "student-teacher KL, prototypes in use, feature spread, ...)"))
+    # cluster overlays: the same frames for random and after each training stage, side by side
     if docs:
         blocks += [("h", 2, "Cluster overlays"),
-                   ("p", "Each row: frame | ground truth | clip-wise clusters (Hungarian-matched colours); the same "
-                         "frames for the random initialisation and after each evaluated stage.")]
+                   ("p", "One row per sequence (its first drawn frame): the frame, its ground truth, and the clip-wise "
+                         "clusters (Hungarian-matched to the ground truth's colours) of the random initialisation and "
+                         "after each evaluated stage.")]
         for key, ds in docs[0]["datasets"].items():
-            shown = [("random init", ds["encoders"]["random"]["overlays"])]
-            shown += [(f"after {d['input']}", d["datasets"][key]["encoders"]["trained"]["overlays"])
-                      for d in docs if key in d["datasets"]]
-            for label, pics in shown:
-                if pics:
-                    blocks.append(("img", out / pics[0], f"{ds['label']}, {label}: {Path(pics[0]).stem}"))
+            png = _overlay_grid(out, key, ds, docs)
+            if png is not None:
+                blocks.append(("img", png, f"{ds['label']}: frame | ground truth | random init | "
+                                           + " | ".join(f"after {d['input']}" for d in docs if key in d["datasets"])))
+    return blocks
+
+
+def _overlay_grid(out: Path, key: str, ds: dict, docs: list[dict], max_rows: int = 3) -> Path | None:
+    """``<out>/overlays_<key>.png``: per sequence (up to ``max_rows``, those drawn for every encoder) the
+    frame, ground truth, random init's and each stage's clusters, with column headers (matplotlib)."""
+    import numpy as np
+    from PIL import Image
+
+    from wtours.eval.report import overlay_parts
+    from wtours.figures import image_grid
+
+    columns = [("random init", ds["encoders"]["random"]["overlays"])]
+    columns += [(f"after {d['input']}", d["datasets"][key]["encoders"]["trained"]["overlays"])
+                for d in docs if key in d["datasets"]]
+    names = [n for n in (Path(p).name for p in columns[0][1])
+             if all(n in {Path(q).name for q in pics} for _, pics in columns)][:max_rows]
+    if not names:
+        return None
+    rows, labels = [], []
+    for name in names:
+        sheets = [np.asarray(Image.open(out / next(p for p in pics if Path(p).name == name)).convert("RGB"))
+                  for _, pics in columns]
+        frame, gt, _ = overlay_parts(sheets[0])
+        rows.append([frame, gt, *(overlay_parts(sh)[2] for sh in sheets)])
+        labels.append(Path(name).stem)
+    png = out / f"overlays_{key}.png"
+    with atomic_open(png, "wb") as f:
+        f.write(image_grid(rows, col_titles=["frame", "ground truth", *(label for label, _ in columns)],
+                           row_titles=labels, cell=1.6))
+    return png
     return blocks
 
 

@@ -2,8 +2,8 @@
 
 Reads ``config.yaml``, ``stage1/metrics.csv`` (loss, schedules, throughput), ``stage1/pictures/*.png``,
 ``stage1/backbone.pt`` (its meta), ``stage2/metrics.csv`` and ``eval/metrics.json`` when present,
-draws ``stage1/loss.png`` and ``stage1/collapse.png`` (the collapse signals, one panel each; PIL, no
-matplotlib) and writes ``report.md`` atomically. Missing parts are skipped, so it works on a run that
+draws ``stage1/loss.png`` and ``stage1/collapse.png`` (the collapse signals, one panel each;
+:mod:`wtours.figures`) and writes ``report.md`` atomically. Missing parts are skipped, so it works on a run that
 is still going or was stopped; a directory with none of ``config.yaml``, ``stage1/``, ``stage2/``,
 ``eval/metrics.json`` is not a run and is refused (nothing written). ``backbone.pt`` is read with
 ``weights_only=True`` and its checksum verified; a damaged or unreadable one is reported as such.
@@ -12,13 +12,13 @@ is still going or was stopped; a directory with none of ``config.yaml``, ``stage
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 from wtours.errors import UserError
+from wtours.figures import plot_curve, plot_panels
 from wtours.fsutil import atomic_open, write_text
 
 
@@ -43,75 +43,6 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
     for v in out.values():
         v.sort()
     return out
-
-
-def _draw_panel(d: Any, box: tuple[int, int, int, int], points: list[tuple[int, float]], title: str,
-                hline: tuple[float, str] | None = None) -> None:
-    """Draw a line plot of ``(step, value)`` points into ``box = (x0, y0, x1, y1)`` of an ImageDraw;
-    ``hline = (value, label)`` adds a dashed reference line (kept inside the value range)."""
-    x0, y0, x1, y1 = box
-    pts = [(s, v) for s, v in points if math.isfinite(v)]
-    left, right, top, bottom = x0 + 60, x1 - 15, y0 + 25, y1 - 30
-    d.rectangle([left, top, right, bottom], outline=(160, 160, 160))
-    d.text((left, y0 + 5), title, fill=(0, 0, 0))
-    if len(pts) >= 1:
-        s0, s1 = pts[0][0], max(pts[-1][0], pts[0][0] + 1)
-        vmin, vmax = min(v for _, v in pts), max(v for _, v in pts)
-        if hline is not None and math.isfinite(hline[0]):
-            vmin, vmax = min(vmin, hline[0]), max(vmax, hline[0])
-        if vmax - vmin < 1e-12:
-            vmin, vmax = vmin - 0.5, vmax + 0.5
-
-        def y_of(v: float) -> float:
-            return bottom - (v - vmin) / (vmax - vmin) * (bottom - top)
-
-        if hline is not None and math.isfinite(hline[0]):
-            yh = y_of(hline[0])
-            for xa in range(left, right, 8):  # dashed
-                d.line([(xa, yh), (min(xa + 4, right), yh)], fill=(200, 40, 40), width=1)
-            d.text((right - 6 * len(hline[1]) - 4, yh - 12 if yh - 12 > top else yh + 2), hline[1],
-                   fill=(200, 40, 40))
-        xy = [(left + (s - s0) / (s1 - s0) * (right - left), y_of(v)) for s, v in pts]
-        if len(xy) > 1:
-            d.line(xy, fill=(0, 90, 200), width=2)
-        else:
-            d.ellipse([xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2], fill=(0, 90, 200))
-        d.text((x0 + 5, top), f"{vmax:.3g}", fill=(0, 0, 0))
-        d.text((x0 + 5, bottom - 10), f"{vmin:.3g}", fill=(0, 0, 0))
-        d.text((left, bottom + 8), f"step {s0}", fill=(0, 0, 0))
-        d.text((right - 70, bottom + 8), f"step {s1}", fill=(0, 0, 0))
-
-
-def _png(img: Any) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def plot_curve(points: list[tuple[int, float]], title: str, size: tuple[int, int] = (640, 320),
-               hline: tuple[float, str] | None = None) -> bytes:
-    """A minimal PNG line plot of ``(step, value)`` points."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", size, "white")
-    _draw_panel(ImageDraw.Draw(img), (0, 0, size[0], size[1]), points, title, hline)
-    return _png(img)
-
-
-def plot_panels(panels: list[tuple[str, list[tuple[int, float]], tuple[float, str] | None]], cols: int = 2,
-                panel_size: tuple[int, int] = (400, 200)) -> bytes:
-    """Small multiples: one :func:`plot_curve`-style panel per ``(title, points, hline)``, ``cols`` a row."""
-    from PIL import Image, ImageDraw
-
-    cols = max(1, min(cols, len(panels)))
-    rows = max(1, -(-len(panels) // cols))
-    pw, ph = panel_size
-    img = Image.new("RGB", (cols * pw, rows * ph), "white")
-    d = ImageDraw.Draw(img)
-    for i, (title, pts, hline) in enumerate(panels):
-        r, c = divmod(i, cols)
-        _draw_panel(d, (c * pw, r * ph, (c + 1) * pw, (r + 1) * ph), pts, title, hline)
-    return _png(img)
 
 
 #: collapse monitors logged by the stage-1 step (``train/<key>``), with how they move when a run collapses

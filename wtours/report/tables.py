@@ -18,9 +18,9 @@ from wtours.eval.report import REFERENCE
 
 PUBLISHED_NOTE = "published, not measured here"
 # TimeT ECCV-2024 talk slides (shared/reference/timet.md §3): ViT-S/16, mIoU % (F, C, D) -> wtours.eval.report
-PUBLISHED_FCD_SOURCE = "TimeT (ECCV 2024) results slides, shared/reference/timet.md §3; ViT-S/16, mIoU %"
+PUBLISHED_FCD_SOURCE = "TimeT authors' results slides (Salehi et al., ICCV 2023; shown at ECCV 2024); ViT-S/16, mIoU %"
 # NeCo (ICLR 2025) Table 1a (shared/reference/neco.md §3.4): Pascal VOC clustering mIoU %, ViT-S
-PUBLISHED_NECO_SOURCE = "NeCo (ICLR 2025) Table 1a, shared/reference/neco.md §3.4; Pascal VOC clustering, ViT-S, mIoU %"
+PUBLISHED_NECO_SOURCE = "NeCo (Pariza et al., ICLR 2025) Table 1a; Pascal VOC clustering, ViT-S, mIoU %"
 PUBLISHED_NECO_VOC: dict[str, tuple[float, float, float]] = {  # K = GT, 300, 500
     "DINO": (4.3, 13.9, 17.3),
     "TimeT": (12.2, 43.6, 46.2),
@@ -28,7 +28,7 @@ PUBLISHED_NECO_VOC: dict[str, tuple[float, float, float]] = {  # K = GT, 300, 50
 }
 # DoRA publishes no clustering F / C / D (its DAVIS numbers are J&F label propagation): shared/reference/dora.md
 DORA_NOTE = ("DoRA publishes no DAVIS / YouTube-VOS clustering scores (its DAVIS-2017 numbers are J&F label "
-             "propagation, another protocol; shared/reference/dora.md)")
+             "propagation, another protocol: Venkataramanan et al., ICLR 2024)")
 
 
 def stage_doc(stage: str, input_stage: str, arch: str, metric_names: Sequence[str],

@@ -51,25 +51,15 @@ class PCAPictures(PeriodicPictures):
 
 
 def render_pca_png(crops: Any, pca: Any, min_size: int = 128) -> bytes:
-    """PNG bytes: crops ``[M, 3, S, S]`` in a row, their PCA maps ``[M, 3, g, g]`` (nearest-upsampled) below."""
-    import io
-
-    import numpy as np
+    """PNG bytes (matplotlib): crops ``[M, 3, S, S]`` in a row and below them their patch features' first 3
+    PCA components as RGB (``pca [M, 3, g, g]``, bilinearly upsampled to the crop), with headers."""
     import torch.nn.functional as F
-    from PIL import Image
 
-    m, _, s, _ = crops.shape
-    up = F.interpolate(pca.float().cpu(), size=(s, s), mode="nearest")
-    rows = [crops.float().cpu(), up]
-    scale = max(1, -(-min_size // s))
-    gap = 2
-    canvas = np.full((2 * s * scale + gap, m * (s * scale + gap) - gap, 3), 255, dtype=np.uint8)
-    for r, data in enumerate(rows):
-        tiles = (data.permute(0, 2, 3, 1).numpy() * 255).clip(0, 255).astype(np.uint8)
-        tiles = tiles.repeat(scale, axis=1).repeat(scale, axis=2)
-        for i in range(m):
-            y, x = r * (s * scale + gap), i * (s * scale + gap)
-            canvas[y:y + s * scale, x:x + s * scale] = tiles[i]
-    buf = io.BytesIO()
-    Image.fromarray(canvas).save(buf, format="PNG")
-    return buf.getvalue()
+    from wtours.figures import image_grid
+
+    s = crops.shape[-1]
+    up = F.interpolate(pca.float().cpu(), size=(s, s), mode="bilinear", align_corners=False).clamp(0, 1)
+    rows = [list(t.permute(0, 2, 3, 1).numpy().clip(0, 1)) for t in (crops.float().cpu(), up)]
+    g = pca.shape[-1]
+    return image_grid(rows, col_titles=[f"image {i}" for i in range(crops.shape[0])],
+                      row_titles=["crop", f"PCA of {g}x{g} patches (RGB)"], cell=min_size / 64)

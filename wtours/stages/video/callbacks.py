@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,12 @@ PALETTE = np.array([(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25),
                     (70, 240, 240), (245, 130, 48), (240, 50, 230)], dtype=np.float32)
 
 
-def render_masks_png(frames: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int],
-                     maps: torch.Tensor | None = None, min_size: int = 128, alpha: float = 0.55) -> bytes:
-    """PNG bytes: frames ``[T, 3, G, G]`` in [0, 1] in a row, and below them the ``k`` object
-    masks ``[T, k, N]`` (bool, ``N = gh*gw``) as coloured overlays. Masks may overlap; with the
-    tracking ``maps [T, k, N]`` a patch in several masks takes the colour of its strongest object."""
-    from PIL import Image
-
+def mask_overlays(frames: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int],
+                  maps: torch.Tensor | None = None, alpha: float = 0.55) -> tuple[np.ndarray, np.ndarray]:
+    """Frames ``[T, 3, G, G]`` in [0, 1] and the ``k`` object masks ``[T, k, N]`` (bool, ``N = gh*gw``) ->
+    ``(frames, overlays)``, both ``[T, G, G, 3]`` uint8: each object's patches tinted with ``PALETTE[object]``.
+    Masks may overlap; with the tracking ``maps [T, k, N]`` a patch in several masks takes the colour of its
+    strongest object."""
     t, _, hh, ww = frames.shape
     k = masks.shape[1]
     gh, gw = grid
@@ -47,18 +45,21 @@ def render_masks_png(frames: torch.Tensor, masks: torch.Tensor, grid: tuple[int,
     for j in range(k):  # k is tiny (objects), not a per-frame loop
         a = (alpha * m[:, j])[..., None]
         over = over * (1.0 - a) + PALETTE[j % len(PALETTE)] * a
-    scale = max(1, -(-min_size // hh))
-    gap = 2
-    canvas = np.full((2 * hh * scale + gap, t * (ww * scale + gap) - gap, 3), 255, dtype=np.uint8)
-    for row, data in enumerate((img, over)):
-        tiles = data.clip(0, 255).astype(np.uint8).repeat(scale, axis=1).repeat(scale, axis=2)
-        y = row * (hh * scale + gap)
-        for i in range(t):
-            x = i * (ww * scale + gap)
-            canvas[y:y + hh * scale, x:x + ww * scale] = tiles[i]
-    buf = io.BytesIO()
-    Image.fromarray(canvas).save(buf, format="PNG")
-    return buf.getvalue()
+    return img.clip(0, 255).astype(np.uint8), over.clip(0, 255).astype(np.uint8)
+
+
+def render_masks_png(frames: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int],
+                     maps: torch.Tensor | None = None, min_size: int = 128, alpha: float = 0.55) -> bytes:
+    """PNG bytes (matplotlib): the clip's frames in a row, below them the tracked objects
+    (:func:`mask_overlays`), column headers and a legend naming each object's colour; ``min_size``: the
+    shown size of a frame in pixels."""
+    from wtours.figures import image_grid
+
+    img, over = mask_overlays(frames, masks, grid, maps, alpha)
+    k = masks.shape[1]
+    return image_grid([list(img), list(over)], col_titles=[f"frame {i}" for i in range(len(img))],
+                      row_titles=["clip", "tracked objects"], cell=min_size / 64,
+                      legend=[(f"object {j + 1}", PALETTE[j % len(PALETTE)] / 255.0) for j in range(k)])
 
 
 class MaskPictures(PeriodicPictures):
