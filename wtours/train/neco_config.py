@@ -100,6 +100,11 @@ class NeCoModelConfig:
     head_out_dim: int = 256
     head_layers: int = 3
     drop_registers: bool = True  # NeCo's headline model: DINOv2-reg weights in an arch without registers
+    # copy: the teacher's head starts as the student's; independent: its own random init (the reference, neco.md §1.1)
+    teacher_head: Literal["copy", "independent"] = "copy"
+    # position embeddings at other input sizes (local crops): timm's antialiased resampling, or DINO's bicubic
+    # with the +0.1 offset (the reference's "v1" DINO-family ViTs; wtours.models.vit)
+    pos_interp: Literal["timm", "dino"] = "timm"
 
     def validate(self) -> None:
         if not 0 <= self.drop_path_rate < 1:
