@@ -111,3 +111,19 @@ def test_timet_presets_default_to_the_reference():
         assert (cfg.crops.brightness, cfg.crops.contrast, cfg.crops.saturation, cfg.crops.hue) == (0.8, 0.8, 0.8, 0.2)
     cfg = load_config(VideoPretrainConfig, "video/timet_vits16", [])
     assert tuple(cfg.crops.blur_sigma) == (0.03, 0.62)
+
+
+def test_new_keys_at_their_defaults_leave_the_training_hash_of_older_runs_alone():
+    from wtours.config import to_dict
+    from wtours.train.neco import load_neco_config
+    from wtours.train.neco_config import neco_training_view
+    from wtours.train.video_config import training_view
+
+    view = training_view(to_dict(load_config(VideoPretrainConfig, "video/proof", [])))
+    assert "views_from" not in view["crops"] and "jitter_ops" not in view["crops"]
+    view = training_view(to_dict(load_config(VideoPretrainConfig, "video/proof_timet", [])))
+    assert view["crops"]["views_from"] == "frame" and view["crops"]["jitter_ops"] == "one"
+    view = neco_training_view(to_dict(load_neco_config("neco/tiny", [])))
+    assert "teacher_head" not in view["model"] and "pos_interp" not in view["model"]
+    view = neco_training_view(to_dict(load_neco_config("neco/proof", [])))
+    assert view["model"]["teacher_head"] == "independent" and view["model"]["pos_interp"] == "dino"

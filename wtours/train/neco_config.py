@@ -204,6 +204,8 @@ def neco_training_view(d: dict) -> dict:
         d.pop(k, None)
     d["trainer"] = {k: v for k, v in d.get("trainer", {}).items() if k in TRAINING_TRAINER_KEYS}
     d["data"] = {k: v for k, v in d.get("data", {}).items() if k not in ("num_workers", "prefetch_factor")}
+    if isinstance(d.get("model"), dict):  # keys added by issue 18, left out at their defaults: older runs still resume
+        d["model"] = {k: v for k, v in d["model"].items() if (k, v) not in (("teacher_head", "copy"), ("pos_interp", "timm"))}
     return d
 
 

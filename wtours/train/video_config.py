@@ -440,6 +440,8 @@ def training_view(d: dict) -> dict:
     d.pop("log", None)
     d["trainer"] = {k: v for k, v in d.get("trainer", {}).items() if k in TRAINING_TRAINER_KEYS}
     d["data"] = {k: v for k, v in d.get("data", {}).items() if k not in ("num_workers", "prefetch_factor")}
+    if isinstance(d.get("crops"), dict):  # keys added by issue 18, left out at their defaults: older runs still resume
+        d["crops"] = {k: v for k, v in d["crops"].items() if (k, v) not in (("views_from", "precrop"), ("jitter_ops", "all"))}
     if isinstance(d["data"].get("synth"), dict):  # the evaluation sets beside the tour do not change training
         d["data"]["synth"] = {k: v for k, v in d["data"]["synth"].items() if k not in ("sequences", "seq_frames")}
     return d
