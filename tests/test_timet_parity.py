@@ -127,3 +127,14 @@ def test_new_keys_at_their_defaults_leave_the_training_hash_of_older_runs_alone(
     assert "teacher_head" not in view["model"] and "pos_interp" not in view["model"]
     view = neco_training_view(to_dict(load_neco_config("neco/proof", [])))
     assert view["model"]["teacher_head"] == "independent" and view["model"]["pos_interp"] == "dino"
+
+
+def test_pretrain_with_a_crop_that_never_fits_exits_2_with_one_line(tmp_path, capsys):
+    from wtours.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["pretrain", "--config", "video/timet_vits16", "--set", "crops.views_from=precrop",
+               "--set", "crops.precrop_scale=[1,1]", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "crops.precrop_scale" in err and "never fit" in err
+    assert not out.exists()
