@@ -115,5 +115,5 @@ def test_neco_presets_default_to_the_reference():
     d = load_neco_config("neco/neco_dino_vits16", [])
     assert (d.loss.references, d.data.batch_size, d.trainer.epochs) == ("batch", 45, 50)
     assert d.model.teacher_head == "independent" and d.model.pos_interp == "dino" and d.crops.local_size == 96
-    p = load_neco_config("neco/proof", [])
-    assert (p.loss.references, p.model.teacher_head, p.model.pos_interp) == ("batch", "independent", "dino")
+    p = load_neco_config("neco/proof", [])  # ours: measured better at CPU scale on the dense instruments (issue 18)
+    assert (p.loss.references, p.model.teacher_head, p.model.pos_interp) == ("queue", "copy", "timm")

@@ -125,7 +125,7 @@ def test_new_keys_at_their_defaults_leave_the_training_hash_of_older_runs_alone(
     assert view["crops"]["views_from"] == "frame" and view["crops"]["jitter_ops"] == "one"
     view = neco_training_view(to_dict(load_neco_config("neco/tiny", [])))
     assert "teacher_head" not in view["model"] and "pos_interp" not in view["model"]
-    view = neco_training_view(to_dict(load_neco_config("neco/proof", [])))
+    view = neco_training_view(to_dict(load_neco_config("neco/neco_dino_vits16", [])))
     assert view["model"]["teacher_head"] == "independent" and view["model"]["pos_interp"] == "dino"
 
 
