@@ -33,15 +33,18 @@ references from the filled part of queue ``g``. ``"batch"`` (the DINO-family con
 
 Departures from the reference code (flags where behaviour must be reproducible):
   * one fill counter **per queue** (the reference shares one counter between the two queues and
-    increments it twice per step, so early steps sample all-zero references); references are drawn
-    with replacement from the filled entries only. Under DDP every rank pushes the patches of all
+    increments it twice per step, so early steps sample all-zero references); each image's set of
+    ``n`` references is drawn **without replacement** from the filled entries only (the reference
+    draws with replacement: ~13 % of its 49-reference sets hold a duplicate), and the first push
+    holds at least ``n`` vectors. Under DDP every rank pushes the patches of all
     ranks (one ``all_gather``), so the queues are identical on every rank (the reference ran on 1 GPU).
   * pairs whose crops do not intersect (only possible after the crop fallback) get weight 0 and the
     mean is over the remaining pairs (the reference asserts non-empty overlaps).
   * the loss is fused with the sorter and recomputed in backward (``loss.impl = lean``), fp32 with
     autocast off and ``log(max(P, eps))`` (the reference takes ``log P`` unclamped).
-  * the teacher is run under ``no_grad`` by the caller, and its head starts as a copy of the
-    student's (``wtours.stages.neco.module``).
+  * the teacher is run under ``no_grad`` by the caller; its head starts as the reference's (its own
+    random init) or, with ``model.teacher_head: copy``, as a copy of the student's
+    (``wtours.stages.neco.module``).
 
 Example::
 
@@ -138,6 +141,23 @@ def align_pairs(t_maps: torch.Tensor, s_global: torch.Tensor, s_local: torch.Ten
     return F.normalize(t, dim=-1), F.normalize(s, dim=-1), area
 
 
+def sample_distinct(gen: torch.Generator, pool: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` distinct indices per row, uniform over the ``n``-subsets of ``range(pool[r])``: ``pool [R]`` int64
+    (each >= n) -> ``[R, n]`` int64. Floyd's algorithm vectorised over the rows (``n`` steps, one ``[R, n]``
+    draw from ``gen``): step ``i`` draws ``t`` in ``[0, j]`` with ``j = pool - n + i`` and takes ``j`` instead
+    when ``t`` was taken already."""
+    rows = pool.shape[0]
+    u = torch.rand(rows, n, generator=gen, dtype=torch.float64)
+    out = torch.empty(rows, n, dtype=torch.int64)
+    for i in range(n):
+        j = pool - n + i
+        pick = (u[:, i] * (j + 1).double()).long().minimum(j)
+        if i:
+            pick = torch.where((out[:, :i] == pick[:, None]).any(dim=1), j, pick)
+        out[:, i] = pick
+    return out
+
+
 class NeCoLoss(nn.Module):
     """NeCo's loss and its state (reference queues, sampler generator); see the module docstring.
 
@@ -195,7 +215,8 @@ class NeCoLoss(nn.Module):
         """
         b, g, c = t_maps.shape[:3]
         patches = t_maps.flatten(3).transpose(2, 3).transpose(0, 1).reshape(g, -1, c).float()  # [G, B*h*w, C]
-        k = min(self.queue_push_per_image * b, self.queue_length, patches.shape[1])
+        # at least one set of n = roi^2 references after the first push (a set holds no duplicate)
+        k = min(max(self.queue_push_per_image * b, self.roi ** 2), self.queue_length, patches.shape[1])
         pick = torch.argsort(torch.rand(g, patches.shape[1], generator=self.generator), dim=1)[:, :k]
         new = torch.gather(patches, 1, pick.to(patches.device)[..., None].expand(g, k, c))  # [G, k, C]
         if world_size() > 1:  # every rank pushes every rank's patches: the queues stay identical across ranks
@@ -219,9 +240,11 @@ class NeCoLoss(nn.Module):
             perm = torch.argsort(torch.rand(p, b * n, generator=self.generator), dim=1).to(t.device)
             refs = torch.gather(pool, 1, perm[..., None].expand(p, b * n, c))
             return refs.view(p, b, n, c).transpose(0, 1)
-        filled = torch.tensor([max(1, self.filled[int(gi)]) for gi in pair_g.tolist()], dtype=torch.float64)
-        u = torch.rand(p, b * n, generator=self.generator, dtype=torch.float64)
-        slot = (u * filled[:, None]).long().clamp_max(self.queue_length - 1)  # uniform over each queue's filled part
+        filled = [self.filled[int(gi)] for gi in pair_g.tolist()]
+        if min(filled) < n:
+            raise ValueError(f"a reference queue holds {min(filled)} vectors, fewer than the {n} references of a set")
+        pool = torch.tensor(filled, dtype=torch.int64).repeat_interleave(b)  # [P*B]: one set per (pair, image)
+        slot = sample_distinct(self.generator, pool, n).view(p, b * n)  # uniform over each queue's filled part
         flat = (slot + pair_g.cpu()[:, None] * self.queue_length).reshape(-1).to(t.device)
         refs = self.queue.view(-1, c).index_select(0, flat).view(p, b, n, c)
         return F.normalize(refs.transpose(0, 1).float(), dim=-1)

@@ -100,6 +100,11 @@ class NeCoModelConfig:
     head_out_dim: int = 256
     head_layers: int = 3
     drop_registers: bool = True  # NeCo's headline model: DINOv2-reg weights in an arch without registers
+    # copy: the teacher's head starts as the student's; independent: its own random init (the reference, neco.md §1.1)
+    teacher_head: Literal["copy", "independent"] = "copy"
+    # position embeddings at other input sizes (local crops): timm's antialiased resampling, or DINO's bicubic
+    # with the +0.1 offset (the reference's "v1" DINO-family ViTs; wtours.models.vit)
+    pos_interp: Literal["timm", "dino"] = "timm"
 
     def validate(self) -> None:
         if not 0 <= self.drop_path_rate < 1:
@@ -199,6 +204,8 @@ def neco_training_view(d: dict) -> dict:
         d.pop(k, None)
     d["trainer"] = {k: v for k, v in d.get("trainer", {}).items() if k in TRAINING_TRAINER_KEYS}
     d["data"] = {k: v for k, v in d.get("data", {}).items() if k not in ("num_workers", "prefetch_factor")}
+    if isinstance(d.get("model"), dict):  # keys added by issue 18, left out at their defaults: older runs still resume
+        d["model"] = {k: v for k, v in d["model"].items() if (k, v) not in (("teacher_head", "copy"), ("pos_interp", "timm"))}
     return d
 
 

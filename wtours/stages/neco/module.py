@@ -38,6 +38,7 @@ from torch import nn
 from wtours.models.ema import cosine_schedule, ema_update_
 from wtours.models.heads import gelu_mlp
 from wtours.models.weights import build_vit
+from wtours.models.vit import use_dino_pos_interp_
 from wtours.stages.neco.crops import NeCoAugment
 from wtours.objectives.neco import NeCoLoss
 from wtours.train.checkpointing import ResumableState, step_seed
@@ -63,6 +64,8 @@ class NeCoNet(nn.Module):
         super().__init__()
         m = cfg.model
         self.vit = build_vit(arch, state_dict, drop_path_rate=drop_path_rate)
+        if getattr(m, "pos_interp", "timm") == "dino":  # DINO's bicubic +0.1 resampling for the local crops
+            use_dino_pos_interp_(self.vit)
         for blk in self.vit.blocks:  # SDPA everywhere, whatever TIMM_FUSED_ATTN says
             if hasattr(blk.attn, "fused_attn"):
                 blk.attn.fused_attn = True
@@ -129,7 +132,10 @@ class NeCoModule(ResumableState, pl.LightningModule):
         torch.manual_seed(cfg.seed)  # same head init on every rank (DDP also broadcasts)
         self.student = NeCoNet(arch, cfg, cfg.model.drop_path_rate, state_dict)
         self.teacher = NeCoNet(arch, cfg, 0.0)
-        self.teacher.load_state_dict(self.student.state_dict())  # backbone AND head: a copy (neco.md §6)
+        if cfg.model.teacher_head == "copy":
+            self.teacher.load_state_dict(self.student.state_dict())  # backbone AND head: a copy (neco.md §6)
+        else:  # the reference: same backbone, the teacher's head its own random init (neco.md §1.1)
+            self.teacher.vit.load_state_dict(self.student.vit.state_dict())
         self.teacher.requires_grad_(False)
         lc = cfg.loss
         self.neco = NeCoLoss(cfg.model.head_out_dim, lc.sorter, lc.impl, lc.steepness_student, lc.steepness_teacher,

@@ -5,7 +5,8 @@ Output (:class:`AugmentedViews`), ImageNet-normalised float32:
 
 * ``global_views [B, T, 3, G, G]``: one global view per frame; its crop box and horizontal flip
   are **shared by all frames of a clip** (clip-level pre-crop ``P x P`` at scale .2-1, then a
-  ``G x G`` crop at scale .4-1 of it, flip p .5);
+  ``G x G`` crop at scale .4-1 of it, flip p .5; ``views_from="frame"``: no pre-crop, the views are
+  RandomResizedCrops of the whole frame, as TimeT's reference cuts them);
 * ``local_views [B, T, V, 3, L, L]``: ``V`` local crops per frame from the same pre-crop at scale
   .05-.4, **independent per frame** (no flip by default, as in the reference);
 * photometric ops per frame (or per clip, ``photometric="clip"``): colour jitter p .8
@@ -62,6 +63,31 @@ class AugmentedViews:
 # ----------------------------------------------------------------------------- geometry
 
 
+def max_fitting_scale(aspect: float, ratio: tuple[float, float]) -> float:
+    """The largest area fraction of a canvas of ``aspect`` (W/H) that a box with an aspect in ``ratio`` can
+    cover: 1 when ``aspect`` lies in ``ratio``, else ``ratio[1] / aspect`` (canvas wider) or ``aspect /
+    ratio[0]`` (canvas taller). A box of area fraction ``s`` and aspect ``r`` fits iff ``s <= min(aspect / r,
+    r / aspect)``."""
+    if aspect > ratio[1]:
+        return ratio[1] / aspect
+    if aspect < ratio[0]:
+        return aspect / ratio[0]
+    return 1.0
+
+
+def crop_fit_problem(name: str, scale: tuple[float, float], ratio: tuple[float, float], height: float,
+                     width: float) -> str | None:
+    """One line when no box of area fraction ``scale[0]`` (the smallest asked) with an aspect in ``ratio`` fits
+    a ``height x width`` canvas: then torchvision's rule would fall back to one and the same centre box for
+    every draw. None when boxes fit."""
+    top = max_fitting_scale(width / height, ratio)
+    if scale[0] <= top + 1e-9:
+        return None
+    return (f"{name}: boxes of at least {scale[0]:g} of a {width:.0f}x{height:.0f} canvas with aspect "
+            f"{ratio[0]:.3g}-{ratio[1]:.3g} never fit it (at most {top:.3g} does), so every crop would be the same "
+            f"centre box; lower {name} to <= {top:.3g} or widen crops.ratio")
+
+
 def sample_resized_crop_boxes(gen: torch.Generator, n: int, height: float, width: float,
                               scale: tuple[float, float], ratio: tuple[float, float],
                               attempts: int = 10) -> torch.Tensor:
@@ -70,7 +96,12 @@ def sample_resized_crop_boxes(gen: torch.Generator, n: int, height: float, width
     torchvision's rule, vectorised: up to ``attempts`` candidates (area fraction ~ U(scale),
     log aspect ~ U(log ratio)); the first that fits is used, else a centre crop with the aspect
     clamped to ``ratio``. A fixed number of random draws is made per call (reproducible).
+    Raises ValueError when no box of the smallest ``scale`` can fit (:func:`crop_fit_problem`): the
+    fallback would then be the only box ever drawn.
     """
+    problem = crop_fit_problem("scale", scale, ratio, height, width)
+    if problem is not None:
+        raise ValueError(problem)
     area = height * width
     u = torch.rand(n, attempts, 4, generator=gen, dtype=torch.float64)
     target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
@@ -186,6 +217,19 @@ def sample_photometric(gen: torch.Generator, n: int, jitter_p: float, brightness
                              blur=u[:, 6] < blur_p, sigma=sigma)
 
 
+def one_jitter_op(p: PhotometricParams) -> PhotometricParams:
+    """Keep only the colour-jitter op in the last slot of each image's random order (the others -> identity).
+
+    TimeT's reference ``ColorJitter`` applies each of its four ops to the *original* image, so only the last
+    one applied survives (timet.md §1.2): ``crops.jitter_ops: one`` reproduces that with the same draws."""
+    last = p.order[:, 3]
+    one, zero = torch.ones_like(p.brightness), torch.zeros_like(p.hue)
+    return PhotometricParams(order=p.order, brightness=torch.where(last == 0, p.brightness, one),
+                             contrast=torch.where(last == 1, p.contrast, one),
+                             saturation=torch.where(last == 2, p.saturation, one),
+                             hue=torch.where(last == 3, p.hue, zero), gray=p.gray, blur=p.blur, sigma=p.sigma)
+
+
 def apply_photometric(x: torch.Tensor, p: PhotometricParams, max_sigma: float) -> torch.Tensor:
     """Jitter (random order per image), grayscale, blur on ``x [N, 3, H, W]`` in [0, 1], with kornia's
     functional ops and per-image parameter tensors (torchvision's ``ColorJitter`` semantics:
@@ -266,6 +310,8 @@ class ClipAugment(SeededAugment):
         n = n_groups if shared else n_groups * per_group
         p = sample_photometric(self.generator, n, c.jitter_p, c.brightness, c.contrast, c.saturation, c.hue,
                                c.grayscale_p, blur_p, tuple(c.blur_sigma))
+        if getattr(c, "jitter_ops", "all") == "one":
+            p = one_jitter_op(p)
         if shared:
             p = p.expand(torch.arange(n_groups).repeat_interleave(per_group))
         return p
@@ -287,12 +333,17 @@ class ClipAugment(SeededAugment):
         canvas = float(c.precrop_size)
 
         # geometry (CPU, small): pre-crop + global box per clip, local boxes per frame and crop
-        pre = sample_resized_crop_boxes(g, b, h, w, tuple(c.precrop_scale), tuple(c.ratio))  # [B, 4]
-        gbox = compose_boxes(pre, sample_resized_crop_boxes(g, b, canvas, canvas, tuple(c.global_scale),
-                                                            tuple(c.ratio)), canvas)  # [B, 4]
-        flips = torch.rand(b, generator=g) < c.flip_p
-        lbox = sample_resized_crop_boxes(g, b * t * v, canvas, canvas, tuple(c.local_scale), tuple(c.ratio))
-        lbox = compose_boxes(pre[:, None, None, :], lbox.view(b, t, v, 4), canvas)  # [B, T, V, 4]
+        if getattr(c, "views_from", "precrop") == "frame":  # TimeT's reference: RandomResizedCrop of the frame
+            gbox = sample_resized_crop_boxes(g, b, h, w, tuple(c.global_scale), tuple(c.ratio))  # [B, 4]
+            flips = torch.rand(b, generator=g) < c.flip_p
+            lbox = sample_resized_crop_boxes(g, b * t * v, h, w, tuple(c.local_scale), tuple(c.ratio)).view(b, t, v, 4)
+        else:
+            pre = sample_resized_crop_boxes(g, b, h, w, tuple(c.precrop_scale), tuple(c.ratio))  # [B, 4]
+            gbox = compose_boxes(pre, sample_resized_crop_boxes(g, b, canvas, canvas, tuple(c.global_scale),
+                                                                tuple(c.ratio)), canvas)  # [B, 4]
+            flips = torch.rand(b, generator=g) < c.flip_p
+            lbox = sample_resized_crop_boxes(g, b * t * v, canvas, canvas, tuple(c.local_scale), tuple(c.ratio))
+            lbox = compose_boxes(pre[:, None, None, :], lbox.view(b, t, v, 4), canvas)  # [B, T, V, 4]
         lflips = torch.rand(b * t * v, generator=g) < c.local_flip_p
         pg = self._photometric(b, t, c.blur_global_p)
         pl = self._photometric(b * v, t, c.blur_local_p)  # groups = (clip, crop) in clip mode

@@ -109,6 +109,11 @@ class CropsConfig:
     blur_local_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     photometric: Literal["frame", "clip"] = "frame"
+    # precrop: views cut from a pre-crop resized to precrop_size (DoRA); frame: RandomResizedCrops of the whole
+    # frame, the precrop_* keys unused (TimeT's reference, timet.md §1.2)
+    views_from: Literal["precrop", "frame"] = "precrop"
+    # all: the four colour-jitter ops in a random order (torchvision); one: only the last of them (TimeT's reference)
+    jitter_ops: Literal["all", "one"] = "all"
 
     def validate(self) -> None:
         for name in ("precrop_size", "global_size", "local_size"):
@@ -163,13 +168,15 @@ def smallest_crops(c: "CropsConfig", height: float, width: float) -> list[CropDe
         local = sqrt(local_scale[0]) * pre
 
     e.g. 640x360: 215 / 136 / 48 px for 300 / 224 / 112 outputs; 960x540: 322 / 204 / 72 px."""
-    pre = math.sqrt(c.precrop_scale[0] * height * width)
-    out = [CropDetail("pre-crop", pre, c.precrop_size, float(c.precrop_size))]
+    frame = c.views_from == "frame"  # no pre-crop: the views are cut from the whole frame (nothing enlarged first)
+    pre = math.sqrt((1.0 if frame else c.precrop_scale[0]) * height * width)
+    out = [] if frame else [CropDetail("pre-crop", pre, c.precrop_size, float(c.precrop_size))]
     for name, scale, size in (("global view", c.global_scale[0], c.global_size),
                               ("local crop", c.local_scale[0], c.local_size)):
         if name == "local crop" and c.local_number == 0:
             continue
-        out.append(CropDetail(name, math.sqrt(scale) * pre, size, min(float(size), math.sqrt(scale) * c.precrop_size)))
+        ref = math.sqrt(scale) * (pre if frame else c.precrop_size)
+        out.append(CropDetail(name, math.sqrt(scale) * pre, size, min(float(size), ref)))
     return out
 
 
@@ -190,6 +197,26 @@ def detail_problem(c: "CropsConfig", height: float, width: float, where: str = "
     parts = ", ".join(f"{d.name} {d.source_side:.0f} px -> {d.size} (reference {d.reference_side:.0f})" for d in crops)
     return (f"{where + ': ' if where else ''}the recipe's smallest crops cover fewer source pixels than in the DoRA "
             f"reference, whose pre-crop is never enlarged ({int(round(width))}x{int(round(height))} frames: {parts})")
+
+
+def crop_fit_problems(c: "CropsConfig", d: "DataConfig") -> list[str]:
+    """One line per crop kind whose smallest box can never fit where it is cut from (the frames of
+    ``data.short_side`` x ``data.aspect``, or the square pre-crop canvas): the sampler would otherwise fall back
+    to the same centre box every time (:func:`wtours.stages.video.augment.crop_fit_problem`)."""
+    from wtours.stages.video.augment import crop_fit_problem
+
+    a = d.aspect
+    h, w = (float(d.short_side), d.short_side * a) if a >= 1 else (d.short_side / a, float(d.short_side))
+    p = float(c.precrop_size)
+    if c.views_from == "frame":
+        kinds = [("crops.global_scale", c.global_scale, h, w), ("crops.local_scale", c.local_scale, h, w)]
+    else:
+        kinds = [("crops.precrop_scale", c.precrop_scale, h, w), ("crops.global_scale", c.global_scale, p, p),
+                 ("crops.local_scale", c.local_scale, p, p)]
+    if c.local_number == 0:
+        kinds.pop()
+    found = (crop_fit_problem(name, tuple(scale), tuple(c.ratio), hh, ww) for name, scale, hh, ww in kinds)
+    return [f for f in found if f is not None]
 
 
 @dataclass
@@ -399,6 +426,8 @@ class VideoPretrainConfig:
         if self.objective.timet > 0 and self.data.frames_per_clip < 2:
             raise ValueError(f"data.frames_per_clip: TimeT forwards labels through time and needs clips of at "
                              f"least 2 frames, got {self.data.frames_per_clip}")
+        for problem in crop_fit_problems(c, self.data):
+            raise ValueError(problem)
         if self.model.train_blocks > geometry.depth:
             raise ValueError(f"model.train_blocks: '{arch}' has {geometry.depth} blocks, got {self.model.train_blocks}")
 
@@ -411,6 +440,8 @@ def training_view(d: dict) -> dict:
     d.pop("log", None)
     d["trainer"] = {k: v for k, v in d.get("trainer", {}).items() if k in TRAINING_TRAINER_KEYS}
     d["data"] = {k: v for k, v in d.get("data", {}).items() if k not in ("num_workers", "prefetch_factor")}
+    if isinstance(d.get("crops"), dict):  # keys added by issue 18, left out at their defaults: older runs still resume
+        d["crops"] = {k: v for k, v in d["crops"].items() if (k, v) not in (("views_from", "precrop"), ("jitter_ops", "all"))}
     if isinstance(d["data"].get("synth"), dict):  # the evaluation sets beside the tour do not change training
         d["data"]["synth"] = {k: v for k, v in d["data"]["synth"].items() if k not in ("sequences", "seq_frames")}
     return d
