@@ -1,7 +1,7 @@
 """The import rule (docs: README "Where things live"): imports flow one way,
 
-    cli -> commands -> pipeline / bench -> stages -> train -> report -> eval / objectives / models -> video
-        -> config / errors / fsutil / integrity
+    cli (and the package facade ``wtours/__init__``) -> commands / api -> pipeline / bench -> stages -> train
+        -> report -> eval / objectives / models -> video -> config / errors / fsutil / integrity / figures
 
 checked on the source with :mod:`ast`, function-level imports included, so the layering cannot silently regress.
 """
