@@ -48,6 +48,14 @@ def _add_trust_arg(p: argparse.ArgumentParser) -> None:
                         "loading; only for files from a source you trust)")
 
 
+def _add_dense_config_args(q: argparse.ArgumentParser) -> None:
+    """The dense instruments' config options of ``bench learn`` and ``bench instruments``."""
+    for opt, what, default in (("--propagation-config", "propagation", "eval/propagation_tiny"),
+                               ("--incontext-config", "in-context retrieval", "eval/incontext_tiny"),
+                               ("--linear-config", "linear-probe", "eval/linear_tiny")):
+        q.add_argument(opt, default=default, metavar="FILE", help=f"{what} config (default: {default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wtours",
@@ -307,12 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-steps", type=int, default=None, help="shortcut for --set trainer.max_steps=N")
     q.add_argument("--instruments", choices=["all", "clustering"], default="all",
                    help="all: clustering, propagation J&F, in-context and linear probe (default); clustering: F/C/D only")
-    q.add_argument("--propagation-config", default="eval/propagation_tiny", metavar="FILE",
-                   help="propagation config of the dense rows (default: eval/propagation_tiny)")
-    q.add_argument("--incontext-config", default="eval/incontext_tiny", metavar="FILE",
-                   help="in-context retrieval config (default: eval/incontext_tiny)")
-    q.add_argument("--linear-config", default="eval/linear_tiny", metavar="FILE",
-                   help="linear-probe config (default: eval/linear_tiny)")
+    _add_dense_config_args(q)
     q.add_argument("--calibration", metavar="FILE", default=None,
                    help="instruments.json of 'wtours bench instruments' naming the primary instrument "
                         "(default: docs/calibration/instruments.json)")
@@ -369,12 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seq-frames", type=int, default=12, help="frames per sequence (default: 12)")
     q.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic sets (default: 0)")
     q.add_argument("--eval-config", default="eval/proof", metavar="FILE", help="clustering config (default: eval/proof)")
-    q.add_argument("--propagation-config", default="eval/propagation_tiny", metavar="FILE",
-                   help="propagation config (default: eval/propagation_tiny)")
-    q.add_argument("--incontext-config", default="eval/incontext_tiny", metavar="FILE",
-                   help="in-context retrieval config (default: eval/incontext_tiny)")
-    q.add_argument("--linear-config", default="eval/linear_tiny", metavar="FILE",
-                   help="linear-probe config (default: eval/linear_tiny)")
+    _add_dense_config_args(q)
     q.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     q.add_argument("--out", default="runs/bench-instruments", metavar="DIR", help="output folder (default: runs/bench-instruments)")
     q.add_argument("--json", metavar="FILE", default=None, help="also write instruments.json here")
