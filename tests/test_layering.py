@@ -110,6 +110,17 @@ def test_stages_never_import_pipeline_or_commands():
     assert not bad, bad
 
 
+def test_a_stage_never_imports_another_stage():
+    """What both stages use (augmentation primitives, heads, the engine) lives below them, not in one of them."""
+    def stage(m: str) -> str | None:
+        parts = m.split(".")
+        return parts[2] if len(parts) > 2 and parts[1] == "stages" else None
+
+    bad = [f"{m} -> {t}" for m, targets in GRAPH.items() if stage(m) for t in targets
+           if stage(t) and stage(t) != stage(m)]
+    assert not bad, bad
+
+
 def test_library_never_imports_the_cli():
     bad = [f"{m} -> {t}" for m, targets in GRAPH.items() if _part(m) not in ("cli", "commands") for t in targets
            if _part(t) in ("cli", "commands")]

@@ -1,4 +1,7 @@
-"""DINO projection head (Caron et al., "Emerging Properties in Self-Supervised Vision
+"""The projection heads of every objective: :class:`DINOHead` (DINO / DoRA), :class:`ProjectionHead` (NeCo,
+Pariza et al., ICLR 2025) and :class:`TimeTHead` (TimeT, Salehi et al., ICCV 2023), on :func:`gelu_mlp`.
+
+DINO projection head (Caron et al., "Emerging Properties in Self-Supervised Vision
 Transformers", ICCV 2021), as used unchanged by DoRA (Venkataramanan et al., ICLR 2024).
 
 ``[M, in_dim]`` -> MLP ``in_dim -> 2048 -> 2048 -> 256`` (GELU, no BN) -> L2 normalise ->
@@ -138,3 +141,46 @@ class DINOHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[M, in_dim]`` (any float dtype) -> logits ``[M, out_dim]``, fp32 unless ``fp32="off"``."""
         return self.prototypes(self.bottleneck(x))
+
+
+class ProjectionHead(nn.Module):
+    """NeCo's projection head (:mod:`wtours.stages.neco.module`): ``nlayers`` linear layers ``D -> hidden -> ... -> out`` with GELU between (no norm)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 256, nlayers: int = 3) -> None:
+        super().__init__()
+        self.mlp = gelu_mlp([in_dim] + [hidden_dim] * (nlayers - 1) + [out_dim])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+class TimeTHead(nn.Module):
+    """TimeT's head (:mod:`wtours.objectives.timet`): projection MLP ``D -> 1024 -> 1024 -> 512 -> E`` (GELU between layers, no norm) and ``K``
+    unit-norm prototypes ``[K, E]`` (timet.md §1.1).
+
+    Example::
+
+        head = TimeTHead(384)                 # 200 prototypes of width 256
+        s = head.scores(tokens)               # tokens [..., 384] -> cosines [..., 200]
+        ...; optimizer.step(); head.renormalize_()
+    """
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...] = (1024, 1024, 512), out_dim: int = 256,
+                 prototypes: int = 200) -> None:
+        super().__init__()
+        self.mlp = gelu_mlp([in_dim, *hidden, out_dim])
+        self.prototypes = nn.Parameter(F.normalize(torch.randn(prototypes, out_dim), dim=-1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[..., D]`` -> L2-normalised head vectors ``[..., E]``."""
+        return F.normalize(self.mlp(tokens), dim=-1)
+
+    def scores(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[..., D]`` -> cosine to every prototype ``[..., K]`` (fp32)."""
+        z = self(tokens).float()
+        return z @ self.prototypes.float().t()
+
+    @torch.no_grad()
+    def renormalize_(self) -> None:
+        """Prototypes back to unit rows (after every optimizer step, as the reference)."""
+        self.prototypes.copy_(F.normalize(self.prototypes, dim=-1))

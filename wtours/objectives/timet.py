@@ -56,43 +56,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wtours.models.heads import gelu_mlp
+from wtours.models.heads import TimeTHead  # noqa: F401 - TimeT's head lives with the other heads
 from wtours.objectives.sinkhorn import sinkhorn_knopp
 
 __all__ = ["TimeTHead", "window_mask", "context_frames", "forward_labels", "timet_targets", "timet_loss",
            "timet_ema_update_"]
-
-
-class TimeTHead(nn.Module):
-    """Projection MLP ``D -> 1024 -> 1024 -> 512 -> E`` (GELU between layers, no norm) and ``K``
-    unit-norm prototypes ``[K, E]`` (timet.md §1.1).
-
-    Example::
-
-        head = TimeTHead(384)                 # 200 prototypes of width 256
-        s = head.scores(tokens)               # tokens [..., 384] -> cosines [..., 200]
-        ...; optimizer.step(); head.renormalize_()
-    """
-
-    def __init__(self, in_dim: int, hidden: tuple[int, ...] = (1024, 1024, 512), out_dim: int = 256,
-                 prototypes: int = 200) -> None:
-        super().__init__()
-        self.mlp = gelu_mlp([in_dim, *hidden, out_dim])
-        self.prototypes = nn.Parameter(F.normalize(torch.randn(prototypes, out_dim), dim=-1))
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``[..., D]`` -> L2-normalised head vectors ``[..., E]``."""
-        return F.normalize(self.mlp(tokens), dim=-1)
-
-    def scores(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``[..., D]`` -> cosine to every prototype ``[..., K]`` (fp32)."""
-        z = self(tokens).float()
-        return z @ self.prototypes.float().t()
-
-    @torch.no_grad()
-    def renormalize_(self) -> None:
-        """Prototypes back to unit rows (after every optimizer step, as the reference)."""
-        self.prototypes.copy_(F.normalize(self.prototypes, dim=-1))
 
 
 # ----------------------------------------------------------------------------- the feature forwarder

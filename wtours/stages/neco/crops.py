@@ -26,7 +26,7 @@ p .8 (brightness .8, contrast .8, saturation .8, hue .2, random order), grayscal
 sigma U(.1, 2) p .5. **No flips** (the box bookkeeping does not model them).
 
 How: all boxes of one output size are cut from the canvas with one ``roi_align(aligned=True)`` call
-(:func:`wtours.stages.video.augment.crop_resize`); photometric ops are batched (:func:`wtours.stages.video.augment.apply_photometric`).
+(:func:`wtours.train.augment.crop_resize`); photometric ops are batched (:func:`wtours.train.augment.apply_photometric`).
 No Python loop over images or crops; random numbers come from one seeded CPU generator
 (``state_dict`` / ``load_state_dict`` for exact resume), so a seed gives the same views on CPU and GPU.
 
@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from wtours.objectives.boxes import box_area, box_intersection  # noqa: F401 (used here, and public here too)
-from wtours.stages.video.augment import SeededAugment, apply_photometric, crop_resize, normalize, sample_photometric
+from wtours.train.augment import SeededAugment, apply_photometric, crop_resize, normalize, sample_photometric
 
 
 @dataclass

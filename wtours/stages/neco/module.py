@@ -36,24 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from wtours.models.ema import cosine_schedule, ema_update_
-from wtours.models.heads import gelu_mlp
+from wtours.models.heads import ProjectionHead
 from wtours.models.weights import build_vit
 from wtours.models.vit import use_dino_pos_interp_
 from wtours.stages.neco.crops import NeCoAugment
 from wtours.objectives.neco import NeCoLoss
 from wtours.train.checkpointing import ResumableState, step_seed
 from wtours.stages.neco.config import NeCoConfig, neco_training_hash
-
-
-class ProjectionHead(nn.Module):
-    """NeCo's head: ``nlayers`` linear layers ``D -> hidden -> ... -> out`` with GELU between (no norm)."""
-
-    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 256, nlayers: int = 3) -> None:
-        super().__init__()
-        self.mlp = gelu_mlp([in_dim] + [hidden_dim] * (nlayers - 1) + [out_dim])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x)
 
 
 class NeCoNet(nn.Module):
@@ -247,7 +236,7 @@ class NeCoModule(ResumableState, pl.LightningModule):
     def pca_features(self, images: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Centre crops of uint8 canvases at the global size -> (``[M, 3, S, S]`` in [0, 1], first 3 PCA
         components of the student's backbone patch tokens ``[M, 3, S/p, S/p]`` in [0, 1])."""
-        from wtours.stages.video.augment import crop_resize, normalize
+        from wtours.train.augment import crop_resize, normalize
 
         s = self.cfg.crops.global_size
         h, w = sizes[:, 0].float(), sizes[:, 1].float()
