@@ -360,3 +360,18 @@ def test_neco_chain_options_are_checked_first(tmp_path, capsys, extra, needle):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and needle in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_neco_seed_killed_under_another_config_is_refused_with_one_line(proof, tmp_path, capsys):
+    """A ``stage2/last.ckpt`` left by another NeCo config is not continued: one line naming the seed's folder."""
+    out = tmp_path / "neco"
+    argv = ["bench", "learn", "--seeds", "0", "--max-steps", "2", "--out", str(out), "--quiet",
+            *sum((["--set", s] for s in MICRO), []), *sum((["--eval-set", s] for s in EVAL), []),
+            "--init-from", str(proof["out"]), "--neco", "neco/tiny", *sum((["--neco-set", s] for s in NECO_MICRO), [])]
+    assert main(argv) == 0
+    (out / "seed0" / "stage2" / "backbone.pt").unlink()  # as if killed before the export
+    capsys.readouterr()
+    assert main([*argv, "--neco-set", "loss.queue_length=32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "last.ckpt" in err and f"delete {out / 'seed0'}" in err, err
+    assert (out / "seed0" / "stage2" / "last.ckpt").is_file()  # nothing lost

@@ -316,49 +316,69 @@ def _say(quiet: bool, msg: str) -> None:
         print(f"bench learn: {msg}", file=sys.stderr, flush=True)
 
 
-def _train_seed(cfg: Any, run_dir: Path, times: _Times, phase: str, quiet: bool,
-                max_seconds: float | None = None, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
-    """Stage 1 of one seed (reused when its backbone.pt was written by this training config); ``max_seconds``
-    caps its training time (a run stopped by it is exported and evaluated as it stands)."""
-    import torch
-
-    from wtours.config import to_dict
+def _reusable_export(bb: Path, config_hash: str) -> dict | None:
+    """The meta of ``bb`` when it exists, is intact and was written by a run of ``config_hash``; else None (an
+    unreadable or damaged export is recomputed)."""
     from wtours.integrity import load_verified
-    from wtours.train.checkpointing import check_resume
-    from wtours.stages.video.run import run_pretrain
-    from wtours.stages.video.config import training_hash, training_view
 
-    bb = run_dir / "stage1" / "backbone.pt"
-    want = training_hash(cfg)
-    if bb.is_file():
-        try:
-            meta = load_verified(bb)[0].get("meta", {})
-        except Exception:  # noqa: BLE001 - an unreadable or damaged export is recomputed
-            meta = {}
-        if meta.get("config_hash") == want:
-            times.reused(phase)
-            _say(quiet, f"{phase}: {bb} exists (same training config): reused")
-            return {"steps": meta.get("steps"), "backbone": bb, "reused": True, "collapse_warnings": None,
-                    "planned_steps": meta.get("planned_steps"), "stopped_by_time": meta.get("stopped_by_time")}
-    last = run_dir / "stage1" / "last.ckpt"
-    resume = None
-    if last.is_file():
-        try:
-            check_resume(last, want, to_dict(cfg), view=training_view)
-        except UserError as e:
-            raise UserError(str(e).replace("start over with --fresh or another --out",
-                                           f"use another --out, or delete {run_dir} to start this seed over")) from None
-        resume = "last"
-    _say(quiet, f"{phase}: stage 1, seed {cfg.seed}, into {run_dir}" + (" (continuing)" if resume else ""))
+    if not bb.is_file():
+        return None
+    try:
+        meta = load_verified(bb)[0].get("meta", {})
+    except Exception:  # noqa: BLE001
+        return None
+    return meta if meta.get("config_hash") == config_hash else None
+
+
+def _resume_from(last: Path, config_hash: str, cfg: Any, view: Any, run_dir: Path) -> str | None:
+    """``"last"`` when a killed run of this seed left ``last.ckpt`` written by the same training config; a
+    one-line error naming the changed keys when another config wrote it; None when there is none."""
+    from wtours.config import to_dict
+    from wtours.train.checkpointing import check_resume
+
+    if not last.is_file():
+        return None
+    try:
+        check_resume(last, config_hash, to_dict(cfg), view=view)
+    except UserError as e:
+        raise UserError(str(e).replace("start over with --fresh or another --out",
+                                       f"use another --out, or delete {run_dir} to start this seed over")) from None
+    return "last"
+
+
+def _timed_run(phase: str, times: _Times, run: Any) -> dict[str, Any]:
+    """``run()`` timed into ``times``; an interrupt says how to continue."""
     t0 = time.perf_counter()
     try:
-        summary = run_pretrain(cfg, run_dir, resume=resume, progress=False if quiet else None, max_seconds=max_seconds,
-                               extra_callbacks=extra_callbacks)
+        summary = run()
     except KeyboardInterrupt:
         print(f"wtours bench learn: stopped during {phase}; run the same command again to continue "
               f"(finished seeds are kept)", file=sys.stderr)
         raise
     times.done(phase, time.perf_counter() - t0)
+    return summary
+
+
+def _train_seed(cfg: Any, run_dir: Path, times: _Times, phase: str, quiet: bool,
+                max_seconds: float | None = None, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Stage 1 of one seed (reused when its backbone.pt was written by this training config); ``max_seconds``
+    caps its training time (a run stopped by it is exported and evaluated as it stands)."""
+    from wtours.stages.video.config import training_hash, training_view
+    from wtours.stages.video.run import run_pretrain
+
+    bb = run_dir / "stage1" / "backbone.pt"
+    want = training_hash(cfg)
+    meta = _reusable_export(bb, want)
+    if meta is not None:
+        times.reused(phase)
+        _say(quiet, f"{phase}: {bb} exists (same training config): reused")
+        return {"steps": meta.get("steps"), "backbone": bb, "reused": True, "collapse_warnings": None,
+                "planned_steps": meta.get("planned_steps"), "stopped_by_time": meta.get("stopped_by_time")}
+    resume = _resume_from(run_dir / "stage1" / "last.ckpt", want, cfg, training_view, run_dir)
+    _say(quiet, f"{phase}: stage 1, seed {cfg.seed}, into {run_dir}" + (" (continuing)" if resume else ""))
+    summary = _timed_run(phase, times, lambda: run_pretrain(cfg, run_dir, resume=resume, max_seconds=max_seconds,
+                                                            progress=False if quiet else None,
+                                                            extra_callbacks=extra_callbacks))
     if summary.get("stopped_by_time"):
         _say(quiet, f"{phase}: stopped by --time-limit at step {summary.get('steps')} of {summary.get('planned_steps')}")
     return {"steps": summary.get("steps"), "backbone": bb, "reused": False,
@@ -369,31 +389,20 @@ def _train_seed(cfg: Any, run_dir: Path, times: _Times, phase: str, quiet: bool,
 def _train_neco_seed(cfg: Any, run_dir: Path, times: _Times, phase: str, quiet: bool) -> dict[str, Any]:
     """Stage 2 (NeCo) of one seed into ``run_dir/stage2`` (reused when its backbone.pt was written by this NeCo
     config, continued from its ``last.ckpt`` when killed) -> the same dict as :func:`_train_seed`."""
-    from wtours.integrity import load_verified
+    from wtours.stages.neco.config import neco_training_hash, neco_training_view
     from wtours.stages.neco.run import run_neco
-    from wtours.stages.neco.config import neco_training_hash
 
     bb = run_dir / "stage2" / "backbone.pt"
-    if bb.is_file():
-        try:
-            meta = load_verified(bb)[0].get("meta", {})
-        except Exception:  # noqa: BLE001 - an unreadable or damaged export is recomputed
-            meta = {}
-        if meta.get("config_hash") == neco_training_hash(cfg):
-            times.reused(phase)
-            _say(quiet, f"{phase}: {bb} exists (same NeCo config): reused")
-            return {"steps": meta.get("steps"), "backbone": bb, "reused": True, "collapse_warnings": None,
-                    "planned_steps": meta.get("steps"), "stopped_by_time": False}
-    resume = "last" if (run_dir / "stage2" / "last.ckpt").is_file() else None
+    want = neco_training_hash(cfg)
+    meta = _reusable_export(bb, want)
+    if meta is not None:
+        times.reused(phase)
+        _say(quiet, f"{phase}: {bb} exists (same NeCo config): reused")
+        return {"steps": meta.get("steps"), "backbone": bb, "reused": True, "collapse_warnings": None,
+                "planned_steps": meta.get("steps"), "stopped_by_time": False}
+    resume = _resume_from(run_dir / "stage2" / "last.ckpt", want, cfg, neco_training_view, run_dir)
     _say(quiet, f"{phase}: NeCo, seed {cfg.seed}, from {cfg.init}, into {run_dir}" + (" (continuing)" if resume else ""))
-    t0 = time.perf_counter()
-    try:
-        summary = run_neco(cfg, run_dir, resume=resume, progress=False if quiet else None)
-    except KeyboardInterrupt:
-        print(f"wtours bench learn: stopped during {phase}; run the same command again to continue "
-              f"(finished seeds are kept)", file=sys.stderr)
-        raise
-    times.done(phase, time.perf_counter() - t0)
+    summary = _timed_run(phase, times, lambda: run_neco(cfg, run_dir, resume=resume, progress=False if quiet else None))
     return {"steps": summary.get("steps"), "backbone": bb, "reused": False, "planned_steps": summary.get("steps"),
             "stopped_by_time": False, "collapse_warnings": None}
 
