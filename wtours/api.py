@@ -24,9 +24,6 @@ import torch
 
 from wtours.errors import UserError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def load_backbone(checkpoint: str | Path, arch: str | None = None, device: str | torch.device = "cpu",
                   trust: bool = False) -> torch.nn.Module:
@@ -83,7 +80,9 @@ def extract_features(model: torch.nn.Module, images: Any, size: tuple[int, int] 
         raise UserError(f"extract_features: images of {tuple(x.shape[-2:])} px are smaller than a patch ({p})")
     x = x[..., :h, :w]
     if normalize:
-        x = (x - x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        from wtours.train.augment import normalize as imagenet_normalize
+
+        x = imagenet_normalize(x)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     out = [patch_tokens(model, chunk.to(dev)).float().cpu() for chunk in x.split(batch_size)]
     return torch.cat(out)
